@@ -1,0 +1,1 @@
+"""SPAN / DSCLoRA super-resolution example: models, data, metrics, tools."""

@@ -1,0 +1,287 @@
+"""SPAN: Swift Parameter-free Attention Network for efficient super-resolution.
+
+Wan, Yu, Tao, Huang, Wang, Wang, Yu, Xiang, Wang, Ge, "Swift Parameter-free Attention Network
+for Efficient Super-Resolution", CVPR Workshops (NTIRE 2024 ESR challenge winner).
+
+Written from the paper's description. Every 3x3 conv exists in two forms:
+
+* ``"train"``: ``Conv3XC``, a 1x1 expand (gain 2) -> 3x3 -> 1x1 reduce branch plus a 1x1 skip;
+* ``"deploy"``: the same function fused into one 3x3 conv called ``eval_conv``.
+
+The form is an explicit attribute chosen at construction; ``reparameterize()`` turns a train-form
+model into the deploy form exactly (up to fp32 round-off). The forward pass never looks at
+``self.training`` and never writes weights, and there is no clamp in it: clamp when writing images.
+Deploy-form state-dict keys equal those of the official released checkpoints; :func:`load_span`
+builds the right model for any of them from the tensor shapes alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["RGB_MEAN", "SPAB", "SPAN", "Conv3XC", "Form", "fuse_conv3xc", "load_span", "span_config_from_state_dict"]
+
+Form = Literal["train", "deploy"]
+RGB_MEAN = (0.4488, 0.4371, 0.4040)
+_FORMS = ("train", "deploy")
+
+
+def _check_form(form: str) -> None:
+    if form not in _FORMS:
+        raise ValueError(f"form={form!r} is not a SPAN form; use 'train' or 'deploy'.")
+
+
+def fuse_conv3xc(
+    expand: nn.Conv2d, conv: nn.Conv2d, reduce: nn.Conv2d, skip: nn.Conv2d
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fuse the four convs of a train-form ``Conv3XC`` into one 3x3 kernel and bias.
+
+    With ``y = R(K(E(pad(x)))) + S(x)`` where E, R, S are 1x1 convs and K a valid 3x3 conv,
+    every step is affine, so the composite is one 3x3 conv on the zero-padded ``x``:
+    ``W[o,i] = sum_{m,n} R[o,n] K[n,m] E[m,i] + S[o,i] * delta_center`` and
+    ``b[o] = sum_n R[o,n] (sum_m sum_taps K[n,m] b_E[m] + b_K[n]) + b_R[o] + b_S[o]``.
+    The padding is applied to ``x`` *before* the expand conv, so padded taps see ``b_E``
+    exactly as the fused conv's bias term assumes: the fusion is exact at the borders too.
+
+    Returns:
+        ``(weight, bias)`` of shape ``(out, in, 3, 3)`` and ``(out,)``, computed in float64
+        and cast back to the input dtype.
+    """
+    e_w, k_w, r_w, s_w = (m.weight.detach().double() for m in (expand, conv, reduce, skip))
+    e_b, k_b, r_b, s_b = (
+        m.bias.detach().double() if m.bias is not None else torch.zeros(m.out_channels).double()
+        for m in (expand, conv, reduce, skip)
+    )
+    weight = torch.einsum("on,nmhw,mi->oihw", r_w[:, :, 0, 0], k_w, e_w[:, :, 0, 0])
+    weight[:, :, 1, 1] += s_w[:, :, 0, 0]
+    mid_bias = torch.einsum("nmhw,m->n", k_w, e_b) + k_b
+    bias = r_w[:, :, 0, 0] @ mid_bias + r_b + s_b
+    dtype = expand.weight.dtype
+    return weight.to(dtype), bias.to(dtype)
+
+
+class Conv3XC(nn.Module):
+    """A 3x3 conv (stride 1, zero padding 1) in train or deploy form.
+
+    Args:
+        c_in: Input channels.
+        c_out: Output channels.
+        gain: Channel expansion of the train-form branch (2 in SPAN).
+        form: ``"train"`` (expand/3x3/reduce branch + 1x1 skip) or ``"deploy"`` (``eval_conv``).
+    """
+
+    def __init__(self, c_in: int, c_out: int, gain: int = 2, form: Form = "deploy") -> None:
+        super().__init__()
+        _check_form(form)
+        self.form: Form = form
+        self.c_in, self.c_out, self.gain = c_in, c_out, gain
+        if form == "train":
+            self.sk = nn.Conv2d(c_in, c_out, 1)
+            self.conv = nn.Sequential(
+                nn.Conv2d(c_in, c_in * gain, 1),
+                nn.Conv2d(c_in * gain, c_out * gain, 3),
+                nn.Conv2d(c_out * gain, c_out, 1),
+            )
+        else:
+            self.eval_conv = nn.Conv2d(c_in, c_out, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.form == "train":
+            return self.conv(F.pad(x, (1, 1, 1, 1))) + self.sk(x)
+        return self.eval_conv(x)
+
+    def reparameterize(self) -> None:
+        """Switch to the deploy form in place (no-op when already deployed)."""
+        if self.form == "deploy":
+            return
+        weight, bias = fuse_conv3xc(self.conv[0], self.conv[1], self.conv[2], self.sk)
+        ref = self.sk.weight
+        self.eval_conv = nn.Conv2d(self.c_in, self.c_out, 3, padding=1).to(ref.device, ref.dtype)
+        with torch.no_grad():
+            self.eval_conv.weight.copy_(weight)
+            self.eval_conv.bias.copy_(bias)
+        del self.conv, self.sk
+        self.form = "deploy"
+
+    def extra_repr(self) -> str:
+        return f"{self.c_in}, {self.c_out}, gain={self.gain}, form={self.form!r}"
+
+
+class SPAB(nn.Module):
+    """Swift parameter-free attention block.
+
+    ``out1 = silu(c1(x)); out2 = silu(c2(out1)); out3 = c3(out2)``,
+    ``att = sigmoid(out3) - 0.5``, output ``(out3 + x) * att``. The block also returns ``out1``:
+    the official code applies SiLU in place, so the tensor it reuses is the *activated* one.
+    """
+
+    def __init__(self, channels: int, form: Form = "deploy") -> None:
+        super().__init__()
+        self.c1_r = Conv3XC(channels, channels, 2, form)
+        self.c2_r = Conv3XC(channels, channels, 2, form)
+        self.c3_r = Conv3XC(channels, channels, 2, form)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        out1 = F.silu(self.c1_r(x))
+        out3 = self.c3_r(F.silu(self.c2_r(out1)))
+        attention = torch.sigmoid(out3) - 0.5
+        return (out3 + x) * attention, out1
+
+
+class SPAN(nn.Module):
+    """SPAN super-resolution network (six SPABs).
+
+    Args:
+        num_in_ch: Input image channels.
+        num_out_ch: Output image channels.
+        feature_channels: Width of the trunk (26 for SPAN-tiny, 28 for SPAN).
+        upscale: Upscaling factor.
+        conv_cat_channels: Output width of the 1x1 ``conv_cat`` (defaults to
+            ``feature_channels``; one released variant uses fewer).
+        form: ``"deploy"`` (fused ``eval_conv``, the released checkpoints) or ``"train"``.
+        img_range: Input scale after mean subtraction.
+        rgb_mean: Mean subtracted from the [0, 1] RGB input.
+
+    Input: RGB in [0, 1], shape ``(N, 3, H, W)``. Output ``(N, 3, H*s, W*s)``, nominally [0, 1].
+    """
+
+    def __init__(
+        self,
+        num_in_ch: int = 3,
+        num_out_ch: int = 3,
+        feature_channels: int = 48,
+        upscale: int = 4,
+        conv_cat_channels: int | None = None,
+        form: Form = "deploy",
+        img_range: float = 255.0,
+        rgb_mean: tuple[float, float, float] = RGB_MEAN,
+    ) -> None:
+        super().__init__()
+        _check_form(form)
+        cat_ch = feature_channels if conv_cat_channels is None else conv_cat_channels
+        self.num_in_ch, self.num_out_ch = num_in_ch, num_out_ch
+        self.feature_channels, self.conv_cat_channels = feature_channels, cat_ch
+        self.upscale, self.img_range = upscale, img_range
+        self.register_buffer("mean", torch.tensor(rgb_mean).view(1, -1, 1, 1), persistent=False)
+        self.conv_1 = Conv3XC(num_in_ch, feature_channels, 2, form)
+        for i in range(1, 7):
+            self.add_module(f"block_{i}", SPAB(feature_channels, form))
+        self.conv_cat = nn.Conv2d(feature_channels * 4, cat_ch, 1)
+        self.conv_2 = Conv3XC(feature_channels, feature_channels, 2, form)
+        self.upsampler = nn.Sequential(
+            nn.Conv2d(cat_ch, num_out_ch * upscale**2, 3, padding=1), nn.PixelShuffle(upscale)
+        )
+
+    @property
+    def form(self) -> Form:
+        """``"train"`` or ``"deploy"``: the form of the model's ``Conv3XC`` layers."""
+        return self.conv_1.form
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - self.mean.to(x.dtype)) * self.img_range
+        feat = self.conv_1(x)
+        out_b1, _ = self.block_1(feat)
+        out = out_b1
+        for i in range(2, 6):
+            out, _ = getattr(self, f"block_{i}")(out)
+        out_b6, out_b6_1 = self.block_6(out)
+        out_b6 = self.conv_2(out_b6)
+        out = self.conv_cat(torch.cat([feat, out_b6, out_b1, out_b6_1], dim=1))
+        return self.upsampler(out)
+
+    def reparameterize(self) -> SPAN:
+        """Fuse every train-form ``Conv3XC`` into its deploy ``eval_conv`` in place; returns self."""
+        for module in self.modules():
+            if isinstance(module, Conv3XC):
+                module.reparameterize()
+        return self
+
+
+_NESTING_KEYS = ("params_ema", "params", "state_dict", "model")
+
+
+def _unwrap(obj: object, prefer: str) -> dict[str, torch.Tensor]:
+    """Return the flat tensor dict inside a checkpoint, following known nesting keys."""
+    for _ in range(4):
+        if not isinstance(obj, Mapping):
+            break
+        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+            return {k.removeprefix("module."): v for k, v in obj.items()}
+        order = [prefer] + [k for k in _NESTING_KEYS if k != prefer]
+        found = next((k for k in order if k in obj), None)
+        if found is None:
+            break
+        obj = obj[found]
+    kind = type(obj).__name__ if not isinstance(obj, Mapping) else f"keys {sorted(obj)[:8]}"
+    raise ValueError(
+        f"checkpoint holds no flat tensor state dict ({kind}); expected a dict of tensors, "
+        f"possibly nested under one of {_NESTING_KEYS}."
+    )
+
+
+def span_config_from_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, object]:
+    """Read SPAN's constructor arguments from tensor shapes (``feature_channels`` etc.)."""
+    if "conv_1.eval_conv.weight" in state:
+        first, form = state["conv_1.eval_conv.weight"], "deploy"
+    elif "conv_1.sk.weight" in state:
+        first, form = state["conv_1.sk.weight"], "train"
+    else:
+        raise ValueError(
+            "state dict has neither 'conv_1.eval_conv.weight' nor 'conv_1.sk.weight'; it is not a "
+            f"SPAN checkpoint (first keys: {list(state)[:5]})."
+        )
+    up = state.get("upsampler.0.weight")
+    cat = state.get("conv_cat.weight")
+    if up is None or cat is None:
+        raise ValueError("state dict lacks 'upsampler.0.weight' or 'conv_cat.weight'; not a SPAN.")
+    out_ch = 3
+    scale = round((up.shape[0] / out_ch) ** 0.5)
+    if out_ch * scale**2 != up.shape[0]:
+        raise ValueError(f"upsampler.0 has {up.shape[0]} outputs, not 3*scale^2 for any scale.")
+    return {
+        "num_in_ch": int(first.shape[1]),
+        "num_out_ch": out_ch,
+        "feature_channels": int(first.shape[0]),
+        "upscale": scale,
+        "conv_cat_channels": int(cat.shape[0]),
+        "form": form,
+    }
+
+
+def load_span(
+    src: str | Path | Mapping[str, object], *, prefer: str = "params_ema", strict: bool = True
+) -> SPAN:
+    """Build a SPAN from a checkpoint path or (possibly nested) state dict and load it.
+
+    Width, ``conv_cat`` width, scale and form are read from the tensor shapes. Nested
+    checkpoints (``params_ema``/``params``/``state_dict``) are unwrapped, preferring ``prefer``.
+    Files are read with ``torch.load(map_location="cpu", weights_only=True)``.
+
+    Raises:
+        ValueError: naming missing, unexpected and mis-shaped keys when the weights do not fit.
+    """
+    raw = torch.load(Path(src), map_location="cpu", weights_only=True) if isinstance(src, (str, Path)) else src
+    state = _unwrap(raw, prefer)
+    model = SPAN(**span_config_from_state_dict(state))  # type: ignore[arg-type]
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state and state[k].shape != v.shape
+    ]
+    if shapes or (strict and (missing or unexpected)):
+        raise ValueError(
+            f"checkpoint does not fit SPAN{tuple(span_config_from_state_dict(state).values())}: "
+            f"missing keys {missing}, unexpected keys {unexpected}, mis-shaped {shapes}. "
+            "Check the file is a SPAN checkpoint, or pass strict=False to ignore extra/missing keys."
+        )
+    model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)
+    return model.eval()
