@@ -1,0 +1,68 @@
+"""convlora: exact low-rank adapters (ConvLoRA) for convolutional networks.
+
+Inject adapters into a trained model's convolutions, train only them (optionally distilling from
+a teacher with :mod:`convlora.distill`), then merge them back: the deployed model has exactly the
+original architecture, parameter count and speed.
+"""
+
+from .adapters import load_adapter, read_adapter, save_adapter
+from .config import LoRAConfig
+from .errors import (
+    AdapterFormatError,
+    AdapterMismatchError,
+    ConvLoRAError,
+    FingerprintMismatchError,
+    MergeStateError,
+    TargetError,
+    UnsupportedLayerError,
+)
+from .layer import LoRALayer
+from .management import (
+    active_adapter,
+    add_adapter,
+    delete_adapter,
+    list_adapters,
+    lora_parameters,
+    lora_state_dict,
+    mark_only_lora_trainable,
+    set_adapter,
+    summary,
+)
+from .merge import disabled, is_merged, merge, merged, unmerge
+from .surgery import find_targets, inject, lora_layers, unload
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterFormatError",
+    "AdapterMismatchError",
+    "ConvLoRAError",
+    "FingerprintMismatchError",
+    "LoRAConfig",
+    "LoRALayer",
+    "MergeStateError",
+    "TargetError",
+    "UnsupportedLayerError",
+    "__version__",
+    "active_adapter",
+    "add_adapter",
+    "delete_adapter",
+    "disabled",
+    "find_targets",
+    "inject",
+    "is_merged",
+    "list_adapters",
+    "load_adapter",
+    "lora_layers",
+    "lora_parameters",
+    "lora_state_dict",
+    "mark_only_lora_trainable",
+    "merge",
+    "merged",
+    "read_adapter",
+    "save_adapter",
+    "set_adapter",
+    "summary",
+    "unload",
+    "unmerge",
+]

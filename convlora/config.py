@@ -1,0 +1,124 @@
+"""``LoRAConfig`` and the pattern matching of target names.
+
+Patterns are shell-style globs (:func:`fnmatch.fnmatchcase`) on qualified module names. A
+pattern matches a module when it matches the module's own name or the name of one of its
+ancestors, so ``"conv_2"`` matches ``"conv_2.eval_conv"`` and ``"block_*"`` matches every module
+inside the blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any, TypeVar, Union
+
+from torch import nn
+
+from .errors import ConvLoRAError
+from .functional import FACTORIZATIONS
+
+__all__ = ["PIXEL_SHUFFLE", "LoRAConfig", "Predicate", "Target", "match_pattern", "pattern_lookup"]
+
+PIXEL_SHUFFLE = "pixel_shuffle"
+"""Special target selector: every conv whose output feeds an ``nn.PixelShuffle``."""
+
+Predicate = Callable[[str, nn.Module], bool]
+Target = Union[str, Predicate, Sequence[str | Predicate]]
+_T = TypeVar("_T")
+
+
+def _ancestors(name: str) -> list[str]:
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(len(parts), 0, -1)]
+
+
+def match_pattern(pattern: str, name: str) -> bool:
+    """True when the glob ``pattern`` matches ``name`` or one of its ancestors."""
+    return any(fnmatchcase(a, pattern) for a in _ancestors(name))
+
+
+def pattern_lookup(patterns: Mapping[str, _T] | None, name: str, default: _T) -> _T:
+    """Value of the first pattern (in mapping order) that matches ``name``, else ``default``."""
+    if patterns:
+        for pattern, value in patterns.items():
+            if match_pattern(pattern, name):
+                return value
+    return default
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    """Settings of one adapter, validated at construction.
+
+    Args:
+        rank: Default rank of every targeted layer.
+        alpha: Default alpha; the adapter is scaled by ``alpha / rank``. ``None`` means
+            ``alpha = rank`` (scale 1) for each layer, with that layer's own rank.
+        targets: Glob pattern(s), predicate(s) ``(name, module) -> bool``, the selector
+            ``"pixel_shuffle"``, or a list mixing them. ``None`` selects every convolution.
+        exclude: Same forms as ``targets``; removes layers from the selection.
+        rank_pattern: ``{pattern: rank}`` overrides; the first matching pattern wins.
+        alpha_pattern: ``{pattern: alpha}`` overrides.
+        factorization: ``"kernel"`` (default) or ``"loralib"``; see :mod:`convlora.functional`.
+        factorization_pattern: ``{pattern: factorization}`` overrides.
+        dropout: Dropout on the adapter branch's input while training (two-path forward).
+        freeze: Freeze every non-LoRA parameter of the model (biases included).
+    """
+
+    rank: int = 4
+    alpha: float | None = None
+    targets: Target | None = None
+    exclude: Target | None = None
+    rank_pattern: Mapping[str, int] | None = field(default=None)
+    alpha_pattern: Mapping[str, float] | None = field(default=None)
+    factorization: str = "kernel"
+    factorization_pattern: Mapping[str, str] | None = field(default=None)
+    dropout: float = 0.0
+    freeze: bool = True
+
+    def __post_init__(self) -> None:
+        _check_rank(self.rank, "rank")
+        for pattern, r in (self.rank_pattern or {}).items():
+            _check_rank(r, f"rank_pattern[{pattern!r}]")
+        if self.alpha is not None:
+            _check_alpha(self.alpha, "alpha")
+        for pattern, a in (self.alpha_pattern or {}).items():
+            _check_alpha(a, f"alpha_pattern[{pattern!r}]")
+        for where, f in [("factorization", self.factorization)] + [
+            (f"factorization_pattern[{p!r}]", v) for p, v in (self.factorization_pattern or {}).items()
+        ]:
+            if f not in FACTORIZATIONS:
+                raise ConvLoRAError(
+                    f"{where}={f!r} is not a known factorization; choose one of {FACTORIZATIONS}."
+                )
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ConvLoRAError(f"dropout={self.dropout!r} must be a number in [0, 1).")
+
+    def rank_for(self, name: str) -> int:
+        """Rank of the layer ``name``."""
+        return int(pattern_lookup(self.rank_pattern, name, self.rank))
+
+    def alpha_for(self, name: str) -> float:
+        """Alpha of the layer ``name`` (its rank when no alpha is given)."""
+        default = float(self.alpha) if self.alpha is not None else float(self.rank_for(name))
+        return float(pattern_lookup(self.alpha_pattern, name, default))
+
+    def factorization_for(self, name: str) -> str:
+        """Factorisation of the layer ``name``."""
+        return str(pattern_lookup(self.factorization_pattern, name, self.factorization))
+
+    def replace(self, **changes: Any) -> LoRAConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _check_rank(value: object, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConvLoRAError(f"{where}={value!r} is invalid: the rank must be an integer >= 1.")
+
+
+def _check_alpha(value: object, where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ConvLoRAError(f"{where}={value!r} is invalid: alpha must be a positive number.")

@@ -1,0 +1,221 @@
+"""The LoRA layer: a conv (or linear) whose weight gets a low-rank, weight-space update.
+
+The layer replaces a base ``nn.Conv1d/2d/3d`` or ``nn.Linear`` in place. It keeps the base
+parameters under their original names (``weight``, ``bias``) so state-dict keys do not move, and
+adds ``lora_A.<adapter>`` / ``lora_B.<adapter>`` beside them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from .errors import MergeStateError, UnsupportedLayerError
+from .functional import delta_weight, factorization_problem, init_lora_, lora_shapes, max_rank
+
+__all__ = ["LoRALayer", "unsupported_reason"]
+
+_CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def _base_class(module: nn.Module) -> type[nn.Module] | None:
+    for cls in (*_CONV_TYPES, nn.Linear):
+        if isinstance(module, cls):
+            return cls
+    return None
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why ``module`` cannot carry an exact weight-space adapter, or ``None`` when it can."""
+    name = type(module).__name__
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return f"{name} is a transposed convolution, which convlora does not support yet"
+    base = _base_class(module)
+    if base is None:
+        return f"{name} is not a Conv1d/Conv2d/Conv3d/Linear layer"
+    if isinstance(module, nn.modules.lazy.LazyModuleMixin):
+        return f"{name} is a lazy module; run one forward pass to materialise it first"
+    if parametrize.is_parametrized(module):
+        return f"{name} has a torch.nn.utils.parametrize parametrization (e.g. weight norm)"
+    if hasattr(module, "weight_g") or hasattr(module, "weight_v") or module._forward_pre_hooks:
+        return f"{name} has forward pre-hooks (e.g. the old weight_norm) that change its weight"
+    cls = type(module)
+    for method in ("forward", "_conv_forward"):
+        if getattr(cls, method, None) is not getattr(base, method, None):
+            return (f"{name} overrides {method}() (as timm's Conv2dSame/StdConv2d do); a weight-space"
+                    f" update through the plain {base.__name__} function would skip that logic")
+    if module._forward_hooks:
+        return f"{name} has forward hooks, which would be lost when the layer is replaced"
+    return None
+
+
+class LoRALayer(nn.Module):
+    r"""A conv or linear layer with low-rank adapters added in weight space.
+
+    For the active adapter with factors ``A``, ``B``, rank ``r`` and alpha ``a``:
+
+    .. math::
+        y = \operatorname{conv}\big(x,\; W + \tfrac{a}{r}\,\operatorname{reshape}(B A),\; b\big)
+
+    computed as *one* convolution through the base layer's own settings (stride, padding
+    including ``'same'``/``'valid'``, dilation, groups, padding_mode), so the merged layer
+    ``W' = W + \Delta W`` gives the same output. The effective weight is built exactly as
+    :meth:`merge` builds it (float32 sum, then cast to the weight's dtype). With dropout ``p > 0``
+    and in training mode, the adapter cannot live in weight space; the forward is then
+    ``conv(x, W, b) + conv(dropout(x), \Delta W)`` -- two convolutions, equal in expectation.
+
+    Args:
+        base: The layer to wrap; its ``weight``/``bias`` parameters are reused, not copied.
+    """
+
+    base_layer: nn.Module
+    unmerged_weight: Tensor | None
+    stride: tuple[int, ...]
+    padding: str | tuple[int, ...]
+    dilation: tuple[int, ...]
+    padding_mode: str
+    _reversed_padding_repeated_twice: list[int]
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        reason = unsupported_reason(base)
+        if reason is not None:
+            raise UnsupportedLayerError(f"cannot wrap {type(base).__name__}: {reason}.")
+        self.weight: nn.Parameter = base.weight  # type: ignore[assignment]
+        self.bias: nn.Parameter | None = base.bias  # type: ignore[assignment]
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.rank: dict[str, int] = {}
+        self.alpha: dict[str, float] = {}
+        self.factorization: dict[str, str] = {}
+        self.dropout: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.merged_adapter: str | None = None
+        self.disabled = False
+        self.register_buffer("unmerged_weight", None, persistent=False)
+        self.base_type = _base_class(base).__name__  # type: ignore[union-attr]
+        self.ndim = {"Conv1d": 1, "Conv2d": 2, "Conv3d": 3}.get(self.base_type, 0)
+        self.groups = int(getattr(base, "groups", 1))
+        if self.ndim:
+            conv: Any = base
+            self.stride, self.padding = tuple(conv.stride), conv.padding
+            self.dilation, self.padding_mode = tuple(conv.dilation), str(conv.padding_mode)
+            self._reversed_padding_repeated_twice = list(conv._reversed_padding_repeated_twice)
+        # The original module, kept outside the module tree (no state-dict keys) for unload().
+        self.__dict__["base_layer"] = base
+
+    def extra_repr(self) -> str:
+        shape = "x".join(str(s) for s in self.weight.shape)
+        adapters = ", ".join(f"{n}(r={self.rank[n]}, a={self.alpha[n]:g}, {self.factorization[n]})"
+                             for n in self.rank)
+        return (f"{self.base_type} {shape}, adapters=[{adapters}], active={self.active_adapter!r}, "
+                f"merged={self.merged_adapter!r}")
+
+    # -- adapters ------------------------------------------------------------------------------
+    def add_adapter(self, name: str, rank: int, alpha: float, factorization: str = "kernel",
+                    dropout: float = 0.0, layer_name: str = "?") -> None:
+        """Add a freshly initialised adapter (``B = 0``: the output does not change)."""
+        problem = self.adapter_problem(rank, factorization)
+        if problem:
+            raise UnsupportedLayerError(f"layer {layer_name!r}: {problem}.")
+        if name in self.rank:
+            raise MergeStateError(f"layer {layer_name!r} already has an adapter named {name!r}; "
+                                  "pick another adapter_name or delete_adapter() it first.")
+        shape_a, shape_b = lora_shapes(factorization, tuple(self.weight.shape), rank, self.groups)
+        kw: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
+        lora_a = nn.Parameter(torch.empty(shape_a, **kw))
+        lora_b = nn.Parameter(torch.empty(shape_b, **kw))
+        init_lora_(lora_a, lora_b)
+        self.lora_A[name], self.lora_B[name] = lora_a, lora_b
+        self.rank[name], self.alpha[name] = int(rank), float(alpha)
+        self.factorization[name], self.dropout[name] = factorization, float(dropout)
+
+    def adapter_problem(self, rank: int, factorization: str) -> str | None:
+        """Why an adapter of this rank/factorisation cannot go on this layer, or ``None``."""
+        shape = tuple(self.weight.shape)
+        problem = factorization_problem(factorization, shape, self.groups)
+        if problem:
+            return f"{problem} (weight {shape}, groups={self.groups})"
+        limit = max_rank(factorization, shape, self.groups)
+        if rank > limit:
+            return (f"rank {rank} is larger than this layer allows ({limit} for the "
+                    f"{factorization!r} factorization of weight {shape}, groups={self.groups}); "
+                    f"use rank <= {limit}")
+        return None
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (it must not be merged)."""
+        if self.merged_adapter == name:
+            raise MergeStateError(f"adapter {name!r} is merged; unmerge() before deleting it.")
+        for store in (self.lora_A, self.lora_B):
+            del store[name]
+        for meta in (self.rank, self.alpha, self.factorization, self.dropout):
+            meta.pop(name)
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def scale(self, name: str) -> float:
+        """``alpha / rank`` of adapter ``name``."""
+        return self.alpha[name] / self.rank[name]
+
+    def delta(self, name: str) -> Tensor:
+        """Float32 delta weight of adapter ``name``."""
+        return delta_weight(self.lora_A[name], self.lora_B[name], self.weight.shape, self.scale(name))
+
+    def base_weight(self) -> Tensor:
+        """The base weight without any adapter (the saved original while merged)."""
+        return self.unmerged_weight if self.unmerged_weight is not None else self.weight
+
+    def effective_weight(self, name: str) -> Tensor:
+        """``W + delta`` summed in float32 and cast to the weight's dtype, exactly as merged."""
+        return (self.weight.float() + self.delta(name)).to(self.weight.dtype)
+
+    # -- merge ---------------------------------------------------------------------------------
+    def merge(self) -> None:
+        """Fold the active adapter into ``weight``; keeps the original for exact unmerge."""
+        if self.merged_adapter is not None:
+            raise MergeStateError(f"adapter {self.merged_adapter!r} is already merged; merging "
+                                  "again would add its delta twice. unmerge() first.")
+        name = self.active_adapter
+        if name is None:
+            return
+        with torch.no_grad():
+            merged = self.effective_weight(name)
+            self.unmerged_weight = self.weight.detach().clone()
+            self.weight.copy_(merged)
+        self.merged_adapter = name
+
+    def unmerge(self) -> None:
+        """Restore the exact original weight saved by :meth:`merge`."""
+        if self.merged_adapter is None:
+            return
+        with torch.no_grad():
+            self.weight.copy_(self.unmerged_weight)  # type: ignore[arg-type]
+        self.unmerged_weight = None
+        self.merged_adapter = None
+
+    # -- forward -------------------------------------------------------------------------------
+    def _base_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if not self.ndim:
+            return F.linear(x, weight, bias)
+        conv = _CONV_FN[self.ndim]
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            return conv(x, weight, bias, self.stride, 0, self.dilation, self.groups)
+        return conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def forward(self, x: Tensor) -> Tensor:
+        name = self.active_adapter
+        if name is None or self.disabled or self.merged_adapter is not None:
+            return self._base_forward(x, self.weight, self.bias)
+        p = self.dropout[name]
+        if p > 0.0 and self.training:
+            delta = self.delta(name).to(self.weight.dtype)
+            return (self._base_forward(x, self.weight, self.bias)
+                    + self._base_forward(F.dropout(x, p, True), delta, None))
+        return self._base_forward(x, self.effective_weight(name), self.bias)

@@ -1,0 +1,213 @@
+"""Find target layers, inject LoRA layers in place, unload them again."""
+
+from __future__ import annotations
+
+import difflib
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from .config import PIXEL_SHUFFLE, LoRAConfig, Target, match_pattern
+from .errors import ConvLoRAError, MergeStateError, TargetError, UnsupportedLayerError
+from .layer import LoRALayer, unsupported_reason
+
+__all__ = ["find_targets", "inject", "lora_layers", "pixel_shuffle_convs", "replace_module", "unload"]
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
+    """All LoRA layers of ``model`` by qualified name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Set the submodule at dotted ``name`` to ``new``."""
+    if not name:
+        raise ConvLoRAError("cannot replace the root module; wrap the layer in an nn.Sequential.")
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _is_conv(m: nn.Module) -> bool:
+    return isinstance(m, (nn.modules.conv._ConvNd, LoRALayer)) and (
+        not isinstance(m, LoRALayer) or m.ndim > 0)
+
+
+def _is_candidate(m: nn.Module) -> bool:
+    return isinstance(m, (nn.modules.conv._ConvNd, nn.Linear, LoRALayer))
+
+
+class _Tracer(torch.fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, LoRALayer) or super().is_leaf_module(m, qualname)
+
+
+def pixel_shuffle_convs(model: nn.Module) -> set[str]:
+    """Names of the convs whose output feeds an ``nn.PixelShuffle`` (or ``F.pixel_shuffle``).
+
+    Traces the model with torch.fx; when tracing fails (data-dependent control flow), falls back
+    to adjacency inside ``nn.Sequential`` containers.
+    """
+    modules = dict(model.named_modules())
+    found: set[str] = set()
+    try:
+        graph = _Tracer().trace(model)
+    except Exception:  # noqa: BLE001 - any tracing failure means: use the structural fallback
+        for name, m in modules.items():
+            if isinstance(m, nn.Sequential):
+                kids = list(m.named_children())
+                for (n1, m1), (_, m2) in zip(kids, kids[1:]):
+                    if _is_conv(m1) and isinstance(m2, nn.PixelShuffle):
+                        found.add(f"{name}.{n1}" if name else n1)
+        return found
+    for node in graph.nodes:
+        shuffles = (node.op == "call_module" and isinstance(modules.get(str(node.target)), nn.PixelShuffle)
+                    ) or (node.op == "call_function" and node.target in (F.pixel_shuffle, torch.pixel_shuffle))
+        if not shuffles or not node.args:
+            continue
+        src = node.args[0]
+        if isinstance(src, torch.fx.Node) and src.op == "call_module" and _is_conv(modules[str(src.target)]):
+            found.add(str(src.target))
+    return found
+
+
+def _as_list(target: Target | None) -> list[Any]:
+    if target is None:
+        return []
+    if isinstance(target, str) or callable(target):
+        return [target]
+    return list(target)
+
+
+def _select(model: nn.Module, target: Target, role: str) -> set[str]:
+    """Candidate layer names selected by one targets/exclude specification."""
+    modules = dict(model.named_modules())
+    names = [n for n in modules if n]
+    selected: set[str] = set()
+    for item in _as_list(target):
+        if isinstance(item, str) and item == PIXEL_SHUFFLE:
+            hits = pixel_shuffle_convs(model)
+            if not hits:
+                raise TargetError(f"{role} selector 'pixel_shuffle' found no conv feeding an "
+                                  "nn.PixelShuffle in this model.")
+        elif isinstance(item, str):
+            direct = [n for n in names if match_pattern(item, n)]
+            if not direct:
+                close = difflib.get_close_matches(item, names, n=5, cutoff=0.4) or names[:5]
+                raise TargetError(f"{role} pattern {item!r} matched no module; similar names: "
+                                  f"{close}. Patterns are globs on qualified module names.")
+            # A pattern naming a conv/linear directly selects it; a container selects its convs.
+            hits = {n for n in direct if _is_conv(modules[n])
+                    or (_is_candidate(modules[n]) and fnmatchcase(n, item))}
+        elif callable(item):
+            hits = {n for n in names if _is_candidate(modules[n]) and item(n, modules[n])}
+        else:
+            raise TargetError(f"{role} entry {item!r} is not a glob pattern, a predicate or "
+                              f"{PIXEL_SHUFFLE!r}.")
+        selected |= hits
+    return selected
+
+
+def find_targets(model: nn.Module, targets: Target | None = None,
+                 exclude: Target | None = None) -> list[str]:
+    """Qualified names of the layers ``targets`` selects minus those ``exclude`` selects.
+
+    ``targets=None`` selects every convolution. Raises :class:`TargetError` when nothing is
+    selected and :class:`UnsupportedLayerError` for a selected layer that cannot be adapted.
+    """
+    if targets is None:
+        chosen = {n for n, m in model.named_modules() if n and _is_conv(m)}
+    else:
+        chosen = _select(model, targets, "targets")
+    if exclude is not None:
+        chosen -= _select(model, exclude, "exclude")
+    if not chosen:
+        convs = [n for n, m in model.named_modules() if n and _is_candidate(m)][:8]
+        raise TargetError(f"no target layer matched (targets={targets!r}, exclude={exclude!r}); "
+                          f"some conv/linear layers of this model: {convs}.")
+    modules = dict(model.named_modules())
+    for name in sorted(chosen):
+        m = modules[name]
+        reason = None if isinstance(m, LoRALayer) else unsupported_reason(m)
+        if reason:
+            raise UnsupportedLayerError(f"layer {name!r} cannot take a LoRA adapter: {reason}. "
+                                        f"Leave it out with exclude=[{name!r}].")
+    return [n for n in modules if n in chosen]
+
+
+def inject(model: nn.Module, rank: int | LoRAConfig = 4, alpha: float | None = None, *,
+           targets: Target | None = None, exclude: Target | None = None,
+           rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None,
+           factorization: str = "kernel", factorization_pattern: dict[str, str] | None = None,
+           dropout: float = 0.0, freeze: bool = True, adapter_name: str = "default") -> list[str]:
+    """Replace matching layers of ``model`` in place with LoRA layers.
+
+    Either pass the settings as keywords or a :class:`~convlora.LoRAConfig` as the second
+    argument. Layers that already are LoRA layers get an additional adapter named
+    ``adapter_name``. The new adapter becomes the active one. Everything is validated before the
+    model is touched: on error the model is unchanged.
+
+    Returns:
+        The qualified names of the adapted layers, in module order.
+    """
+    if isinstance(rank, LoRAConfig):
+        config = rank
+    else:
+        config = LoRAConfig(rank=rank, alpha=alpha, targets=targets, exclude=exclude,
+                            rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+                            factorization=factorization, factorization_pattern=factorization_pattern,
+                            dropout=dropout, freeze=freeze)
+    if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
+        raise ConvLoRAError(f"adapter_name={adapter_name!r} must be a Python identifier.")
+    names = find_targets(model, config.targets, config.exclude)
+    modules = dict(model.named_modules())
+    plans: list[tuple[str, LoRALayer, int, float, str]] = []
+    for name in names:
+        existing = modules[name]
+        layer = existing if isinstance(existing, LoRALayer) else LoRALayer(existing)
+        if layer.merged_adapter is not None:
+            raise MergeStateError(f"layer {name!r} is merged; unmerge() before adding adapters.")
+        if adapter_name in layer.rank:
+            raise MergeStateError(f"layer {name!r} already has an adapter named {adapter_name!r}; "
+                                  "pick another adapter_name or delete_adapter() first.")
+        r, fac = config.rank_for(name), config.factorization_for(name)
+        problem = layer.adapter_problem(r, fac)
+        if problem:
+            raise UnsupportedLayerError(f"layer {name!r}: {problem}.")
+        plans.append((name, layer, r, config.alpha_for(name), fac))
+    for name, layer, r, a, fac in plans:
+        layer.add_adapter(adapter_name, r, a, fac, config.dropout, name)
+        layer.active_adapter = adapter_name
+        if layer is not modules[name]:
+            replace_module(model, name, layer)
+    if config.freeze:
+        for pname, p in model.named_parameters():
+            p.requires_grad_(".lora_A." in f".{pname}" or ".lora_B." in f".{pname}")
+    return names
+
+
+def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Replace every LoRA layer by its original layer type, merging the active adapter first.
+
+    Args:
+        model: A model with LoRA layers (changed in place and returned).
+        merge: Fold the active adapter into the weights; ``False`` drops the adapters instead.
+
+    Returns:
+        ``model``, now made of the original layer types with the original state-dict keys.
+    """
+    for name, layer in lora_layers(model).items():
+        if merge and layer.merged_adapter is None:
+            layer.merge()
+        elif not merge:
+            layer.unmerge()
+        base = layer.base_layer
+        base.weight = layer.weight
+        if layer.bias is not None:
+            base.bias = layer.bias
+        replace_module(model, name, base)
+    return model
+
