@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any, TypeVar, Union
+from typing import Any, TypeVar
 
 from torch import nn
 
@@ -25,7 +25,7 @@ PIXEL_SHUFFLE = "pixel_shuffle"
 """Special target selector: every conv whose output feeds an ``nn.PixelShuffle``."""
 
 Predicate = Callable[[str, nn.Module], bool]
-Target = Union[str, Predicate, Sequence[str | Predicate]]
+Target = str | Predicate | Sequence[str | Predicate]
 _T = TypeVar("_T")
 
 
