@@ -145,7 +145,7 @@ class LoRALayer(nn.Module):
         if rank > limit:
             return (f"rank {rank} is larger than this layer allows ({limit} for the "
                     f"{factorization!r} factorization of weight {shape}, groups={self.groups}); "
-                    f"use rank <= {limit}")
+                    f"use rank <= {limit}, e.g. with rank_pattern={{<this layer>: {limit}}}")
         return None
 
     def delete_adapter(self, name: str) -> None:
