@@ -1,0 +1,172 @@
+"""Evaluate SPAN / DSCLoRA checkpoints on SR benchmark folders (Y-PSNR, Y-SSIM, RGB-PSNR).
+
+    python examples/span_sr/evaluate.py --weights ../shared/data/weights/dsclora_ch26.pth \\
+        --data ../shared/data/sr_bench/Set5 ../shared/data/sr_bench/Set14 --json runs/eval.json
+    python examples/span_sr/evaluate.py --weights ../shared/data/weights/span_tiny_ch26.pth \\
+        --lora-adapter runs/dsclora/adapter.safetensors --data ../shared/data/sr_bench
+
+A dataset folder holds ``HR/*.png`` and optionally ``LR_bicubic/X<s>/<name>x<s>.png``; without
+provided LR (or with ``--regenerate-lr``) the LR is made from the modcropped HR with the
+MATLAB-exact bicubic of :mod:`examples.span_sr.degrade`. A folder without ``HR/`` whose
+subfolders have one (e.g. ``sr_bench``) is expanded. Protocol: HR modcropped to a multiple of
+the scale; SR clamped to [0, 1] and rounded to ``uint8``; metrics with a border of ``scale``
+pixels (see :mod:`examples.span_sr.metrics`).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import argparse
+import json
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from examples.span_sr.arch import load_span
+from examples.span_sr.degrade import imresize_matlab, modcrop
+from examples.span_sr.image_io import list_images, read_image
+from examples.span_sr.metrics import psnr_rgb, psnr_y, ssim_y
+from examples.span_sr.upscale import upscale_image
+
+__all__ = ["dataset_dirs", "evaluate_folder", "format_table", "load_model", "main", "sr_pairs"]
+
+METRICS = ("psnr_y", "ssim_y", "psnr_rgb")
+
+
+def load_model(weights: str | Path, lora_adapter: str | Path | None = None) -> nn.Module:
+    """Load a SPAN checkpoint; with ``lora_adapter``, load that convlora adapter onto it and merge.
+
+    The result is a plain deploy-form SPAN (adapters merged and unloaded), in eval mode.
+    """
+    model = load_span(weights)
+    if lora_adapter is not None:
+        import convlora
+
+        convlora.load_adapter(model, lora_adapter)
+        model = convlora.unload(model, merge=True)
+    return model.eval()
+
+
+def _find_lr(lr_dir: Path | None, stem: str, scale: int) -> Path | None:
+    if lr_dir is None:
+        return None
+    for name in (f"{stem}x{scale}.png", f"{stem}.png"):
+        if (lr_dir / name).is_file():
+            return lr_dir / name
+    return None
+
+
+def sr_pairs(hr_dir: str | Path, lr_dir: str | Path | None = None, scale: int = 4
+             ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """Yield ``(name, hr, lr)`` ``uint8`` images: HR modcropped, LR read from ``lr_dir``
+    (``<name>x<s>.png`` or ``<name>.png``) or made with MATLAB-exact bicubic.
+
+    Raises:
+        ValueError: when a provided LR image does not have the HR size divided by ``scale``.
+    """
+    lr_root = Path(lr_dir) if lr_dir is not None else None
+    for path in list_images(hr_dir):
+        hr = modcrop(read_image(path), scale)
+        lr_path = _find_lr(lr_root, path.stem, scale)
+        lr = read_image(lr_path) if lr_path else imresize_matlab(hr, 1.0 / scale)
+        expected = (hr.shape[0] // scale, hr.shape[1] // scale, 3)
+        if lr.shape != expected:
+            raise ValueError(f"LR {lr_path} is {lr.shape}, expected {expected} for HR {path} "
+                             f"modcropped at scale {scale}; use --regenerate-lr.")
+        yield path.stem, hr, lr
+
+
+def evaluate_folder(model: nn.Module, hr_dir: str | Path, lr_dir: str | Path | None = None, *,
+                    scale: int | None = None, border: int | None = None, tile: int | None = None
+                    ) -> dict[str, Any]:
+    """Super-resolve every image of ``hr_dir`` and score it.
+
+    Args:
+        model: SR model (input [0, 1] RGB; its device/dtype are used).
+        hr_dir: Folder of HR images.
+        lr_dir: Folder of LR images, or ``None`` to generate them with MATLAB bicubic.
+        scale: Upscaling factor (default: ``model.upscale``).
+        border: Pixels cropped for the metrics (default: ``scale``).
+        tile: Optional LR tile size (exact tiling, see :mod:`examples.span_sr.upscale`).
+
+    Returns:
+        ``{"images": [{"name", "psnr_y", "ssim_y", "psnr_rgb"}, ...], "mean": {metric: value},
+        "count": n}``.
+    """
+    scale = int(scale if scale is not None else getattr(model, "upscale", 4))
+    border = scale if border is None else border
+    rows = []
+    for name, hr, lr in sr_pairs(hr_dir, lr_dir, scale):
+        sr = upscale_image(model, lr, tile=tile)
+        rows.append({"name": name, "psnr_y": psnr_y(sr, hr, border),
+                     "ssim_y": ssim_y(sr, hr, border), "psnr_rgb": psnr_rgb(sr, hr, border)})
+    if not rows:
+        raise ValueError(f"no images in {hr_dir}.")
+    mean = {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
+    return {"images": rows, "mean": mean, "count": len(rows)}
+
+
+def dataset_dirs(paths: Sequence[str | Path]) -> list[Path]:
+    """Dataset folders (each with ``HR/``); a folder without ``HR/`` is expanded one level."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "HR").is_dir():
+            out.append(p)
+            continue
+        subs = sorted(d for d in p.iterdir() if (d / "HR").is_dir()) if p.is_dir() else []
+        if not subs:
+            raise FileNotFoundError(f"{p} has no HR/ folder and no subfolder with one; expected "
+                                    "<set>/HR/*.png (optionally <set>/LR_bicubic/X4/).")
+        out.extend(subs)
+    return out
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """Plain-text table: set, images, Y-PSNR, Y-SSIM, RGB-PSNR."""
+    lines = [f"{'set':<12} {'images':>6} {'Y-PSNR':>8} {'Y-SSIM':>7} {'RGB-PSNR':>8}"]
+    for name, r in results.items():
+        m = r["mean"]
+        lines.append(f"{name:<12} {r['count']:>6} {m['psnr_y']:>8.3f} {m['ssim_y']:>7.4f} "
+                     f"{m['psnr_rgb']:>8.3f}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", required=True, help="SPAN checkpoint (.pth)")
+    ap.add_argument("--lora-adapter", help="convlora adapter (.safetensors) to load and merge")
+    ap.add_argument("--data", nargs="+", required=True, help="dataset folder(s) with HR/")
+    ap.add_argument("--regenerate-lr", action="store_true", help="ignore LR_bicubic, make LR from HR")
+    ap.add_argument("--tile", type=int, default=None, help="LR tile size (exact)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--json", help="write per-image and mean results here")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = load_model(args.weights, args.lora_adapter).to(args.device)
+    results: dict[str, dict[str, Any]] = {}
+    for d in dataset_dirs(args.data):
+        lr_dir = d / "LR_bicubic" / f"X{model.upscale}"
+        use_lr = lr_dir if lr_dir.is_dir() and not args.regenerate_lr else None
+        results[d.name] = evaluate_folder(model, d / "HR", use_lr, tile=args.tile)
+        results[d.name]["lr_source"] = str(use_lr) if use_lr else "matlab_bicubic(HR)"
+    print(format_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        payload = {"weights": str(args.weights), "lora_adapter": args.lora_adapter, "sets": results}
+        Path(args.json).write_text(json.dumps(payload, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""Upscale images with a SPAN checkpoint, optionally tiled; export the model to ONNX.
+
+    python examples/span_sr/upscale.py --weights ../shared/data/weights/dsclora_ch26.pth \\
+        --input ../shared/data/sr_bench/Set5/LR_bicubic/X4 --output runs/sr_set5
+    python examples/span_sr/upscale.py --weights W --input photo.png --output out/ --tile 128
+    python examples/span_sr/upscale.py --weights W --onnx span.onnx   # checked with onnxruntime
+
+Exact tiling. The output at LR position ``p`` depends only on LR inputs within the receptive
+field radius ``R`` of ``p``. For SPAN, ``R`` is the number of 3x3 convs on the longest path:
+``conv_1`` (1) + six SPABs x three 3x3 convs (18) + ``conv_2`` (1) + the upsampler's 3x3 conv
+(1) = 21; ``conv_cat`` is 1x1, the attention, activations and the pixel shuffle are pointwise
+(the shuffle maps LR position ``p`` to the output block ``4p..4p+3``), and the skip paths are
+shorter. Zero padding of a tile's *artificial* edge corrupts one more row per 3x3 conv, i.e. the
+outermost ``R`` rows; a tile's *true* image edges are padded exactly as in the full image. So
+each tile is cut with a context margin of ``R`` LR pixels on every interior side and only its
+core is kept: tiled and untiled outputs are equal up to floating-point reordering of the
+convolution sums (about 1e-6), and the ``uint8`` images are identical in practice.
+Memory is bounded by one tile (``(tile + 2R)^2`` LR pixels of activations) plus the ``uint8``
+output: a 4K output image upscaled with ``--tile 256`` needs a few hundred MB on CPU.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import argparse
+import copy
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+from torch import nn
+
+from examples.span_sr.image_io import list_images, read_image, write_image
+from examples.span_sr.metrics import to_uint8
+
+__all__ = ["SPAN_RF_RADIUS", "check_onnx", "export_onnx", "deploy_copy", "main", "tiles",
+           "upscale_image", "upscale_tensor"]
+
+SPAN_RF_RADIUS = 21
+
+
+def tiles(h: int, w: int, tile: int, pad: int) -> Iterator[tuple[slice, slice, slice, slice]]:
+    """Yield ``(in_rows, in_cols, core_rows, core_cols)``: the padded input window and the
+    core's position *inside* that window, all in LR pixels, covering an ``h x w`` image."""
+    if tile < 1 or pad < 0:
+        raise ValueError(f"tile={tile} must be >= 1 and pad={pad} >= 0.")
+    for y0 in range(0, h, tile):
+        for x0 in range(0, w, tile):
+            y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
+            ya, xa = max(y0 - pad, 0), max(x0 - pad, 0)
+            yb, xb = min(y1 + pad, h), min(x1 + pad, w)
+            yield (slice(ya, yb), slice(xa, xb),
+                   slice(y0 - ya, y1 - ya), slice(x0 - xa, x1 - xa))
+
+
+def _scale_of(model: nn.Module) -> int:
+    scale = getattr(model, "upscale", None)
+    if not isinstance(scale, int):
+        raise ValueError(f"{type(model).__name__} has no integer `upscale` attribute; tiling needs it.")
+    return scale
+
+
+def _param(model: nn.Module) -> torch.Tensor:
+    return next(model.parameters())
+
+
+@torch.no_grad()
+def upscale_tensor(model: nn.Module, x: torch.Tensor, tile: int | None = None,
+                   pad: int = SPAN_RF_RADIUS) -> torch.Tensor:
+    """Run ``model`` on a float ``(N, 3, H, W)`` tensor, tile by tile when ``tile`` is set.
+
+    Returns the raw (unclamped) output. ``pad`` must be at least the model's receptive-field
+    radius (21 for SPAN) for the result to equal the untiled one.
+    """
+    h, w = x.shape[-2:]
+    if tile is None or (h <= tile and w <= tile):
+        return model(x)
+    s = _scale_of(model)
+    out = x.new_empty(*x.shape[:-2], h * s, w * s)
+    for rows, cols, core_r, core_c in tiles(h, w, tile, pad):
+        y = model(x[..., rows, cols])
+        y = y[..., core_r.start * s: core_r.stop * s, core_c.start * s: core_c.stop * s]
+        r0, c0 = (rows.start + core_r.start) * s, (cols.start + core_c.start) * s
+        out[..., r0: r0 + y.shape[-2], c0: c0 + y.shape[-1]] = y
+    return out
+
+
+@torch.no_grad()
+def upscale_image(model: nn.Module, img: np.ndarray, tile: int | None = None,
+                  pad: int = SPAN_RF_RADIUS) -> np.ndarray:
+    """Upscale a ``uint8`` HxWx3 image; returns ``uint8`` (clamped, rounded).
+
+    The input follows the model's device and dtype (``model.half()`` gives fp16 inference).
+    With ``tile``, only one tile's activations and the ``uint8`` output are held in memory.
+    """
+    if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"upscale_image needs a uint8 HxWx3 array, got {getattr(img, 'dtype', img)} "
+                         f"{getattr(img, 'shape', '')}; read files with image_io.read_image.")
+    p = _param(model)
+    x = torch.tensor(img).permute(2, 0, 1)[None]  # copies: PIL arrays are read-only
+    h, w = img.shape[:2]
+    if tile is None or (h <= tile and w <= tile):
+        return to_uint8(model(x.to(p.device, p.dtype) / 255.0))
+    s = _scale_of(model)
+    out = np.empty((h * s, w * s, 3), np.uint8)
+    for rows, cols, core_r, core_c in tiles(h, w, tile, pad):
+        y = model(x[..., rows, cols].to(p.device, p.dtype) / 255.0)
+        y = y[..., core_r.start * s: core_r.stop * s, core_c.start * s: core_c.stop * s]
+        r0, c0 = (rows.start + core_r.start) * s, (cols.start + core_c.start) * s
+        out[r0: r0 + y.shape[-2], c0: c0 + y.shape[-1]] = to_uint8(y)
+    return out
+
+
+def deploy_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with LoRA adapters merged and unloaded and train-form convs fused."""
+    import convlora
+
+    model = copy.deepcopy(model)
+    if convlora.lora_layers(model):
+        model = convlora.unload(model, merge=True)
+    if hasattr(model, "reparameterize"):
+        model.reparameterize()
+    return model.eval()
+
+
+def export_onnx(model: nn.Module, path: str | Path, opset: int = 17) -> Path:
+    """Export the merged deploy model to ONNX with dynamic batch, height and width.
+
+    Uses the TorchScript exporter (``dynamo=False``), which needs no ``onnxscript``.
+    """
+    net = deploy_copy(model).float().cpu()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    x = torch.rand(1, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=FutureWarning)
+        torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=opset,
+                          input_names=["lr"], output_names=["sr"],
+                          dynamic_axes={"lr": {0: "n", 2: "h", 3: "w"}, "sr": {0: "n", 2: "H", 3: "W"}})
+    return path
+
+
+def check_onnx(path: str | Path, model: nn.Module, x: torch.Tensor) -> float:
+    """Max absolute difference between onnxruntime (CPU) and PyTorch outputs on ``x``."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"lr": x.float().cpu().numpy()})[0]
+    with torch.no_grad():
+        ref = deploy_copy(model).float().cpu()(x.float().cpu()).numpy()
+    return float(np.abs(got - ref).max())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--weights", required=True, help="SPAN checkpoint (.pth)")
+    ap.add_argument("--lora-adapter", help="convlora adapter (.safetensors) to apply and merge")
+    ap.add_argument("--input", help="image file or folder of images")
+    ap.add_argument("--output", help="output folder (same file names, PNG)")
+    ap.add_argument("--tile", type=int, default=None, help="LR tile size (exact; bounds memory)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--half", action="store_true", help="fp16 inference (CUDA)")
+    ap.add_argument("--onnx", help="export the merged deploy model to this .onnx file")
+    args = ap.parse_args(argv)
+    from examples.span_sr.evaluate import load_model
+
+    model = load_model(args.weights, args.lora_adapter)
+    if args.onnx:
+        path = export_onnx(model, args.onnx)
+        diff = check_onnx(path, model, torch.rand(1, 3, 48, 40))
+        print(f"wrote {path}; onnxruntime vs PyTorch max |diff| = {diff:.2e} on a 48x40 input")
+    if args.input is None:
+        if not args.onnx:
+            ap.error("give --input/--output, or --onnx")
+        return 0
+    if args.output is None:
+        ap.error("--output is required with --input")
+    src = Path(args.input)
+    files = list_images(src) if src.is_dir() else [src]
+    if not files:
+        raise SystemExit(f"no images found in {src}")
+    model = model.to(args.device)
+    if args.half:
+        model = model.half()
+    from tqdm import tqdm
+
+    for f in tqdm(files, disable=len(files) == 1, unit="img"):
+        sr = upscale_image(model, read_image(f), tile=args.tile)
+        write_image(Path(args.output) / f"{f.stem}.png", sr)
+    print(f"wrote {len(files)} image(s) to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
