@@ -14,6 +14,8 @@ from .taps import FeatureTaps, Selector
 
 __all__ = ["Distiller"]
 
+_Select = Selector | Mapping[str, Selector] | None
+
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
@@ -62,7 +64,8 @@ class Distiller:
             sequence in ``taps`` order; the affinity term is their weighted mean.
         aff_warmup_steps: ramp ``w_aff`` linearly over this many steps; calls
             must then pass ``step``.
-        select: selector for tuple/dict outputs used for both models, or a pair
+        select: selector for tuple/dict outputs (see :class:`FeatureTaps`; a
+            mapping is keyed by student layer) used for both models, or a pair
             ``(student_select, teacher_select)``.
         pool: optional average-pooling factor before the affinity (approximate).
         block_size: row block of the ``p=1`` affinity loss (memory knob).
@@ -80,7 +83,7 @@ class Distiller:
         p: int = 1,
         tap_weights: Mapping[str, float] | Sequence[float] | None = None,
         aff_warmup_steps: int = 0,
-        select: Selector | tuple[Selector | None, Selector | None] | None = None,
+        select: _Select | tuple[_Select, _Select] = None,
         pool: int | None = None,
         block_size: int | None = None,
     ) -> None:

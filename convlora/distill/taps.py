@@ -65,8 +65,8 @@ def _resolve(model: nn.Module, layers: str | Iterable[str] | Mapping[str, str]) 
 
 
 def _pick(output: Any, selector: Selector | None, key: str) -> Tensor:
-    if selector is None:
-        value = output
+    if selector is None or (isinstance(output, Tensor) and not callable(selector)):
+        value = output  # an index/key only applies to tuple/dict outputs
     elif callable(selector):
         value = selector(output)
     else:
@@ -103,7 +103,9 @@ class FeatureTaps:
             ``model.named_modules()``, keys are the matched names), a list of
             these, or a mapping ``{key: name}`` that gives each tap your own key.
         select: picks the tensor from tuple/dict outputs: an index, a key, or a
-            callable; or a mapping from tap key to one of these.
+            callable; or a mapping from tap key to one of these. An index or key
+            leaves tensor outputs as they are, so one ``select`` can serve taps on
+            tuple-returning blocks and plain convs alike.
         detach: store ``output.detach()``; use for a teacher so recorded
             features hold no graph. Student taps should keep ``detach=False``.
     """
