@@ -1,0 +1,135 @@
+"""upscale.py: the receptive-field radius behind exact tiling, tiled == untiled, the CLI and
+the ONNX export checked with onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import requires_shared
+
+import convlora
+from examples.span_sr.arch import SPAN, load_span
+from examples.span_sr.image_io import read_image, write_image
+from examples.span_sr.lora_config import build_dsclora
+from examples.span_sr.metrics import to_uint8
+from examples.span_sr.upscale import (
+    SPAN_RF_RADIUS,
+    check_onnx,
+    export_onnx,
+    main,
+    tiles,
+    upscale_image,
+    upscale_tensor,
+)
+
+TILE_FP32_TOL = 2e-6
+
+
+def _random_span(seed: int = 0, width: int = 8) -> SPAN:
+    torch.manual_seed(seed)
+    model = SPAN(feature_channels=width).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.4 / max(1, p[0].numel()) ** 0.5)
+    return model
+
+
+def test_receptive_field_radius_is_21():
+    """Perturb one LR pixel: exactly the LR positions within Chebyshev distance 21 change."""
+    model = _random_span()
+    x = torch.rand(1, 3, 56, 56, dtype=torch.float64)
+    x2 = x.clone()
+    x2[0, :, 28, 28] += 1.0
+    with torch.no_grad():
+        diff = (model(x2) - model(x)).abs().amax(dim=1)[0]
+    lr_changed = diff.view(56, 4, 56, 4).amax(dim=(1, 3)) > 0
+    rows, cols = torch.nonzero(lr_changed, as_tuple=True)
+    reach = torch.maximum((rows - 28).abs(), (cols - 28).abs()).max().item()
+    assert reach == SPAN_RF_RADIUS
+
+
+def test_tiles_cover_the_image_once():
+    seen = np.zeros((37, 50), int)
+    for rows, cols, core_r, core_c in tiles(37, 50, 16, 5):
+        assert rows.start >= 0 and rows.stop <= 37 and cols.stop <= 50
+        seen[rows.start + core_r.start: rows.start + core_r.stop,
+             cols.start + core_c.start: cols.start + core_c.stop] += 1
+    assert (seen == 1).all()
+    with pytest.raises(ValueError, match="tile=0"):
+        list(tiles(8, 8, 0, 1))
+
+
+@requires_shared
+def test_tiling_needs_the_full_margin(shared_data):
+    """float64, so round-off (~1e-15) cannot hide a one-pixel-too-small margin. (Long paths
+    through the attention contribute little: with the trained weights a 20-pixel margin is off
+    by ~5e-10, a random init hides it entirely; the exact margin is still 21.)"""
+    model = load_span(shared_data / "weights" / "span_tiny_ch26.pth").double()
+    lr = read_image(shared_data / "sr_bench" / "Set14" / "LR_bicubic" / "X4" / "comicx4.png")
+    x = torch.from_numpy(lr[:24, :72].copy()).permute(2, 0, 1)[None].double() / 255
+    with torch.no_grad():
+        full = model(x)
+    exact = upscale_tensor(model, x, tile=24)  # three tiles side by side
+    torch.testing.assert_close(exact, full, rtol=0, atol=1e-12)
+    short = upscale_tensor(model, x, tile=24, pad=SPAN_RF_RADIUS - 1)
+    assert (short - full).abs().max().item() > 1e-11
+
+
+@requires_shared
+def test_tiled_equals_untiled_on_a_real_image(shared_data):
+    model = load_span(shared_data / "weights" / "span_tiny_ch26.pth")
+    lr = read_image(shared_data / "sr_bench" / "Set14" / "LR_bicubic" / "X4" / "comicx4.png")
+    x = torch.from_numpy(lr.copy()).permute(2, 0, 1)[None].float() / 255
+    full = upscale_tensor(model, x)
+    tiled = upscale_tensor(model, x, tile=40)
+    assert tiled.shape == full.shape == (1, 3, 360, 248)
+    torch.testing.assert_close(tiled, full, rtol=0, atol=TILE_FP32_TOL)
+    assert np.array_equal(upscale_image(model, lr, tile=40), to_uint8(full))
+
+
+def test_cli_folder_and_onnx(tmp_path):
+    model = build_dsclora(SPAN(feature_channels=8))
+    with torch.no_grad():  # non-zero adapters, so the export must merge them
+        for p in convlora.lora_parameters(model):
+            p.normal_(0, 0.05)
+    base_keys = set(SPAN(feature_channels=8).state_dict())
+    weights = tmp_path / "w.pth"
+    torch.save(convlora.unload(model, merge=True).state_dict(), weights)
+    reference = load_span(weights)
+    assert set(reference.state_dict()) == base_keys
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "in"
+    for name in ("a", "b"):
+        write_image(src / f"{name}.png", rng.integers(0, 256, (18, 22, 3), dtype=np.uint8))
+    assert main(["--weights", str(weights), "--input", str(src), "--output", str(tmp_path / "out"),
+                 "--tile", "8", "--onnx", str(tmp_path / "m.onnx")]) == 0
+    for name in ("a", "b"):
+        out = read_image(tmp_path / "out" / f"{name}.png")
+        assert np.array_equal(out, upscale_image(reference, read_image(src / f"{name}.png")))
+
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert sum(node.op_type == "Conv" for node in graph.node) == 22
+    assert check_onnx(tmp_path / "m.onnx", reference, torch.rand(2, 3, 21, 13)) < 1e-4
+
+
+def test_onnx_export_merges_lora(tmp_path):
+    model = build_dsclora(SPAN(feature_channels=8))
+    with torch.no_grad():
+        for p in convlora.lora_parameters(model):
+            p.normal_(0, 0.05)
+    path = export_onnx(model, tmp_path / "student.onnx")
+    x = torch.rand(1, 3, 16, 20)
+    assert check_onnx(path, model, x) < 1e-4
+    with torch.no_grad():  # the merged export equals the *adapted* student, not the base
+        with convlora.disabled(model):
+            base_out = model(x)
+        assert (model(x) - base_out).abs().max().item() > 1e-3
+
+
+def test_bad_inputs():
+    model = SPAN(feature_channels=4)
+    with pytest.raises(ValueError, match="uint8 HxWx3"):
+        upscale_image(model, np.zeros((4, 4), np.uint8))
