@@ -1,0 +1,75 @@
+"""Run configuration: YAML files in ``configs/`` merged over :data:`DEFAULTS`.
+
+Relative paths inside a config (data folders, kernel files, ``out``) are resolved against the
+repository root, so ``../shared/data/...`` works from any working directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["DEFAULTS", "REPO", "load_config", "resolve_path"]
+
+REPO = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+DEFAULTS: dict[str, Any] = {
+    "seed": 0,
+    "out": "runs/restoration_demo",
+    "threads": 1,
+    "data": {"source": "sample", "folders": [], "limit": None, "kernels12": None,
+             "synthetic_kernels": 200},
+    "model": {"channels": 32, "depth": 10},
+    "train": {"patch": 40, "batch": 8, "loss": "l1"},
+    "base": {"task": "noise25", "steps": 300, "lr": 1.0e-3},
+    "adapter": {"rank": 1, "alpha": None, "lr": 3.0e-3, "steps": 100},
+    "tasks": ["noise50", "deblur_gauss"],
+    "finetune": {"enabled": False, "lr": 5.0e-4},
+    "eval": {"source": "sample", "folder": None, "count": None, "crop": None,
+             "levin": None, "seed": 0},
+}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if key not in base:
+            raise ValueError(f"unknown config key {where + key!r}; known keys: {sorted(base)}.")
+        if isinstance(base[key], dict) and isinstance(value, dict):
+            out[key] = _merge(base[key], value, f"{where}{key}.")
+        else:
+            out[key] = value
+    return out
+
+
+def resolve_path(path: str | os.PathLike[str] | None) -> Path | None:
+    """``path`` made absolute against the repository root (``None`` stays ``None``)."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    return p if p.is_absolute() else REPO / p
+
+
+def load_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """Read a YAML config (``None``: ``configs/demo.yaml``) and fill in the defaults.
+
+    A relative ``path`` is looked up in the working directory, then in this example's folder.
+    """
+    if path is None:
+        path = HERE / "configs" / "demo.yaml"
+    p = Path(path)
+    if not p.is_file() and (HERE / p).is_file():
+        p = HERE / p
+    if not p.is_file():
+        raise FileNotFoundError(f"config {str(path)!r} not found (looked in the working directory "
+                                f"and {HERE}); see {HERE / 'configs'} for the shipped ones.")
+    with p.open() as fh:
+        raw = yaml.safe_load(fh) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config {p} must be a YAML mapping, got {type(raw).__name__}.")
+    return _merge(DEFAULTS, raw)

@@ -1,0 +1,190 @@
+"""PSNR/SSIM of every task: degraded input, base model, adapter, full fine-tuning.
+
+    python examples/restoration/evaluate.py --run runs/restoration_demo
+    python examples/restoration/evaluate.py --run runs/restoration_cpu_subset   # docs' table
+
+Test sets (from the run's ``config.yaml``, section ``eval``): denoising tasks add noise to each
+test image with a generator seeded from ``(seed, task, image)``; ``deblur_motion`` blurs each
+image with each of Levin's 8 kernels (``eval.levin``), ``deblur_gauss`` with the 4 kernels of
+:data:`~examples.restoration.kernels.GAUSSIAN_TEST`, then adds noise of sigma 2.55 (seeded from
+``(seed, task, image, kernel)``). Outputs and references are clamped to [0, 1] and rounded to 8
+bits; PSNR is over the RGB channels, SSIM the mean of the three channels' SSIM (11x11 Gaussian
+window), no border cropped (the blur is circular).
+
+All adapters are loaded onto *one* base model as named adapters and switched with
+``convlora.set_adapter``; the script also checks that this equals a fresh model holding only
+that adapter, and that the merged, unloaded deploy model (plain ResidualCNN) equals both.
+Writes ``results.json`` and ``results.md`` into the run folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `examples.restoration` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import numpy as np
+import torch
+from torch import Tensor
+
+import convlora
+from examples.restoration.config import load_config, resolve_path
+from examples.restoration.data import SAMPLE_TEST, center_crop, sample_photos, test_images
+from examples.restoration.degrade import Task, degrade, get_task, seeded_generator
+from examples.restoration.kernels import (
+    GAUSSIAN_TEST,
+    gaussian_kernel,
+    load_levin,
+    random_motion_kernel,
+)
+from examples.restoration.model import load_model
+from examples.span_sr.metrics import psnr_rgb, ssim, to_uint8
+
+__all__ = ["Case", "main", "score", "test_cases", "test_kernels"]
+
+Case = tuple[str, Tensor, Tensor]
+"""``(label, clean (3, H, W), degraded (3, H, W))`` in [0, 1]; the degraded image is not clipped."""
+
+
+def test_kernels(task: Task, levin: Path | None, seed: int) -> list[Tensor]:
+    """Test PSFs of a blur task: Levin's 8 for motion (synthetic ones, seeded apart from training,
+    when no Levin file is configured: demo only), :data:`GAUSSIAN_TEST` for Gaussian."""
+    if task.kernels == "gaussian":
+        return [gaussian_kernel(*spec) for spec in GAUSSIAN_TEST]
+    if levin is not None:
+        return load_levin(levin)
+    rng = np.random.default_rng([seed, 0xC0FFEE])
+    return [random_motion_kernel(rng) for _ in range(8)]
+
+
+def test_cases(task: Task, images: dict[str, Tensor], kernels: list[Tensor], seed: int) -> list[Case]:
+    """Degraded copies of ``images`` for ``task``, each with its own seeded generator."""
+    cases: list[Case] = []
+    for name, img in images.items():
+        clean = img.float() / 255.0
+        if task.kind == "noise":
+            cases.append((name, clean, degrade(clean, task, seeded_generator(seed, task.name, name))))
+            continue
+        for i, k in enumerate(kernels):
+            gen = seeded_generator(seed, task.name, name, i)
+            cases.append((f"{name}/k{i + 1}", clean, degrade(clean, task, gen, k)))
+    return cases
+
+
+def score(restore: Callable[[Tensor], Tensor] | None, cases: list[Case]) -> dict[str, Any]:
+    """Mean PSNR/SSIM of ``restore`` over ``cases`` (``None`` scores the degraded inputs),
+    with the per-case PSNRs."""
+    psnrs, ssims = [], []
+    for _, clean, bad in cases:
+        with torch.inference_mode():
+            out = bad if restore is None else restore(bad[None])[0]
+        a, b = to_uint8(out), to_uint8(clean)
+        psnrs.append(psnr_rgb(a, b, border=0))
+        ssims.append(float(np.mean([ssim(a[..., c].astype(np.float64), b[..., c].astype(np.float64))
+                                    for c in range(3)])))
+    return {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)), "per_case": psnrs}
+
+
+def _exactness(run: Path, multi: torch.nn.Module, name: str, x: Tensor) -> dict[str, float]:
+    """Max |difference| of the switched multi-adapter model vs a fresh single-adapter model and
+    vs the merged + unloaded deploy model."""
+    fresh = load_model(run / "base.safetensors")
+    convlora.load_adapter(fresh, run / "adapters" / f"{name}.safetensors")
+    deploy = convlora.unload(copy.deepcopy(fresh), merge=True)
+    base_keys = set(load_model(run / "base.safetensors").state_dict())
+    if set(deploy.state_dict()) != base_keys:
+        raise RuntimeError(f"the deploy model of {name!r} has other state-dict keys than the base.")
+    with torch.inference_mode():
+        ref = multi(x)
+        return {"switch_max_abs": float((fresh(x) - ref).abs().max()),
+                "merge_max_abs": float((deploy(x) - ref).abs().max())}
+
+
+def _fmt(r: dict[str, Any] | None) -> str:
+    return "—" if r is None else f"{r['psnr']:.2f} / {r['ssim']:.4f}"
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The results as two Markdown tables (per task; per Levin kernel)."""
+    lines = ["| task | test set | input | base | adapter | full fine-tune | adapter − full (dB) "
+             "| params trained / stored: adapter | full fine-tune |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results["tasks"].items():
+        ad, ft = r.get("adapter"), r.get("finetune")
+        gap = f"{ad['psnr'] - ft['psnr']:+.2f}" if ad and ft else "—"
+        pa = f"{r['adapter_params']:,} ({100 * r['adapter_params'] / results['base_params']:.2f}%)" \
+            if ad else "—"
+        pf = f"{results['base_params']:,}" if ft else "—"
+        lines.append(f"| {name} | {r['test_set']} | {_fmt(r['input'])} | {_fmt(r['base'])} | {_fmt(ad)} "
+                     f"| {_fmt(ft)} | {gap} | {pa} | {pf} |")
+    motion = results["tasks"].get("deblur_motion")
+    if motion and motion.get("adapter"):
+        k = len(motion["kernels"])
+        lines += ["", "deblur_motion, PSNR (dB) per Levin kernel (mean over images):", "",
+                  "| | " + " | ".join(motion["kernels"]) + " |", "|---" * (k + 1) + "|"]
+        for row in ("input", "base", "adapter", "finetune"):
+            if motion.get(row):
+                per = np.asarray(motion[row]["per_case"]).reshape(-1, k).mean(0)
+                lines.append(f"| {row} | " + " | ".join(f"{v:.2f}" for v in per) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Command-line entry point; returns the results."""
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True, help="run folder written by train.py")
+    ap.add_argument("--count", type=int, default=None, help="override eval.count (test images)")
+    ap.add_argument("--crop", type=int, default=None, help="override eval.crop (centre crop, px)")
+    args = ap.parse_args(argv)
+    run = Path(args.run)
+    cfg = load_config(run / "config.yaml")
+    ev = cfg["eval"]
+    torch.set_num_threads(cfg["threads"])
+    count, crop = args.count or ev["count"], args.crop or ev["crop"]
+    if ev["source"] == "sample":
+        images = {k: center_crop(v, crop) for k, v in sample_photos(SAMPLE_TEST).items()}
+        where = f"scikit-image {', '.join(SAMPLE_TEST)}"
+    else:
+        images = test_images(resolve_path(ev["folder"]), count, crop)  # type: ignore[arg-type]
+        where = f"{Path(ev['folder']).name} ({len(images)} images{f', {crop}px centre crops' if crop else ''})"
+    base = load_model(run / "base.safetensors")
+    multi = copy.deepcopy(base)
+    names = [convlora.load_adapter(multi, run / "adapters" / f"{t}.safetensors", name=t) for t in cfg["tasks"]]
+    n_base = sum(p.numel() for p in base.parameters())
+    results: dict[str, Any] = {"base_params": n_base, "where": where, "tasks": {}}
+    for tname in [cfg["base"]["task"], *names]:
+        task, t0 = get_task(tname), time.perf_counter()
+        kernels = test_kernels(task, resolve_path(ev["levin"]), ev["seed"]) if task.kind == "blur" else []
+        cases = test_cases(task, images, kernels, ev["seed"])
+        r: dict[str, Any] = {"test_set": where + (f" × {len(kernels)} kernels" if kernels else ""),
+                             "kernels": [f"k{i + 1}" for i in range(len(kernels))],
+                             "input": score(None, cases), "base": score(base, cases)}
+        if tname in names:
+            convlora.set_adapter(multi, tname)
+            r["adapter"] = score(multi, cases)
+            tensors, _ = convlora.read_adapter(run / "adapters" / f"{tname}.safetensors")
+            r["adapter_params"] = sum(t.numel() for t in tensors.values())
+            r.update(_exactness(run, multi, tname, cases[0][2][None]))
+            ft = run / "finetune" / f"{tname}.safetensors"
+            r["finetune"] = score(load_model(ft), cases) if ft.is_file() else None
+        results["tasks"][tname] = r
+        print(f"{tname}: {len(cases)} cases in {time.perf_counter() - t0:.0f}s  input {_fmt(r['input'])}  "
+              f"base {_fmt(r['base'])}  adapter {_fmt(r.get('adapter'))}  full {_fmt(r.get('finetune'))}",
+              flush=True)
+    table = markdown(results)
+    print(table)
+    (run / "results.json").write_text(json.dumps(results, indent=2))
+    (run / "results.md").write_text(table + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
