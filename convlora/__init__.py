@@ -5,6 +5,7 @@ a teacher with :mod:`convlora.distill`), then merge them back: the deployed mode
 original architecture, parameter count and speed.
 """
 
+from . import distill
 from .adapters import load_adapter, read_adapter, save_adapter
 from .config import LoRAConfig
 from .errors import (
@@ -48,6 +49,7 @@ __all__ = [
     "add_adapter",
     "delete_adapter",
     "disabled",
+    "distill",
     "find_targets",
     "inject",
     "is_merged",
