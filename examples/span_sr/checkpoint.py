@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 __all__ = [
+    "MetricsLog",
+    "comparison_strip",
     "dump_json",
     "export_merged",
     "file_sha256",
@@ -37,6 +39,7 @@ __all__ = [
     "save_checkpoint",
     "trainable_state",
     "load_trainable_state",
+    "plot_curves",
     "write_png",
 ]
 
@@ -183,3 +186,80 @@ def write_png(path: str | Path, img: np.ndarray) -> None:
 def dump_json(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON."""
     path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------- logs and pictures
+class MetricsLog:
+    """Append-only ``metrics.jsonl``; on resume, records after the resumed step are dropped."""
+
+    def __init__(self, path: Path, *, truncate_after: int | None = None, enabled: bool = True) -> None:
+        self.path, self.enabled = path, enabled
+        if enabled and truncate_after is not None and path.is_file():
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= truncate_after]
+            path.write_text("".join(line + "\n" for line in keep))
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        """Append one JSON record (rank 0 only)."""
+        if self.enabled:
+            with open(self.path, "a") as fh:
+                fh.write(json.dumps(dict(record)) + "\n")
+
+    def read(self) -> list[dict[str, Any]]:
+        """All records so far."""
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(records: list[dict[str, Any]], path: Path) -> bool:
+    """Loss parts and validation PSNR over steps as a PNG; returns False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_psnr" in r]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    for key in ("loss", "rec", "out", "aff"):
+        pts = [(r["step"], r[key]) for r in train if r.get(key)]
+        if pts:
+            ax1.plot(*zip(*pts), label=key)
+    ax1.set(xlabel="step", ylabel="loss (weighted parts: see config)", yscale="log", title="training loss")
+    ax1.legend()
+    if val:
+        ax2.plot([r["step"] for r in val], [r["val_psnr"] for r in val], "o-", label="student")
+    refs = next((r for r in records if "val_base" in r), None)
+    if refs:
+        ax2.axhline(refs["val_base"], color="gray", ls="--", label="base")
+        ax2.axhline(refs["val_teacher"], color="green", ls=":", label="teacher")
+    ax2.set(xlabel="step", ylabel="Y-PSNR (dB)", title="validation (held-out images)")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def comparison_strip(lr: torch.Tensor, hr: np.ndarray, models: Mapping[str, nn.Module], *, crop: int = 40) -> np.ndarray:
+    """Side by side: bicubic, each model, HR, on a ``crop``-pixel LR centre crop (x scale, uint8)."""
+    import torch.nn.functional as F
+
+    from examples.span_sr.metrics import to_uint8
+
+    scale = hr.shape[0] // lr.shape[-2]
+    h, w = lr.shape[-2:]
+    c = min(crop, h, w)
+    top, left = (h - c) // 2, (w - c) // 2
+    patch = lr[..., top:top + c, left:left + c]
+    tiles = [to_uint8(F.interpolate(patch, scale_factor=scale, mode="bicubic", align_corners=False))]
+    with torch.no_grad():
+        for model in models.values():
+            device = next(model.parameters()).device
+            tiles.append(to_uint8(model(patch.to(device)).float().cpu()))
+    tiles.append(np.ascontiguousarray(hr[top * scale:(top + c) * scale, left * scale:(left + c) * scale]))
+    gap = np.full((c * scale, 4, 3), 255, np.uint8)
+    return np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1)

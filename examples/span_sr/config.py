@@ -117,7 +117,7 @@ class TrainConfig:
     ckpt_every: int = 500
     stop_after: int = 0  # interrupt (checkpoint + exit) after this many steps of this process
     time_limit: float = 0.0  # seconds; when reached, finish early as if `steps` were reached
-    progress: bool = True
+    progress: bool = True  # tqdm bar (when installed); otherwise a line per log interval
 
 
 @dataclass

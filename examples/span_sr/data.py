@@ -151,12 +151,11 @@ def read_image(ref: str) -> np.ndarray:
         import skimage.data
 
         name = ref.split(":", 1)[1]
-        fn = getattr(skimage.data, name, None)
+        pair = {"stereo_motorcycle_left": 0, "stereo_motorcycle_right": 1}
+        fn = getattr(skimage.data, "stereo_motorcycle" if name in pair else name, None)
         if fn is None:
             raise ValueError(f"{ref!r}: scikit-image has no bundled image {name!r}.")
-        if name.startswith("stereo_motorcycle"):
-            return _to_rgb_uint8(fn()[0], ref)
-        return _to_rgb_uint8(np.asarray(fn()), ref)
+        return _to_rgb_uint8(np.asarray(fn()[pair[name]] if name in pair else fn()), ref)
     path = Path(ref)
     try:
         if path.name.lower().endswith(".u8.xz"):
