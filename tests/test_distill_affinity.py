@@ -69,6 +69,17 @@ def test_fp32_and_flat_input(p):
         torch.testing.assert_close(g, r.float(), **TOL32)
 
 
+def test_fp32_value_accurate_on_larger_map():
+    """4M affinity entries: the fp32 sum must not drift (a single fp32 reduction did, by 1e-3)."""
+    gen = torch.Generator().manual_seed(8)
+    s = torch.randn(4, 8, 32, 32, generator=gen).relu()
+    t = s + 0.1 * torch.randn(s.shape, generator=gen)
+    ref = naive_loss(s.double(), t.double(), 1)
+    for block in (None, 100):
+        torch.testing.assert_close(affinity_loss(s, t, block_size=block), ref.float(),
+                                   rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("p", [1, 2])
 def test_zero_vectors_give_no_nan(p):
     gen = torch.Generator().manual_seed(2)
