@@ -185,3 +185,61 @@ def test_no_clamp_in_forward():
 def test_bad_form_is_rejected():
     with pytest.raises(ValueError, match="form='fused'"):
         SPAN(form="fused")  # type: ignore[arg-type]
+
+
+# --- DSCLoRA student --------------------------------------------------------------------------
+
+
+def test_dsclora_student_placement_and_trainable_count():
+    import convlora
+
+    from examples.span_sr.lora_config import build_dsclora, dsclora_config
+
+    base = SPAN(feature_channels=26)
+    base_keys, n_base = set(base.state_dict()), sum(p.numel() for p in base.parameters())
+    student = build_dsclora(base)
+    layers = convlora.lora_layers(student)
+    blocks = {f"block_{i}.c{j}_r.eval_conv" for i in range(1, 7) for j in (1, 2, 3)}
+    assert set(layers) == blocks | {"conv_2.eval_conv", "upsampler.0"}
+    for name, layer in layers.items():
+        big = name in ("conv_2.eval_conv", "upsampler.0")
+        assert (layer.rank["default"], layer.alpha["default"]) == ((8, 16.0) if big else (2, 4.0))
+        assert layer.factorization["default"] == "loralib"
+    trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in trainable.values()) == 25_920
+    assert all(".lora_A." in n or ".lora_B." in n for n in trainable)  # biases frozen too
+    assert dsclora_config().targets == ("block_*", "conv_2", "pixel_shuffle")
+
+    x = torch.rand(1, 3, 12, 12)
+    with torch.no_grad():
+        for p in convlora.lora_parameters(student):
+            p.normal_(0, 0.02)
+        adapted = student(x)
+        with convlora.disabled(student):
+            assert (student(x) - adapted).abs().max().item() > 1e-4
+    plain = convlora.unload(student, merge=True)
+    assert type(plain) is SPAN and set(plain.state_dict()) == base_keys
+    assert sum(p.numel() for p in plain.parameters()) == n_base
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), adapted, rtol=0, atol=1e-5)
+
+
+@requires_shared
+def test_dsclora_on_span_tiny_checkpoint(shared_data, tmp_path):
+    import convlora
+
+    from examples.span_sr.lora_config import build_dsclora, load_lora_config
+
+    path = shared_data / "weights" / "span_tiny_ch26.pth"
+    student = build_dsclora(load_span(path))
+    assert sum(p.numel() for p in student.parameters() if p.requires_grad) == 25_920
+    plain = convlora.unload(student, merge=True)  # zero-init B: merging changes nothing
+    torch.testing.assert_close(plain.state_dict(), load_span(path).state_dict(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="deploy-form"):
+        build_dsclora(SPAN(feature_channels=8, form="train"))
+    with pytest.raises(ValueError, match="unknown LoRA config fields"):
+        load_lora_config({"rank": 2, "ranks": 3})
+    custom = tmp_path / "c.yaml"
+    custom.write_text("rank: 4\ntargets: [conv_2]\nfactorization: loralib\n")
+    one = build_dsclora(load_span(path), custom)
+    assert list(convlora.lora_layers(one)) == ["conv_2.eval_conv"]
