@@ -23,7 +23,7 @@ __all__ = [
     "center_crop",
     "folder_images",
     "sample_photos",
-    "test_images",
+    "eval_images",
 ]
 
 SAMPLE_TRAIN = ("astronaut", "coffee", "rocket", "motorcycle")
@@ -69,7 +69,7 @@ def center_crop(img: Tensor, size: int | None) -> Tensor:
     return img[..., top:top + size, left:left + size]
 
 
-def test_images(folder: str | os.PathLike[str], count: int | None = None,
+def eval_images(folder: str | os.PathLike[str], count: int | None = None,
                 crop: int | None = None) -> dict[str, Tensor]:
     """A deterministic test subset: ``count`` images evenly spaced over the sorted folder
     (``None``: all), each centre-cropped to ``crop`` (``None``: full size)."""

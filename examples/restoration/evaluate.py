@@ -37,7 +37,7 @@ from torch import Tensor
 
 import convlora
 from examples.restoration.config import load_config, resolve_path
-from examples.restoration.data import SAMPLE_TEST, center_crop, sample_photos, test_images
+from examples.restoration.data import SAMPLE_TEST, center_crop, eval_images, sample_photos
 from examples.restoration.degrade import Task, degrade, get_task, seeded_generator
 from examples.restoration.kernels import (
     GAUSSIAN_TEST,
@@ -46,15 +46,16 @@ from examples.restoration.kernels import (
     random_motion_kernel,
 )
 from examples.restoration.model import load_model
+from examples.restoration.train import pick_device
 from examples.span_sr.metrics import psnr_rgb, ssim, to_uint8
 
-__all__ = ["Case", "main", "score", "test_cases", "test_kernels"]
+__all__ = ["Case", "main", "score", "degraded_cases", "eval_kernels"]
 
 Case = tuple[str, Tensor, Tensor]
 """``(label, clean (3, H, W), degraded (3, H, W))`` in [0, 1]; the degraded image is not clipped."""
 
 
-def test_kernels(task: Task, levin: Path | None, seed: int) -> list[Tensor]:
+def eval_kernels(task: Task, levin: Path | None, seed: int) -> list[Tensor]:
     """Test PSFs of a blur task: Levin's 8 for motion (synthetic ones, seeded apart from training,
     when no Levin file is configured: demo only), :data:`GAUSSIAN_TEST` for Gaussian."""
     if task.kernels == "gaussian":
@@ -65,7 +66,7 @@ def test_kernels(task: Task, levin: Path | None, seed: int) -> list[Tensor]:
     return [random_motion_kernel(rng) for _ in range(8)]
 
 
-def test_cases(task: Task, images: dict[str, Tensor], kernels: list[Tensor], seed: int) -> list[Case]:
+def degraded_cases(task: Task, images: dict[str, Tensor], kernels: list[Tensor], seed: int) -> list[Case]:
     """Degraded copies of ``images`` for ``task``, each with its own seeded generator."""
     cases: list[Case] = []
     for name, img in images.items():
@@ -79,13 +80,14 @@ def test_cases(task: Task, images: dict[str, Tensor], kernels: list[Tensor], see
     return cases
 
 
-def score(restore: Callable[[Tensor], Tensor] | None, cases: list[Case]) -> dict[str, Any]:
+def score(restore: Callable[[Tensor], Tensor] | None, cases: list[Case],
+          device: torch.device | str = "cpu") -> dict[str, Any]:
     """Mean PSNR/SSIM of ``restore`` over ``cases`` (``None`` scores the degraded inputs),
     with the per-case PSNRs."""
     psnrs, ssims = [], []
     for _, clean, bad in cases:
         with torch.inference_mode():
-            out = bad if restore is None else restore(bad[None])[0]
+            out = bad if restore is None else restore(bad[None].to(device))[0]
         a, b = to_uint8(out), to_uint8(clean)
         psnrs.append(psnr_rgb(a, b, border=0))
         ssims.append(float(np.mean([ssim(a[..., c].astype(np.float64), b[..., c].astype(np.float64))
@@ -93,15 +95,17 @@ def score(restore: Callable[[Tensor], Tensor] | None, cases: list[Case]) -> dict
     return {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)), "per_case": psnrs}
 
 
-def _exactness(run: Path, multi: torch.nn.Module, name: str, x: Tensor) -> dict[str, float]:
+def _exactness(run: Path, multi: torch.nn.Module, name: str, x: Tensor,
+               device: torch.device) -> dict[str, float]:
     """Max |difference| of the switched multi-adapter model vs a fresh single-adapter model and
     vs the merged + unloaded deploy model."""
-    fresh = load_model(run / "base.safetensors")
+    fresh = load_model(run / "base.safetensors").to(device)
     convlora.load_adapter(fresh, run / "adapters" / f"{name}.safetensors")
     deploy = convlora.unload(copy.deepcopy(fresh), merge=True)
     base_keys = set(load_model(run / "base.safetensors").state_dict())
     if set(deploy.state_dict()) != base_keys:
         raise RuntimeError(f"the deploy model of {name!r} has other state-dict keys than the base.")
+    x = x.to(device)
     with torch.inference_mode():
         ref = multi(x)
         return {"switch_max_abs": float((fresh(x) - ref).abs().max()),
@@ -148,33 +152,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config(run / "config.yaml")
     ev = cfg["eval"]
     torch.set_num_threads(cfg["threads"])
+    device = pick_device(cfg["device"])
     count, crop = args.count or ev["count"], args.crop or ev["crop"]
     if ev["source"] == "sample":
         images = {k: center_crop(v, crop) for k, v in sample_photos(SAMPLE_TEST).items()}
         where = f"scikit-image {', '.join(SAMPLE_TEST)}"
     else:
-        images = test_images(resolve_path(ev["folder"]), count, crop)  # type: ignore[arg-type]
+        images = eval_images(resolve_path(ev["folder"]), count, crop)  # type: ignore[arg-type]
         where = f"{Path(ev['folder']).name} ({len(images)} images{f', {crop}px centre crops' if crop else ''})"
-    base = load_model(run / "base.safetensors")
+    base = load_model(run / "base.safetensors").to(device)
     multi = copy.deepcopy(base)
     names = [convlora.load_adapter(multi, run / "adapters" / f"{t}.safetensors", name=t) for t in cfg["tasks"]]
     n_base = sum(p.numel() for p in base.parameters())
     results: dict[str, Any] = {"base_params": n_base, "where": where, "tasks": {}}
     for tname in [cfg["base"]["task"], *names]:
         task, t0 = get_task(tname), time.perf_counter()
-        kernels = test_kernels(task, resolve_path(ev["levin"]), ev["seed"]) if task.kind == "blur" else []
-        cases = test_cases(task, images, kernels, ev["seed"])
+        kernels = eval_kernels(task, resolve_path(ev["levin"]), ev["seed"]) if task.kind == "blur" else []
+        cases = degraded_cases(task, images, kernels, ev["seed"])
         r: dict[str, Any] = {"test_set": where + (f" × {len(kernels)} kernels" if kernels else ""),
                              "kernels": [f"k{i + 1}" for i in range(len(kernels))],
-                             "input": score(None, cases), "base": score(base, cases)}
+                             "input": score(None, cases), "base": score(base, cases, device)}
         if tname in names:
             convlora.set_adapter(multi, tname)
-            r["adapter"] = score(multi, cases)
+            r["adapter"] = score(multi, cases, device)
             tensors, _ = convlora.read_adapter(run / "adapters" / f"{tname}.safetensors")
             r["adapter_params"] = sum(t.numel() for t in tensors.values())
-            r.update(_exactness(run, multi, tname, cases[0][2][None]))
+            r.update(_exactness(run, multi, tname, cases[0][2][None], device))
             ft = run / "finetune" / f"{tname}.safetensors"
-            r["finetune"] = score(load_model(ft), cases) if ft.is_file() else None
+            r["finetune"] = score(load_model(ft).to(device), cases, device) if ft.is_file() else None
         results["tasks"][tname] = r
         print(f"{tname}: {len(cases)} cases in {time.perf_counter() - t0:.0f}s  input {_fmt(r['input'])}  "
               f"base {_fmt(r['base'])}  adapter {_fmt(r.get('adapter'))}  full {_fmt(r.get('finetune'))}",

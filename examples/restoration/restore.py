@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     model = build(args.weights, args.adapter)
     written = []
     for path in inputs:
-        x = torch.from_numpy(read_image(path)).permute(2, 0, 1).float().div(255.0)
+        x = torch.from_numpy(read_image(path).copy()).permute(2, 0, 1).float().div(255.0)
         dest = out if single else out / f"{path.stem}.png"
         if args.simulate:
             task = get_task(args.simulate)

@@ -41,7 +41,7 @@ from examples.restoration.degrade import Task, degrade, get_task, seeded_generat
 from examples.restoration.kernels import kernel_pool
 from examples.restoration.model import ResidualCNN, build_model, save_model
 
-__all__ = ["adapter_config", "kernel_pools", "main", "train_images", "train_steps"]
+__all__ = ["adapter_config", "kernel_pools", "main", "pick_device", "train_images", "train_steps"]
 
 
 def train_images(cfg: dict[str, Any]) -> list[Tensor]:
@@ -79,14 +79,15 @@ def train_steps(model: nn.Module, params: list[nn.Parameter], sampler: PatchSamp
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
     loss_fn = {"l1": F.l1_loss, "l2": F.mse_loss}[loss]
     losses: list[float] = []
+    device = next(model.parameters()).device
     model.train()
     for step in range(steps):
-        clean = sampler.sample(batch)
+        clean = sampler.sample(batch).to(device)
         kernel = None
         if task.kind == "blur":
             if pool is None:
                 raise ValueError(f"task {task.name!r} blurs; pass its kernel pool (kernel_pools()).")
-            kernel = pool[torch.randint(len(pool), (batch,), generator=generator)]
+            kernel = pool[torch.randint(len(pool), (batch,), generator=generator)].to(device)
         value = loss_fn(model(degrade(clean, task, generator, kernel)), clean)
         opt.zero_grad(set_to_none=True)
         value.backward()
@@ -105,6 +106,13 @@ def _stream(cfg: dict[str, Any], images: list[Tensor], name: str) -> tuple[Patch
     task see exactly the same patches and noise."""
     sampler = PatchSampler(images, cfg["train"]["patch"], seeded_generator(cfg["seed"], name, "patches"))
     return sampler, seeded_generator(cfg["seed"], name, "degrade")
+
+
+def pick_device(name: str) -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; otherwise the named device."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def _record(losses: list[float], seconds: float, trained: int) -> dict[str, Any]:
@@ -136,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log: dict[str, Any] = {"base": {}, "adapters": {}, "finetune": {}}
 
     # (1) base model: every weight trains on the base task
-    model = build_model(**cfg["model"])
+    device = pick_device(cfg["device"])
+    model = build_model(**cfg["model"]).to(device)
     n_base = sum(p.numel() for p in model.parameters())
     sampler, gen = _stream(cfg, images, base_task.name)
     t0 = time.perf_counter()
@@ -163,7 +172,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         convlora.save_adapter(model, out / "adapters" / f"{task.name}.safetensors", name=task.name,
                               metadata={"task": task.name, "steps": steps, "base_task": base_task.name})
         if cfg["finetune"]["enabled"]:
-            full = ResidualCNN(**cfg["model"])
+            full = ResidualCNN(**cfg["model"]).to(device)
             full.load_state_dict(base_state)
             sampler, gen = _stream(cfg, images, task.name)
             t0 = time.perf_counter()
