@@ -3,7 +3,6 @@ reparameterisation is exact, and loader errors are explicit."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -46,6 +45,7 @@ def _official_style_forward(
         h, first_out = (out3 + h) * att, out1
         if i == 1:
             b1_out = h
+    assert first_out is not None and b1_out is not None
     b6 = conv(h, "conv_2.eval_conv")
     cat = conv(torch.cat([feat, b6, b1_out, first_out], 1), "conv_cat")
     up = sd["upsampler.0.weight"]
@@ -166,8 +166,10 @@ def test_forward_ignores_training_flag_and_keeps_weights():
     x = torch.rand(1, 3, 12, 12)
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():
-        y_train = model.train()(x)
-        y_eval = model.eval()(x)
+        model.train()
+        y_train = model(x)
+        model.eval()
+        y_eval = model(x)
     torch.testing.assert_close(y_train, y_eval, rtol=0, atol=0)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in snapshot.items())
     assert model.form == "train"
@@ -176,8 +178,9 @@ def test_forward_ignores_training_flag_and_keeps_weights():
 def test_no_clamp_in_forward():
     model = SPAN(feature_channels=8)
     with torch.no_grad():
-        model.upsampler[0].weight.zero_()
-        model.upsampler[0].bias.fill_(3.0)
+        up = model.get_submodule("upsampler.0")
+        up.weight.zero_()
+        up.bias.fill_(3.0)
         y = model(torch.rand(1, 3, 8, 8))
     assert torch.equal(y, torch.full_like(y, 3.0))  # values outside [0, 1] pass through
 
@@ -192,7 +195,6 @@ def test_bad_form_is_rejected():
 
 def test_dsclora_student_placement_and_trainable_count():
     import convlora
-
     from examples.span_sr.lora_config import build_dsclora, dsclora_config
 
     base = SPAN(feature_channels=26)
@@ -227,7 +229,6 @@ def test_dsclora_student_placement_and_trainable_count():
 @requires_shared
 def test_dsclora_on_span_tiny_checkpoint(shared_data, tmp_path):
     import convlora
-
     from examples.span_sr.lora_config import build_dsclora, load_lora_config
 
     path = shared_data / "weights" / "span_tiny_ch26.pth"

@@ -11,7 +11,13 @@ from conftest import requires_shared
 
 import convlora
 from examples.span_sr.arch import SPAN, load_span
-from examples.span_sr.efficiency import complexity, count_convs, main, measure_runtime, runtime_inputs
+from examples.span_sr.efficiency import (
+    complexity,
+    count_convs,
+    main,
+    measure_runtime,
+    runtime_inputs,
+)
 from examples.span_sr.lora_config import build_dsclora
 
 

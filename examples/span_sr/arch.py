@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -100,12 +100,13 @@ class Conv3XC(nn.Module):
         """Switch to the deploy form in place (no-op when already deployed)."""
         if self.form == "deploy":
             return
-        weight, bias = fuse_conv3xc(self.conv[0], self.conv[1], self.conv[2], self.sk)
+        expand, conv, reduce = (cast(nn.Conv2d, m) for m in self.conv)
+        weight, bias = fuse_conv3xc(expand, conv, reduce, self.sk)
         ref = self.sk.weight
         self.eval_conv = nn.Conv2d(self.c_in, self.c_out, 3, padding=1).to(ref.device, ref.dtype)
         with torch.no_grad():
             self.eval_conv.weight.copy_(weight)
-            self.eval_conv.bias.copy_(bias)
+            cast(torch.Tensor, self.eval_conv.bias).copy_(bias)
         del self.conv, self.sk
         self.form = "deploy"
 
@@ -151,6 +152,8 @@ class SPAN(nn.Module):
     Input: RGB in [0, 1], shape ``(N, 3, H, W)``. Output ``(N, 3, H*s, W*s)``, nominally [0, 1].
     """
 
+    mean: torch.Tensor
+
     def __init__(
         self,
         num_in_ch: int = 3,
@@ -170,8 +173,12 @@ class SPAN(nn.Module):
         self.upscale, self.img_range = upscale, img_range
         self.register_buffer("mean", torch.tensor(rgb_mean).view(1, -1, 1, 1), persistent=False)
         self.conv_1 = Conv3XC(num_in_ch, feature_channels, 2, form)
-        for i in range(1, 7):
-            self.add_module(f"block_{i}", SPAB(feature_channels, form))
+        self.block_1 = SPAB(feature_channels, form)
+        self.block_2 = SPAB(feature_channels, form)
+        self.block_3 = SPAB(feature_channels, form)
+        self.block_4 = SPAB(feature_channels, form)
+        self.block_5 = SPAB(feature_channels, form)
+        self.block_6 = SPAB(feature_channels, form)
         self.conv_cat = nn.Conv2d(feature_channels * 4, cat_ch, 1)
         self.conv_2 = Conv3XC(feature_channels, feature_channels, 2, form)
         self.upsampler = nn.Sequential(
@@ -188,8 +195,8 @@ class SPAN(nn.Module):
         feat = self.conv_1(x)
         out_b1, _ = self.block_1(feat)
         out = out_b1
-        for i in range(2, 6):
-            out, _ = getattr(self, f"block_{i}")(out)
+        for block in (self.block_2, self.block_3, self.block_4, self.block_5):
+            out, _ = block(out)
         out_b6, out_b6_1 = self.block_6(out)
         out_b6 = self.conv_2(out_b6)
         out = self.conv_cat(torch.cat([feat, out_b6, out_b1, out_b6_1], dim=1))

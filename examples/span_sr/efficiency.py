@@ -162,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"convs       {report['convs']}")
     if not args.no_runtime:
         inputs = runtime_inputs(args.runtime_data, tuple(args.runtime_size), args.runtime_count)
-        configs = [{}]
+        configs: list[dict[str, bool]] = [{}]
         if args.variants and args.device.startswith("cuda"):
             configs += [{"half": True}, {"channels_last": True}, {"half": True, "channels_last": True}]
         report["runtime"] = []

@@ -46,7 +46,7 @@ def load_model(weights: str | Path, lora_adapter: str | Path | None = None) -> n
 
     The result is a plain deploy-form SPAN (adapters merged and unloaded), in eval mode.
     """
-    model = load_span(weights)
+    model: nn.Module = load_span(weights)
     if lora_adapter is not None:
         import convlora
 

@@ -17,7 +17,6 @@ from typing import Any
 
 import convlora
 from convlora import LoRAConfig
-
 from examples.span_sr.arch import SPAN
 
 __all__ = ["DSCLORA_YAML", "build_dsclora", "dsclora_config", "load_lora_config"]

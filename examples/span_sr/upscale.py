@@ -126,8 +126,9 @@ def deploy_copy(model: nn.Module) -> nn.Module:
     model = copy.deepcopy(model)
     if convlora.lora_layers(model):
         model = convlora.unload(model, merge=True)
-    if hasattr(model, "reparameterize"):
-        model.reparameterize()
+    reparameterize = getattr(model, "reparameterize", None)
+    if callable(reparameterize):
+        reparameterize()
     return model.eval()
 
 
