@@ -179,6 +179,7 @@ def test_no_clamp_in_forward():
     model = SPAN(feature_channels=8)
     with torch.no_grad():
         up = model.get_submodule("upsampler.0")
+        assert isinstance(up, torch.nn.Conv2d) and up.bias is not None
         up.weight.zero_()
         up.bias.fill_(3.0)
         y = model(torch.rand(1, 3, 8, 8))
