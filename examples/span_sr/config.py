@@ -151,6 +151,36 @@ class Config:
 
 
 # ----------------------------------------------------------------------------- YAML
+def _outside_quotes(text: str) -> list[bool]:
+    """For each character: is it outside a quoted string?"""
+    flags, quote = [], ""
+    for ch in text:
+        if quote:
+            flags.append(False)
+            quote = "" if ch == quote else quote
+        else:
+            quote = ch if ch in "\"'" else ""
+            flags.append(not quote)
+    return flags
+
+
+def _strip_comment(line: str) -> str:
+    out = _outside_quotes(line)
+    for i, ch in enumerate(line):
+        if ch == "#" and out[i] and (i == 0 or line[i - 1] in " \t"):
+            return line[:i].rstrip()
+    return line.rstrip()
+
+
+def _split_items(inner: str) -> list[str]:
+    out, items, start = _outside_quotes(inner), [], 0
+    for i, ch in enumerate(inner):
+        if ch == "," and out[i]:
+            items.append(inner[start:i])
+            start = i + 1
+    return items + [inner[start:]]
+
+
 def _scalar(text: str) -> Any:
     text = text.strip()
     if text == "" or text in ("null", "~", "None", "none"):
@@ -159,7 +189,7 @@ def _scalar(text: str) -> Any:
         return json.loads(text) if text[0] == '"' else text[1:-1].replace("''", "'")
     if text.startswith("[") and text.endswith("]"):
         inner = text[1:-1].strip()
-        return [] if not inner else [_scalar(part) for part in inner.split(",")]
+        return [] if not inner else [_scalar(part) for part in _split_items(inner)]
     low = text.lower()
     if low in ("true", "yes", "on"):
         return True
@@ -177,7 +207,7 @@ def _parse_yaml_subset(text: str, source: str) -> dict[str, Any]:
     """Read nested mappings, scalars and lists (the subset of YAML the configs use)."""
     lines = []
     for number, raw in enumerate(text.splitlines(), 1):
-        body = raw.split(" #")[0].rstrip() if not raw.lstrip().startswith("#") else ""
+        body = _strip_comment(raw)
         if body.strip():
             lines.append((number, len(body) - len(body.lstrip()), body.strip()))
     root: dict[str, Any] = {}
@@ -224,8 +254,12 @@ def _emit(value: Any) -> str:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (int, float)):
+    if isinstance(value, int):
         return repr(value)
+    if isinstance(value, float):  # YAML 1.1 (PyYAML) needs a dot in the mantissa: 3.0e-05, not 3e-05
+        text = repr(value)
+        mantissa, e, exponent = text.partition("e")
+        return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
     if isinstance(value, list):
         return "[" + ", ".join(_emit(v) for v in value) + "]"
     text = str(value)

@@ -96,7 +96,7 @@ def mean_psnr(model: torch.nn.Module, images: ImageSet, device: torch.device) ->
     """Mean Y-PSNR (border = scale, SR rounded to uint8) over ``images``, as evaluate.py measures it."""
     values = []
     for lr, hr in zip(images.lr, images.hr):
-        x = torch.from_numpy(np.ascontiguousarray(lr)).permute(2, 0, 1)[None]
+        x = torch.from_numpy(np.array(lr)).permute(2, 0, 1)[None]
         values.append(psnr_y(to_uint8(model(to_float(x, device)).float().cpu()), np.asarray(hr), border=images.scale))
     return float(np.mean(values))
 
@@ -382,6 +382,9 @@ def _run(argv: list[str]) -> int:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             interrupted, timeout = bool(flag[0]), bool(flag[1])
         if step % cfg.train.log_every == 0 or last or do_val or do_ckpt or interrupted or timeout:
+            if world > 1:  # the global batch's mean, as one process would log it
+                dist.all_reduce(sums)
+                sums /= world
             mean = (sums / count).tolist()
             if not all(math.isfinite(v) for v in mean):
                 say(f"step {step}: loss is {mean[0]} (rec {mean[1]}, out {mean[2]}, aff {mean[3]}): stopping. "
@@ -439,7 +442,7 @@ def _run(argv: list[str]) -> int:
     if not ckpt.plot_curves(log.read(), run / "curves.png"):
         say("matplotlib is not installed: curves.png skipped")
     if val_set is not None:
-        lr0 = torch.from_numpy(np.ascontiguousarray(val_set.lr[0])).permute(2, 0, 1)[None].float() / 255.0
+        lr0 = torch.from_numpy(np.array(val_set.lr[0])).permute(2, 0, 1)[None].float() / 255.0
         strip = ckpt.comparison_strip(lr0, np.asarray(val_set.hr[0]), {"base": base, "student": merged, "teacher": teacher})
         ckpt.write_png(run / "comparison.png", strip)
     say(f"\noutputs in {run}/: adapter.safetensors, merged.safetensors, merged.pth (plain SPAN, official keys), "

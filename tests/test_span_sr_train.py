@@ -1,0 +1,207 @@
+"""DSCLoRA training loop (examples/span_sr/train.py) on tiny CPU configs.
+
+SPAN width 8 student / width 12 teacher with random weights, 8x8 LR patches cut from real photos
+(scikit-image's astronaut and coffee), a handful of steps: exact resume, 2-process gloo DDP equal
+to 1 process, NaN stop, signal stop, bad inputs, and the run folder's contents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import convlora
+from examples.span_sr import train
+from examples.span_sr.arch import SPAN, load_span
+from examples.span_sr.checkpoint import load_checkpoint
+from examples.span_sr.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Six 72x80 training crops and one validation crop of real photos, random tiny SPANs."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "train").mkdir()
+    (root / "val").mkdir()
+    astronaut = skdata.astronaut()
+    for i in range(6):
+        Image.fromarray(astronaut[64 * i:64 * i + 72, 100:180]).save(root / "train" / f"im{i}.png")
+    Image.fromarray(skdata.coffee()[100:180, 200:280]).save(root / "val" / "v0.png")
+    torch.manual_seed(0)
+    torch.save(SPAN(feature_channels=8).state_dict(), root / "base.pth")
+    torch.save(SPAN(feature_channels=12).state_dict(), root / "teacher.pth")
+    return {"root": root, "train": root / "train", "val": root / "val",
+            "base": root / "base.pth", "teacher": root / "teacher.pth"}
+
+
+def _args(tiny: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return ["--config", str(REPO / "examples/span_sr/configs/demo.yaml"), "--out", str(out),
+            "--data.train", str(tiny["train"]), "--data.val", str(tiny["val"]),
+            "--data.cache_dir", str(tiny["root"] / "cache"), "--data.patch", "8", "--data.batch", "4",
+            "--data.workers", "0", "--base", str(tiny["base"]), "--teacher", str(tiny["teacher"]),
+            "--demo.enabled", "false", "--train.steps", str(STEPS), "--train.warmup", "2",
+            "--train.lr", "1e-3", "--train.log_every", "1", "--train.val_every", "0",
+            "--train.ckpt_every", "0", "--train.progress", "false", "--loss.w_aff", "0.05", *extra]
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def _adapter(run: Path) -> dict[str, torch.Tensor]:
+    return convlora.read_adapter(run / "adapter.safetensors")[0]
+
+
+@pytest.fixture(scope="module")
+def reference(tiny: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted run, shared by the tests below."""
+    run = tmp_path_factory.mktemp("ref") / "run"
+    assert train.main(_args(tiny, run)) == 0
+    return run
+
+
+def test_run_folder_contents(reference: Path, tiny: dict[str, Path]) -> None:
+    names = {p.name for p in reference.iterdir()}
+    expected = {"config.yaml", "provenance.json", "metrics.jsonl", "checkpoint.pt", "adapter.safetensors",
+                "merged.safetensors", "merged.pth", "results.json", "curves.png", "comparison.png"}
+    assert expected <= names
+    # merged.pth: plain SPAN with the official keys, equal to base + adapter.
+    merged_state = torch.load(reference / "merged.pth", map_location="cpu", weights_only=True)
+    base_state = torch.load(tiny["base"], weights_only=True)
+    assert set(merged_state) == set(base_state)
+    assert any(not torch.equal(merged_state[k], base_state[k]) for k in base_state)
+    merged = load_span(reference / "merged.pth")
+    adapted = load_span(tiny["base"])
+    convlora.load_adapter(adapted, reference / "adapter.safetensors")
+    x = torch.rand(1, 3, 12, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), adapted(x), atol=1e-5, rtol=1e-5)
+    # the resolved config round-trips, provenance names versions and hashes
+    cfg = load_config(reference / "config.yaml")
+    assert cfg.train.steps == STEPS and cfg.model.base == str(tiny["base"])
+    prov = json.loads((reference / "provenance.json").read_text())
+    assert prov["torch"] == torch.__version__ and prov["seed"] == 0
+    assert len(prov["weights"]["base"]["sha256"]) == 64 and prov["data"]["train"]["images"] == 6
+    results = json.loads((reference / "results.json").read_text())["y_psnr_db"]
+    assert set(results["val"]) == {"base", "teacher", "student"}
+    assert all(np.isfinite(v) for v in results["val"].values())
+    for png in ("curves.png", "comparison.png"):
+        assert (reference / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [s for s, _ in _losses(reference)] == list(range(1, STEPS + 1))
+
+
+def test_resume_is_exact(reference: Path, tiny: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert train.main(_args(tiny, run, "--train.stop_after", "3")) == 0
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 3
+    assert not (run / "adapter.safetensors").exists()
+    assert train.main(["--resume", str(run)]) == 0
+    assert _losses(run) == _losses(reference)
+    ref, got = _adapter(reference), _adapter(run)
+    assert ref.keys() == got.keys()
+    for key in ref:
+        assert torch.equal(ref[key], got[key]), key
+
+
+def test_two_process_ddp_equals_one_process(reference: Path, tiny: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "examples/span_sr/train.py"), *_args(tiny, run)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ref, got = _adapter(reference), _adapter(run)
+    for key in ref:
+        torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=1e-5)
+    for (s1, l1), (s2, l2) in zip(_losses(reference), _losses(run), strict=True):
+        assert s1 == s2 and abs(l1 - l2) < 1e-5
+
+
+class _Sabotaged:
+    """Wraps the real Distiller: from call ``bad_from`` on, returns a NaN loss or raises a signal."""
+
+    calls = 0
+    bad_from = 4
+    action = "nan"
+
+    inner: train.Distiller
+
+    def __call__(self, lr: torch.Tensor, hr: torch.Tensor, step: int | None = None):
+        type(self).calls += 1
+        total, parts, sr = self.inner(lr, hr, step=step)
+        if type(self).calls >= self.bad_from:
+            if self.action == "nan":
+                return total * float("nan"), parts, sr
+            if type(self).calls == self.bad_from:
+                os.kill(os.getpid(), signal.SIGTERM)
+        return total, parts, sr
+
+
+def _patch_distiller(monkeypatch: pytest.MonkeyPatch, action: str) -> None:
+    real = train.Distiller
+
+    class Patched(_Sabotaged):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            self.inner = real(*args, **kwargs)
+            type(self).calls = 0
+
+    Patched.action = action
+    monkeypatch.setattr(train, "Distiller", Patched)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny: dict[str, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    _patch_distiller(monkeypatch, "nan")
+    run = tmp_path / "nan"
+    assert train.main(_args(tiny, run, "--train.ckpt_every", "2")) == 3
+    assert "loss is nan" in capsys.readouterr().out
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert state["step"] == 2
+    assert all(torch.isfinite(t).all() for t in state["params"].values())
+    assert not (run / "adapter.safetensors").exists()
+
+
+def test_sigterm_checkpoints_and_exits(tiny: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _patch_distiller(monkeypatch, "signal")
+    run = tmp_path / "sig"
+    before = signal.getsignal(signal.SIGTERM)
+    assert train.main(_args(tiny, run)) == 128 + signal.SIGTERM
+    assert load_checkpoint(run / "checkpoint.pt")["step"] == 4
+    assert signal.getsignal(signal.SIGTERM) == before  # handlers restored
+
+
+def test_bad_inputs_fail_before_training(tiny: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train.main(_args(tiny, tmp_path / "a", "--data.train", str(tmp_path / "missing")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        train.main(_args(tiny, tmp_path / "b", "--data.train", str(tmp_path / "empty")))
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot load SPAN weights"):
+        train.main(_args(tiny, tmp_path / "c", "--teacher", str(garbage)))
+    with pytest.raises(FileNotFoundError, match="not found"):
+        train.main(_args(tiny, tmp_path / "d", "--teacher", "no_such_weights"))
+    x2 = tmp_path / "x2.pth"
+    torch.save(SPAN(feature_channels=8, upscale=2).state_dict(), x2)
+    with pytest.raises(ValueError, match="scales differ"):
+        train.main(_args(tiny, tmp_path / "e", "--teacher", str(x2)))
+    with pytest.raises(ValueError, match="smaller than"):
+        train.main(_args(tiny, tmp_path / "f", "--data.patch", "32"))
+    assert not any((tmp_path / n / "checkpoint.pt").exists() for n in "abcdef")
