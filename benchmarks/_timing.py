@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ __all__ = [
     "add_common_args",
     "fmt_ms",
     "fmt_ratio",
+    "load_note",
     "markdown_table",
     "ratio_stats",
     "set_threads",
@@ -59,8 +61,9 @@ class Stats:
 def add_common_args(parser: argparse.ArgumentParser, repeats: int, warmup: int) -> None:
     """Add ``--device``, ``--threads``, ``--repeats``, ``--warmup`` and ``--quick``."""
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    parser.add_argument("--threads", type=int, default=2,
-                        help="torch.set_num_threads value for CPU runs (default: 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch.set_num_threads value (default: 1; on a shared, busy machine "
+                        "more threads make every small op wait for descheduled OpenMP workers)")
     parser.add_argument("--repeats", type=int, default=repeats,
                         help=f"interleaved rounds (default: {repeats})")
     parser.add_argument("--warmup", type=int, default=warmup,
@@ -77,6 +80,14 @@ def set_threads(n: int) -> None:
     # Raises once parallel work has started; intra-op threads are what matter here.
     with contextlib.suppress(RuntimeError):
         torch.set_num_interop_threads(n)
+
+
+def load_note() -> str:
+    """The machine's 1/5/15-minute load averages (other processes compete for the cores)."""
+    if not hasattr(os, "getloadavg"):
+        return "load average: unavailable on this platform"
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min), {os.cpu_count()} CPUs"
 
 
 def _sync(device: torch.device) -> None:

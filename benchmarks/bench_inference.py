@@ -24,6 +24,7 @@ from _timing import (
     add_common_args,
     fmt_ms,
     fmt_ratio,
+    load_note,
     markdown_table,
     ratio_stats,
     set_threads,
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
 
+    load_start = load_note()
     rows: list[list[str]] = []
     if "sr" in args.models:
         channels = 8 if args.quick else 48
@@ -110,6 +112,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{args.repeats} interleaved rounds after {args.warmup} warm-up calls per case; "
           f"device={device}, threads={torch.get_num_threads()}, torch {torch.__version__}, "
           f"Python {platform.python_version()}.")
+    print(f"Machine {platform.machine()}; at start: {load_start}; at end: {load_note()}.")
 
 
 if __name__ == "__main__":

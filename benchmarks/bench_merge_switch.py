@@ -23,6 +23,7 @@ from _timing import (
     add_common_args,
     fmt_ms,
     fmt_ratio,
+    load_note,
     markdown_table,
     ratio_stats,
     set_threads,
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     torch.manual_seed(0)
 
+    load_start = load_note()
     base = timm.create_model(args.model, pretrained=False).to(device).eval()
     model = adapted(base, args.rank)
     n_layers = len(convlora.lora_layers(model))
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nReference: one forward pass at 1x3x{args.size}x{args.size}. {args.repeats} rounds "
           f"after {args.warmup} warm-up rounds; device={device}, threads={torch.get_num_threads()},"
           f" torch {torch.__version__}, Python {platform.python_version()}.")
+    print(f"Machine {platform.machine()}; at start: {load_start}; at end: {load_note()}.")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from _timing import (
     add_common_args,
     fmt_ms,
     fmt_ratio,
+    load_note,
     markdown_table,
     ratio_stats,
     set_threads,
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     base = sr_model(args.channels, args.convs).to(device)
     x = torch.rand(args.batch, 3, args.size, args.size, device=device)
     y = torch.rand(args.batch, 3, 2 * args.size, 2 * args.size, device=device)
+    load_start = load_note()
     steps, counts, notes = build_cases(base, args.rank, x, y)
     times = time_interleaved(steps, repeats=args.repeats, warmup=args.warmup, device=device)
 
@@ -128,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\n{args.repeats} interleaved rounds after {args.warmup} warm-up steps per case; "
           f"device={device}, threads={torch.get_num_threads()}, torch {torch.__version__}, "
           f"Python {platform.python_version()}.")
+    print(f"Machine {platform.machine()}; at start: {load_start}; at end: {load_note()}.")
     for note in notes:
         print(f"Note: {note}")
     if args.profile:
