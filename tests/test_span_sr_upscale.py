@@ -133,3 +133,12 @@ def test_bad_inputs():
     model = SPAN(feature_channels=4)
     with pytest.raises(ValueError, match="uint8 HxWx3"):
         upscale_image(model, np.zeros((4, 4), np.uint8))
+
+
+@requires_shared
+def test_onnx_of_released_checkpoint_on_a_real_image(shared_data, tmp_path):
+    model = load_span(shared_data / "weights" / "dsclora_ch26.pth")
+    path = export_onnx(model, tmp_path / "dsclora.onnx")
+    lr = read_image(shared_data / "sr_bench" / "Set5" / "LR_bicubic" / "X4" / "butterflyx4.png")
+    x = torch.from_numpy(lr.copy()).permute(2, 0, 1)[None].float() / 255
+    assert check_onnx(path, model, x) < 5e-5  # measured 4.8e-6

@@ -177,8 +177,11 @@ def main(argv: list[str] | None = None) -> int:
     model = load_model(args.weights, args.lora_adapter)
     if args.onnx:
         path = export_onnx(model, args.onnx)
-        diff = check_onnx(path, model, torch.rand(1, 3, 48, 40))
-        print(f"wrote {path}; onnxruntime vs PyTorch max |diff| = {diff:.2e} on a 48x40 input")
+        # smooth, image-like input: white noise drives SPAN far outside its training range
+        # (outputs ~50), where fp32 round-off alone reaches 1e-3
+        x = torch.nn.functional.interpolate(torch.rand(1, 3, 7, 6), size=(48, 40), mode="bilinear")
+        diff = check_onnx(path, model, x)
+        print(f"wrote {path}; onnxruntime vs PyTorch max |diff| = {diff:.2e} on a smooth 48x40 input")
     if args.input is None:
         if not args.onnx:
             ap.error("give --input/--output, or --onnx")
