@@ -36,7 +36,7 @@ __all__ = ["affinity_loss", "spatial_affinity"]
 
 _EPS = 1e-7  # same constant as the FAKD reference code
 _BLOCK_BYTES = 64 * 2**20  # target size of one (B, block, N) fp32 block
-_CHUNK = 1024  # columns per fp64 chunk of the p=2 Gram products
+_CHUNK_BYTES = 2 * 2**20  # size of one fp64 chunk of features for the p=2 Gram products
 
 
 @contextlib.contextmanager
@@ -169,49 +169,57 @@ class _BlockedL1(torch.autograd.Function):
         return grad_s, grad_t, None
 
 
-class _GramL2(torch.autograd.Function):
-    """mean (F̂sᵀF̂s - F̂tᵀF̂t)² over B·N·N via ``S = F̂sF̂sᵀ``, ``T = F̂tF̂tᵀ``, ``M = F̂sF̂tᵀ``.
+def _wide_chunks(s: Tensor, t: Tensor, wide: torch.dtype) -> Iterator[tuple[slice, Tensor]]:
+    """Yield ``(samples, Z)`` with ``Z = [F̂s; F̂t]`` of a few samples, converted to ``wide``."""
+    b, cs, n = s.shape
+    step = max(1, _CHUNK_BYTES // ((cs + t.shape[1]) * n * 8))
+    for start in range(0, b, step):
+        rows = slice(start, start + step)
+        z = s.new_empty(s[rows].shape[0], cs + t.shape[1], n, dtype=wide)
+        z[:, :cs].copy_(s[rows])
+        z[:, cs:].copy_(t[rows])
+        yield rows, z
 
-    ``L = (||S||² + ||T||² - 2||M||²) / (B N²)``, ``dL/dF̂s = 4 (S F̂s - M F̂t) / (B N²)``,
-    ``dL/dF̂t = 4 (T F̂t - Mᵀ F̂s) / (B N²)``. The products are accumulated in ``wide``
-    (fp64) over column chunks, so no wide copy of the features is ever held.
+
+class _GramL2(torch.autograd.Function):
+    """mean (F̂sᵀF̂s - F̂tᵀF̂t)² over B·N·N from the Gram matrix ``K = ZZᵀ``, ``Z = [F̂s; F̂t]``.
+
+    ``K = [[S, M], [Mᵀ, T]]`` with ``S = F̂sF̂sᵀ``, ``T = F̂tF̂tᵀ``, ``M = F̂sF̂tᵀ``, so
+    ``L·B·N² = ||S||² + ||T||² - 2||M||² = tr(JKJK)`` with ``J = diag(I, -I)``, and
+    ``dL/dZ = 4 JKJ Z / (B N²)`` (top rows ``4(S F̂s - M F̂t)``, bottom ``4(T F̂t - Mᵀ F̂s)``).
+    ``K`` is accumulated in ``wide`` (fp64) a few samples at a time, so no wide copy of
+    the whole batch is held.
     """
 
     @staticmethod
     def forward(ctx, s: Tensor, t: Tensor, wide: torch.dtype) -> Tensor:  # type: ignore[override]
-        b, _, n = s.shape
-        ss = s.new_zeros(b, s.shape[1], s.shape[1], dtype=wide)
-        tt = s.new_zeros(b, t.shape[1], t.shape[1], dtype=wide)
-        st = s.new_zeros(b, s.shape[1], t.shape[1], dtype=wide)
+        b, cs, n = s.shape
+        k = s.new_empty(b, cs + t.shape[1], cs + t.shape[1], dtype=wide)
         with _exact_fp32(s.device):
-            for start in range(0, n, _CHUNK):
-                s_c = s[:, :, start:start + _CHUNK].to(wide)
-                t_c = t[:, :, start:start + _CHUNK].to(wide)
-                ss.baddbmm_(s_c, s_c.transpose(1, 2))
-                tt.baddbmm_(t_c, t_c.transpose(1, 2))
-                st.baddbmm_(s_c, t_c.transpose(1, 2))
-        ctx.save_for_backward(s, t, ss, tt, st)
-        total = ss.square().sum() + tt.square().sum() - 2.0 * st.square().sum()
+            for rows, z in _wide_chunks(s, t, wide):
+                torch.bmm(z, z.transpose(1, 2), out=k[rows])
+        ctx.save_for_backward(s, t, k)
+        sq = k.square()
+        total = sq[:, :cs, :cs].sum() + sq[:, cs:, cs:].sum() - 2.0 * sq[:, :cs, cs:].sum()
         return (total / (b * n * n)).to(torch.promote_types(s.dtype, t.dtype))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
-        s, t, ss, tt, st = ctx.saved_tensors
-        need_s, need_t = ctx.needs_input_grad[:2]
-        b, _, n = s.shape
-        scale = grad.to(ss.dtype) * (4.0 / (b * n * n))
-        grad_s = torch.empty_like(s) if need_s else None
-        grad_t = torch.empty_like(t) if need_t else None
+        s, t, k = ctx.saved_tensors
+        b, cs, n = s.shape
+        w = k * (grad.to(k.dtype) * (4.0 / (b * n * n)))
+        w[:, :cs, cs:] *= -1  # J K J: negate the off-diagonal blocks
+        w[:, cs:, :cs] *= -1
+        grad_s = torch.empty_like(s) if ctx.needs_input_grad[0] else None
+        grad_t = torch.empty_like(t) if ctx.needs_input_grad[1] else None
         with _exact_fp32(s.device):
-            for start in range(0, n, _CHUNK):
-                cols = slice(start, start + _CHUNK)
-                s_c, t_c = s[:, :, cols].to(ss.dtype), t[:, :, cols].to(ss.dtype)
+            for rows, z in _wide_chunks(s, t, k.dtype):
+                g = torch.bmm(w[rows], z)
                 if grad_s is not None:
-                    grad_s[:, :, cols] = (torch.bmm(ss, s_c) - torch.bmm(st, t_c)) * scale
+                    grad_s[rows] = g[:, :cs]
                 if grad_t is not None:
-                    grad_t[:, :, cols] = (torch.bmm(tt, t_c)
-                                          - torch.bmm(st.transpose(1, 2), s_c)) * scale
+                    grad_t[rows] = g[:, cs:]
         return grad_s, grad_t, None
 
 
