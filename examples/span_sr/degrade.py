@@ -97,9 +97,9 @@ def imresize_matlab(img: np.ndarray, scale: float) -> np.ndarray:
         x = x[:, :, None]
     h, w = x.shape[:2]
     w_h = resize_weights(h, _out_len(h, scale), scale)
-    x = _round_uint8(np.einsum("oh,hwc->owc", w_h, x)).astype(np.float64)
+    x = _round_uint8(np.tensordot(w_h, x, axes=(1, 0))).astype(np.float64)  # (oh, w, c)
     w_w = resize_weights(w, _out_len(w, scale), scale)
-    out = _round_uint8(np.einsum("ow,hwc->hoc", w_w, x))
+    out = _round_uint8(np.tensordot(x, w_w, axes=(1, 1)).transpose(0, 2, 1))  # (oh, ow, c)
     return out[:, :, 0] if squeeze else out
 
 
