@@ -256,12 +256,18 @@ def main(argv: list[str] | None = None) -> int:
     x = torch.rand(1, 3, *size, device=dev)
     report: dict = {"device": torch.cuda.get_device_name(dev) if cuda else platform.processor() or "cpu",
                     "torch": torch.__version__, "threads": args.threads, "input": [1, 3, *size]}
+    def save() -> None:  # after every stage, so a crash or timeout keeps what was measured
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2, default=str))
+
     rows = compare_naive(model, x, repeats, args.warmup)
     print(f"\nSPAN forward, batch 1, LR {size[0]}x{size[1]}, {report['device']}, torch {torch.__version__}")
     print(markdown_table(["case", "time ms, median [IQR]", "ratio to ours"],
                          [[r["case"], fmt_ms(r["time"]), fmt_ratio(r["ratio"], 2)] for r in rows]))
     report["naive"] = [{"case": r["case"], "median_ms": r["time"].median * 1e3,
                         "ratio": r["ratio"].median} for r in rows]
+    save()
     if cuda or args.variants:  # on CPU only the variants asked for (pipeline check)
         x = div2k_sized_input(pairs).to(dev)
         if args.quick:
@@ -276,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"variant": name, "error": f"{type(err).__name__}: {err}"[:300]})
             with contextlib.suppress(Exception):
                 torch._dynamo.reset()
+            report["variants"] = results
+            save()
         ok = [r for r in results if "error" not in r]
         base = ok[0]["set14_psnr_y"] if ok else float("nan")
         table = []
@@ -290,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                           f"{r['peak_mem_mb']:.0f}", f"{r['set14_psnr_y']:.4f} ({r['delta_db']:+.4f})"])
         clock = "CUDA events" if cuda else "perf_counter (CPU: pipeline check, not NTIRE)"
         print(f"\nNTIRE-protocol runtime, LR {tuple(x.shape[-2:])}, batch 1, {clock}")
-        print(markdown_table(["variant", "ms, median [IQR]", "x fp32", "peak MB",
+        print(markdown_table(["variant", "ms, median [IQR]", "x first row", "peak MB",
                               "Set14 Y-PSNR (delta dB)"], table))
         safe = [r for r in ok if r["safe"]]
         if safe:
@@ -301,9 +309,8 @@ def main(argv: list[str] | None = None) -> int:
             t = r.pop("time")
             r.update(median_ms=t.median * 1e3, q1_ms=t.q1 * 1e3, q3_ms=t.q3 * 1e3)
         report["variants"] = results
+    save()
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2, default=str))
         print(f"wrote {args.out}")
     return 0
 
