@@ -169,14 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     where = f"{torch.cuda.get_device_name(device)}" if cuda else f"CPU, {args.threads} threads"
     print(f"# DSCLoRA step, span_tiny_ch26 student / span_ch28 teacher, LR {patch}x{patch}, {where}, "
           f"torch {torch.__version__}, {repeats} interleaved repeats")
-    print(f"| variant | batch | median ms | min..max ms | x l1 (same batch) | it/s |")
+    print("| variant | batch | median ms | min..max ms | x l1 (same batch) | it/s |")
     print("|---|---|---|---|---|---|")
     for (kind, b), ts in times.items():
         med = statistics.median(ts)
         ref = statistics.median(times[("l1", b)])
         print(f"| {kind} | {b} | {med * 1e3:.1f} | {min(ts) * 1e3:.1f}..{max(ts) * 1e3:.1f} | "
               f"{med / ref:.2f} | {1 / med:.1f} |")
-    print("\n| variant (batch %d) | teacher fwd | student fwd | losses | backward | optimizer |" % batch)
+    print(f"\n| variant (batch {batch}) | teacher fwd | student fwd | losses | backward | optimizer |")
     print("|---|---|---|---|---|---|")
     for kind in ("out", "aff p=2", "aff p=1"):
         parts: dict[str, float] = {}

