@@ -27,6 +27,7 @@ __all__ = [
     "fmt_ratio",
     "load_note",
     "markdown_table",
+    "print_profile",
     "ratio_stats",
     "set_threads",
     "sr_model",
@@ -166,6 +167,21 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
     return "\n".join([line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|",
                       *(line(r) for r in rows)])
+
+
+def print_profile(label: str, fn: Callable[[], object], *, calls: int = 3, rows: int = 15) -> None:
+    """Run ``fn`` once, then ``calls`` times under ``torch.profiler``; print the per-op table."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    fn()
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+    print(f"\n### torch.profiler: {label} ({calls} calls, sorted by self CPU time)\n")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 class _SRNet(nn.Module):

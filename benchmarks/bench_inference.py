@@ -1,12 +1,14 @@
 """Inference cost: original model vs merged+unloaded ConvLoRA model vs unmerged ConvLoRA model.
 
-For each model (the SR-shaped benchmark model and timm ``resnet18``, random weights) three copies
-run interleaved under ``torch.inference_mode``: the original; a copy with adapters injected,
-given non-zero ``B`` (as after training), then ``convlora.unload``-ed (merged: the original layer
-types); and a copy that keeps the adapters unmerged. Ratios are per round against the original.
+For each model (the SR-shaped benchmark model and timm ``resnet18``, random weights) four copies
+run interleaved under ``torch.inference_mode``: the original; an untouched copy of it (A/A
+control: shows the noise floor of the ratios); a copy with adapters injected, given non-zero
+``B`` (as after training), then ``convlora.unload``-ed (merged: the original layer types); and a
+copy that keeps the adapters unmerged. Ratios are per round against the original.
 
     python benchmarks/bench_inference.py
     python benchmarks/bench_inference.py --models sr        # only the SR-shaped model
+    python benchmarks/bench_inference.py --models resnet18 --profile   # + profiler tables
     python benchmarks/bench_inference.py --device cuda
     python benchmarks/bench_inference.py --quick            # smoke run (tiny shapes)
 """
@@ -26,6 +28,7 @@ from _timing import (
     fmt_ratio,
     load_note,
     markdown_table,
+    print_profile,
     ratio_stats,
     set_threads,
     sr_model,
@@ -45,7 +48,9 @@ def perturb_adapters(model: nn.Module, seed: int = 0) -> None:
 
 
 def variants(base: nn.Module, rank: int) -> dict[str, nn.Module]:
-    """The original model, its merged+unloaded adapted copy and its unmerged adapted copy."""
+    """The original, an untouched copy of it, its merged+unloaded adapted copy and its unmerged
+    adapted copy. The untouched copy is an A/A control: its ratio is 1 by construction, so its
+    spread shows the measurement noise that the merged+unloaded ratio should be read against."""
     unloaded = copy.deepcopy(base)
     convlora.inject(unloaded, rank=rank)
     perturb_adapters(unloaded)
@@ -54,7 +59,8 @@ def variants(base: nn.Module, rank: int) -> dict[str, nn.Module]:
     unmerged = copy.deepcopy(base)
     convlora.inject(unmerged, rank=rank)
     perturb_adapters(unmerged)
-    return {"original": base, "merged + unloaded": unloaded, "ConvLoRA unmerged": unmerged}
+    return {"original": base, "copy of original (A/A control)": copy.deepcopy(base),
+            "merged + unloaded": unloaded, "ConvLoRA unmerged": unmerged}
 
 
 def run_model(label: str, base: nn.Module, x: torch.Tensor, args: argparse.Namespace
@@ -70,6 +76,9 @@ def run_model(label: str, base: nn.Module, x: torch.Tensor, args: argparse.Names
 
     cases = {name: forward(m) for name, m in models.items()}
     times = time_interleaved(cases, repeats=args.repeats, warmup=args.warmup, device=x.device)
+    if args.profile:
+        for name in ("original", "ConvLoRA unmerged"):
+            print_profile(f"{label}, {name}", cases[name])
     shape = "x".join(map(str, x.shape))
     return [[label, shape, name, fmt_ms(Stats.of(t)),
              fmt_ratio(ratio_stats(times, name, "original"))] for name, t in times.items()]
@@ -85,6 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sr-size", type=int, default=64)
     parser.add_argument("--resnet-batch", type=int, default=4)
     parser.add_argument("--resnet-size", type=int, default=224)
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler tables (original and unmerged)")
     args = parser.parse_args(argv)
     if args.quick:
         args.sr_batch, args.sr_size, args.resnet_batch, args.resnet_size = 1, 16, 1, 32

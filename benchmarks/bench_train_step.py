@@ -1,7 +1,9 @@
 """Training-step cost: unmerged ConvLoRA vs full fine-tuning vs PEFT's LoRA, on one SR-shaped model.
 
-One step = zero_grad, forward, L1 loss, backward, Adam step. The three cases start from copies of
-the same model and run interleaved in one process; ratios are per round against full fine-tuning.
+One step = zero_grad, forward, L1 loss, backward, Adam step. The cases start from copies of the
+same model and run interleaved in one process; ratios are per round against full fine-tuning. A
+second, identical full fine-tuning case is an A/A control: its ratio is 1 by construction, so its
+spread shows the measurement noise.
 
     python benchmarks/bench_train_step.py                     # 8 convs, 48 ch, batch 16 of 64x64
     python benchmarks/bench_train_step.py --batch 4           # lighter, for a busy machine
@@ -29,6 +31,7 @@ from _timing import (
     fmt_ratio,
     load_note,
     markdown_table,
+    print_profile,
     ratio_stats,
     set_threads,
     sr_model,
@@ -62,7 +65,8 @@ def build_cases(base: nn.Module, rank: int, x: torch.Tensor, y: torch.Tensor
                 ) -> tuple[dict[str, Callable[[], None]], dict[str, int], list[str]]:
     """The step callables, their trainable-parameter counts, and notes."""
     notes: list[str] = []
-    models: dict[str, nn.Module] = {"full fine-tuning": copy.deepcopy(base)}
+    models: dict[str, nn.Module] = {"full fine-tuning": copy.deepcopy(base),
+                                    "full fine-tuning, 2nd copy (A/A control)": copy.deepcopy(base)}
 
     ours = copy.deepcopy(base)
     convlora.inject(ours, rank=rank)  # freeze=True: only lora_A / lora_B train
@@ -81,20 +85,6 @@ def build_cases(base: nn.Module, rank: int, x: torch.Tensor, y: torch.Tensor
     counts = {name: sum(p.numel() for p in m.parameters() if p.requires_grad)
               for name, m in models.items()}
     return steps, counts, notes
-
-
-def profile(steps: dict[str, Callable[[], None]], rows: int) -> None:
-    """Print torch.profiler's per-op table (by self CPU time) for each case."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
-
-    for name, step in steps.items():
-        step()
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(3):
-                step()
-        print(f"\n### torch.profiler: {name} (3 steps)\n")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     for note in notes:
         print(f"Note: {note}")
     if args.profile:
-        profile(steps, rows=15)
+        for name, step in steps.items():
+            print_profile(name, step)
     sys.stdout.flush()
 
 

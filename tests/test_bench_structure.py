@@ -94,8 +94,8 @@ def test_unloaded_model_has_base_structure_and_flops(build, shape) -> None:
 
 
 SCRIPTS = {
-    "bench_train_step.py": ["full fine-tuning", "ConvLoRA (unmerged)", "ratio vs full FT"],
-    "bench_inference.py": ["original", "merged + unloaded", "ConvLoRA unmerged", "timm resnet18"],
+    "bench_train_step.py": ["A/A control", "ConvLoRA (unmerged)", "ratio vs full FT"],
+    "bench_inference.py": ["A/A control", "merged + unloaded", "ConvLoRA unmerged", "timm resnet18"],
     "bench_merge_switch.py": ["merge()", "unmerge()", "set_adapter('b')", "ratio vs one forward"],
 }
 if importlib.util.find_spec("peft") is not None:
