@@ -52,7 +52,7 @@ def sample_photos(names: Sequence[str]) -> dict[str, Tensor]:
 
 def folder_images(folders: Sequence[str | os.PathLike[str]], limit: int | None = None) -> dict[str, Tensor]:
     """All images directly in ``folders`` (sorted by name, at most ``limit`` in all)."""
-    paths = [p for folder in folders for p in list_images(folder)]
+    paths = [p for folder in folders for p in list_images(Path(folder))]
     if not paths:
         raise ValueError(f"no images found in {[str(f) for f in folders]}.")
     return {f"{p.parent.name}/{p.stem}": _chw(read_image(p)) for p in paths[:limit]}

@@ -50,10 +50,11 @@ class ResidualCNN(nn.Module):
         self.tail = nn.Conv2d(channels, in_channels, 3, padding=1)
         for conv in [self.head, *self.body]:
             nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-            nn.init.zeros_(conv.bias)
         # A small last layer: the untrained network starts close to the identity map.
         nn.init.normal_(self.tail.weight, std=1e-3)
-        nn.init.zeros_(self.tail.bias)
+        for p in self.parameters():
+            if p.dim() == 1:  # biases
+                nn.init.zeros_(p)
 
     def forward(self, x: Tensor) -> Tensor:
         """Restore a ``(N, C, H, W)`` batch in [0, 1] scale (the output is not clipped)."""

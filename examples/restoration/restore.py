@@ -40,7 +40,7 @@ def build(weights: str | Path, adapter: str | Path | None = None) -> ResidualCNN
     model = load_model(weights)
     if adapter is not None:
         convlora.load_adapter(model, adapter)
-        model = convlora.unload(model, merge=True)
+        convlora.unload(model, merge=True)  # in place: back to plain Conv2d layers
     return model.eval()
 
 
