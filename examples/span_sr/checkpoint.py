@@ -228,7 +228,7 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> bool:
         pts = [(r["step"], r[key]) for r in train if r.get(key)]
         if pts:
             ax1.plot(*zip(*pts), label=key)
-    ax1.set(xlabel="step", ylabel="loss (weighted parts: see config)", yscale="log", title="training loss")
+    ax1.set(xlabel="step", ylabel="total (weighted) and unweighted parts", yscale="log", title="training loss")
     ax1.legend()
     if val:
         ax2.plot([r["step"] for r in val], [r["val_psnr"] for r in val], "o-", label="student")

@@ -344,7 +344,7 @@ def _run(argv: list[str]) -> int:
         (run / "config.yaml").write_text(dump_yaml(cfg.to_dict()))
         ckpt.dump_json(run / "provenance.json", ckpt.provenance(
             seed=cfg.train.seed, data={"train": train_set.refs, "val": val_refs}, weights=weights,
-            extra={"world_size": world, "device": str(device), "resumed_from_step": start}))
+            extra={"args": argv, "world_size": world, "device": str(device), "resumed_from_step": start}))
     log = ckpt.MetricsLog(run / "metrics.jsonl", truncate_after=start, enabled=main_proc)
 
     def checkpoint(step: int) -> None:
@@ -472,9 +472,9 @@ def _run(argv: list[str]) -> int:
         lr0 = torch.from_numpy(np.array(val_set.lr[0])).permute(2, 0, 1)[None].float() / 255.0
         strip = ckpt.comparison_strip(lr0, np.asarray(val_set.hr[0]), {"base": base, "student": merged, "teacher": teacher})
         ckpt.write_png(run / "comparison.png", strip)
-    say(f"\noutputs in {run}/: adapter.safetensors, merged.safetensors, merged.pth (plain SPAN, official keys), "
-        "metrics.jsonl, results.json, curves.png, comparison.png, config.yaml, provenance.json, checkpoint.pt\n"
-        f"try it: python examples/span_sr/upscale.py --weights {run / 'merged.pth'} --input IMAGE --output OUT_DIR")
+    say(f"\noutputs in {run}/: " + ", ".join(sorted(p.name for p in run.iterdir() if p.is_file()))
+        + f"\nmerged.pth is a plain SPAN with the official keys; try it:\n  python examples/span_sr/upscale.py "
+        f"--weights {run / 'merged.pth'} --input IMAGE --output OUT_DIR")
     if world > 1:
         dist.destroy_process_group()
     return 0
