@@ -14,7 +14,7 @@ import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -96,7 +96,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(cases: dict[str, Callable[[], object]], *, repeats: int, warmup: int,
+def time_interleaved(cases: Mapping[str, Callable[[], object]], *, repeats: int, warmup: int,
                      device: torch.device | str = "cpu", inner: int = 1,
                      rotate: bool = True) -> dict[str, list[float]]:
     """Time each case ``repeats`` times, interleaved round by round.
