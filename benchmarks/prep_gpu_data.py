@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "weights").mkdir(parents=True, exist_ok=True)
     for w in args.weights:
         shutil.copy2(w, out / "weights" / Path(w).name)
-    site = Path(__import__("safetensors").__file__).resolve().parents[1]
+    site = Path(str(__import__("safetensors").__file__)).resolve().parents[1]
     for pkg in ("safetensors", "yaml", "tqdm"):
         dest = out / "pylib" / pkg
         if not dest.exists():

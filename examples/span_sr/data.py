@@ -216,7 +216,9 @@ class ImageSet:
             key = _cache_key(ref, scale, lr_mode) + (f"_c{max_side}" if max_side else "")
             hr_file = cache / f"{key}.hr.npy" if cache else None
             lr_file = cache / f"{key}.lr.npy" if cache else None
-            if hr_file is not None and hr_file.exists() and (lr_mode == "float" or lr_file.exists()):
+            hr: np.ndarray
+            lr: np.ndarray | None
+            if hr_file is not None and lr_file is not None and hr_file.exists() and (lr_mode == "float" or lr_file.exists()):
                 hr = np.load(hr_file, mmap_mode="r")
                 lr = np.load(lr_file, mmap_mode="r") if lr_mode == "cache" else None
             else:
@@ -224,7 +226,7 @@ class ImageSet:
                 if max_side:
                     hr = _center_crop(hr, max_side - max_side % scale)
                 lr = imresize_matlab(np.ascontiguousarray(hr), 1.0 / scale) if lr_mode == "cache" else None
-                if hr_file is not None:
+                if hr_file is not None and lr_file is not None:
                     _atomic_save(hr_file, hr)
                     if lr is not None:
                         _atomic_save(lr_file, lr)

@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `examples.span_sr` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -254,6 +255,7 @@ def _run(argv: list[str]) -> int:
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick the fastest kernels
     main_proc = rank == 0
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -309,7 +311,8 @@ def _run(argv: list[str]) -> int:
     student = build_student(base, cfg.model.lora).to(device)
     base, teacher = base.to(device).requires_grad_(False), teacher.to(device).requires_grad_(False)
     if device.type == "cuda" and cfg.train.channels_last:
-        student, teacher = (m.to(memory_format=torch.channels_last) for m in (student, teacher))
+        student.to(memory_format=torch.channels_last)  # in place (Module.to returns self)
+        teacher.to(memory_format=torch.channels_last)
     params = [p for p in student.parameters() if p.requires_grad]
     say(f"student: {sum(p.numel() for p in params):,} trainable adapter parameters; teacher "
         f"{weights.get('teacher', 'base')}; base {weights['base']}")
@@ -326,10 +329,11 @@ def _run(argv: list[str]) -> int:
     forward = torch.compile(distiller.__call__) if cfg.train.compile else distiller
 
     # ------------------------------------------------------------------ optimizer, state, resume
-    opt = torch.optim.Adam(params, lr=cfg.train.lr, betas=tuple(cfg.train.betas), weight_decay=cfg.train.weight_decay)
+    opt = torch.optim.Adam(params, lr=cfg.train.lr, betas=(cfg.train.betas[0], cfg.train.betas[1]), weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
     ema = [p.detach().clone() for p in params] if cfg.train.ema else None
-    start, best = 0, {"psnr": -math.inf, "step": 0, "params": None}
+    start = 0
+    best: dict[str, Any] = {"psnr": -math.inf, "step": 0, "params": None}
     if resume:
         state = ckpt.load_checkpoint(run / "checkpoint.pt")
         ckpt.load_trainable_state(student, state["params"])
@@ -354,6 +358,7 @@ def _run(argv: list[str]) -> int:
                                  ema=[t.cpu() for t in ema] if ema is not None else None, best=best)
 
     def validate(step: int) -> float:
+        assert val_set is not None  # only called when there is a validation set
         with swapped(params, ema):
             value = mean_psnr(student, val_set, device)
         if value > best["psnr"]:
