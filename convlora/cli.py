@@ -14,7 +14,7 @@ from torch import Tensor
 from .adapters import read_adapter
 from .errors import ConvLoRAError, FingerprintMismatchError
 from .fingerprint import fingerprint, sketch, sketches_match
-from .functional import delta_weight
+from .functional import merged_weight
 
 __all__ = ["load_state_dict_file", "main", "merge_state_dict"]
 
@@ -66,9 +66,8 @@ def merge_state_dict(base: dict[str, Tensor], adapter_path: str | Path, *,
     out = dict(base)
     for lname, lm in layers.items():
         w = base[f"{lname}.weight"]
-        d = delta_weight(tensors[f"{lname}.lora_A"], tensors[f"{lname}.lora_B"], w.shape,
-                         lm["alpha"] / lm["rank"])
-        out[f"{lname}.weight"] = (w.float() + d).to(w.dtype)
+        out[f"{lname}.weight"] = merged_weight(w, tensors[f"{lname}.lora_A"],
+                                               tensors[f"{lname}.lora_B"], lm["alpha"] / lm["rank"])
     for key in meta["bias_keys"]:
         out[key] = tensors[key].to(base[key].dtype)
     return out

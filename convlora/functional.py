@@ -34,6 +34,7 @@ __all__ = [
     "init_lora_",
     "lora_shapes",
     "max_rank",
+    "merged_weight",
 ]
 
 Factorization = Literal["kernel", "loralib"]
@@ -90,3 +91,15 @@ def delta_weight(lora_a: Tensor, lora_b: Tensor, weight_shape: tuple[int, ...] |
     """
     delta = lora_b.float() @ lora_a.float()
     return (delta * scale).reshape(tuple(weight_shape))
+
+
+def merged_weight(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
+    """``W + scale * (B @ A)`` summed in float32 and cast back to ``weight``'s dtype.
+
+    One fused ``addmm`` over the weight viewed as ``(B.rows, A.cols)``, which is a valid view of
+    the weight for both factorisations. The unmerged forward, :meth:`LoRALayer.merge` and the
+    state-dict merge of the command line all call this function, so they agree bit for bit.
+    """
+    flat = weight.float().reshape(lora_b.shape[0], lora_a.shape[1])
+    out = torch.addmm(flat, lora_b.float(), lora_a.float(), alpha=scale)
+    return out.view(weight.shape).to(weight.dtype)

@@ -15,7 +15,14 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .errors import MergeStateError, UnsupportedLayerError
-from .functional import delta_weight, factorization_problem, init_lora_, lora_shapes, max_rank
+from .functional import (
+    delta_weight,
+    factorization_problem,
+    init_lora_,
+    lora_shapes,
+    max_rank,
+    merged_weight,
+)
 
 __all__ = ["LoRALayer", "unsupported_reason"]
 
@@ -173,7 +180,7 @@ class LoRALayer(nn.Module):
 
     def effective_weight(self, name: str) -> Tensor:
         """``W + delta`` summed in float32 and cast to the weight's dtype, exactly as merged."""
-        return (self.weight.float() + self.delta(name)).to(self.weight.dtype)
+        return merged_weight(self.weight, self.lora_A[name], self.lora_B[name], self.scale(name))
 
     # -- merge ---------------------------------------------------------------------------------
     def merge(self) -> None:
