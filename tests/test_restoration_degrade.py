@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 import torch
@@ -27,7 +29,7 @@ from examples.restoration.kernels import (
     random_motion_kernel,
 )
 
-FFT_TOL = {"rtol": 0, "atol": 1e-5}  # float32 FFT round-off on values in [0, 1]
+FFT_TOL: dict[str, Any] = {"rtol": 0, "atol": 1e-5}  # float32 FFT round-off on values in [0, 1]
 
 
 def direct_circular(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ from examples.restoration.degrade import degrade, get_task, seeded_generator
 from examples.restoration.kernels import kernel_pool
 from examples.restoration.model import build_model, load_model, save_model
 
-MERGE_TOL = {"rtol": 0, "atol": 1e-5}  # merged conv vs weight-space LoRA conv: same weight, other kernels may sum differently
+MERGE_TOL: dict[str, Any] = {"rtol": 0, "atol": 1e-5}  # merged conv vs weight-space LoRA conv: same weight, other kernels may sum differently
 TASKS = ("noise50", "deblur_gauss")
 
 
@@ -107,7 +108,8 @@ def test_merged_deploy_model_matches_unmerged(run: Path) -> None:
                 torch.testing.assert_close(multi(x), ref, **MERGE_TOL)
             deploy = convlora.unload(copy.deepcopy(multi), merge=True)
             assert list(deploy.state_dict()) == base_keys
-            assert all(isinstance(m, torch.nn.Conv2d) for m in [deploy.head, *deploy.body, deploy.tail])
+            assert not any(isinstance(m, convlora.LoRALayer) for m in deploy.modules())
+            assert sum(type(m) is torch.nn.Conv2d for m in deploy.modules()) == 10
             torch.testing.assert_close(deploy(x), ref, **MERGE_TOL)
             torch.testing.assert_close(restore.build(run / "base.safetensors", run / f"{name}.safetensors")(x),
                                        ref, **MERGE_TOL)
