@@ -187,6 +187,10 @@ def _check(model: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any], n
     return []
 
 
+def _adapter_names(model: nn.Module) -> list[str]:
+    return sorted({a for layer in lora_layers(model).values() for a in layer.rank})
+
+
 def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, name: str | None = None,
                  strict: bool = True) -> str:
     """Load an adapter file into ``model`` as adapter ``name`` and make it active.
@@ -211,6 +215,11 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, name: str | 
         if strict:
             raise FingerprintMismatchError(fp_problems[0] + "; pass strict=False to load anyway.")
         warnings.warn(fp_problems[0], stacklevel=2)
+    others = [a for a in _adapter_names(model) if a != name]
+    if meta["bias_keys"] and others:
+        warnings.warn(f"{path} carries trained biases {meta['bias_keys'][:3]}...; biases are shared "
+                      f"by all adapters of a model, so loading it changes the base seen by {others}.",
+                      stacklevel=2)
     modules = dict(model.named_modules())
     for lname, lm in meta["layers"].items():
         layer = modules[lname]

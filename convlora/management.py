@@ -80,20 +80,23 @@ def active_adapter(model: nn.Module) -> str | None:
     return None
 
 
-def mark_only_lora_trainable(model: nn.Module, bias: str = "none") -> None:
+def mark_only_lora_trainable(model: nn.Module, bias: str = "none", adapter: str | None = None) -> None:
     """Freeze everything except adapter factors (and biases, as ``bias`` says).
 
     Args:
         model: A model with LoRA layers.
         bias: ``"none"``, ``"all"`` (every bias in the model) or ``"lora_only"`` (biases of
-            LoRA layers). Trainable biases are saved with the adapter.
+            LoRA layers). Trainable biases are saved with the adapter. Biases are shared by all
+            adapters of a model: train them only for single-adapter models.
+        adapter: Only this adapter's factors train (default: every adapter's).
     """
     if bias not in _BIAS_MODES:
         raise ConvLoRAError(f"bias={bias!r} is not one of {_BIAS_MODES}.")
     lora_names = set(lora_layers(model))
     for pname, p in model.named_parameters():
         owner, _, leaf = pname.rpartition(".")
-        train = _is_lora_param(pname) or (leaf == "bias" and (
+        is_factor = _is_lora_param(pname) and (adapter is None or pname.endswith(f".{adapter}"))
+        train = is_factor or (leaf == "bias" and (
             bias == "all" or (bias == "lora_only" and owner in lora_names)))
         p.requires_grad_(train)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from fnmatch import fnmatchcase
-from typing import Any
+from typing import Any, TypeVar
 
 import torch.fx
 import torch.nn.functional as F
@@ -13,6 +13,8 @@ from torch import nn
 from .config import PIXEL_SHUFFLE, LoRAConfig, Target, match_pattern
 from .errors import ConvLoRAError, MergeStateError, TargetError, UnsupportedLayerError
 from .layer import LoRALayer, unsupported_reason
+
+M = TypeVar("M", bound=nn.Module)
 
 __all__ = ["find_targets", "inject", "lora_layers", "pixel_shuffle_convs", "replace_module", "unload"]
 
@@ -183,13 +185,13 @@ def inject(model: nn.Module, rank: int | LoRAConfig = 4, alpha: float | None = N
         layer.active_adapter = adapter_name
         if layer is not modules[name]:
             replace_module(model, name, layer)
-    if config.freeze:
+    if config.freeze:  # only the new adapter trains: base and other adapters stay frozen
         for pname, p in model.named_parameters():
-            p.requires_grad_(".lora_A." in f".{pname}" or ".lora_B." in f".{pname}")
+            p.requires_grad_(pname.endswith((f"lora_A.{adapter_name}", f"lora_B.{adapter_name}")))
     return names
 
 
-def unload(model: nn.Module, merge: bool = True) -> nn.Module:
+def unload(model: M, merge: bool = True) -> M:
     """Replace every LoRA layer by its original layer type, merging the active adapter first.
 
     Args:

@@ -176,3 +176,23 @@ def test_summary_table() -> None:
     text = convlora.summary(model)
     assert "0      Conv2d  8x3x3x3" in text and "yes" in text
     assert f"adapter params: {sum(p.numel() for p in convlora.lora_parameters(model)):,}" in text
+
+
+def test_new_adapter_trains_alone_and_mark_only_takes_an_adapter() -> None:
+    model = _trained(_base(), 1)
+    convlora.add_adapter(model, "second", convlora.LoRAConfig(rank=1))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".second") for n in trainable), trainable
+    convlora.mark_only_lora_trainable(model, adapter="default")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.endswith(".default") for n in trainable), trainable
+
+
+def test_loading_biases_next_to_other_adapters_warns(tmp_path: Path) -> None:
+    base = _base()
+    model = _trained(base, 1)
+    convlora.mark_only_lora_trainable(model, bias="lora_only")
+    path = convlora.save_adapter(model, tmp_path / "a.safetensors")
+    other = _trained(base, 2)
+    with pytest.warns(UserWarning, match="biases are shared by all adapters"):
+        convlora.load_adapter(other, path, name="with_bias")
