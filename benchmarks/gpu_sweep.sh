@@ -68,10 +68,12 @@ run() { local name=$1; shift; mkdir -p "$OUT/runs/$name"
         echo "started $name: $*"; }
 # 48x48 LR patches, batch 16: the setting (T91 images under 192 px are skipped, see the log)
 P48=(--data.patch 48 --data.batch 16 --train.steps 8000 --train.warmup 200)
+# affinity runs: per-tap normalised (aff_norm, default), so the term starts at exactly w_aff
+# (the pixel terms start near 0.2*0.02 + 0.8*0.0045 = 0.008)
 run out_lr5e-5      "${P48[@]}" --train.lr 5e-5
-run out_lr1e-4      "${P48[@]}" --train.lr 1e-4
 run teacher_only    "${P48[@]}" --train.lr 5e-5 --loss.w_rec 0 --loss.w_out 1
 run aff_p2_w0.002   "${P48[@]}" --train.lr 5e-5 --loss.w_aff 0.002 --loss.p 2
+run aff_p2_w0.01    "${P48[@]}" --train.lr 5e-5 --loss.w_aff 0.01 --loss.p 2 --loss.aff_warmup 500
 run aff_p1_w0.002   "${P48[@]}" --train.lr 5e-5 --loss.w_aff 0.002 --loss.p 1
 run out_p64_b32     --data.patch 64 --data.batch 32 --train.steps 5000 --train.warmup 200 --train.lr 5e-5
 wait

@@ -55,7 +55,8 @@ def _args(tiny: dict[str, Path], out: Path, *extra: str) -> list[str]:
             "--data.workers", "0", "--base", str(tiny["base"]), "--teacher", str(tiny["teacher"]),
             "--demo.enabled", "false", "--train.steps", str(STEPS), "--train.warmup", "2",
             "--train.lr", "1e-3", "--train.log_every", "1", "--train.val_every", "0",
-            "--train.ckpt_every", "0", "--train.progress", "false", "--loss.w_aff", "0.05", "--train.ema", "0.5", "--train.threads", "1",
+            "--train.ckpt_every", "0", "--train.progress", "false", "--loss.w_aff", "0.05", "--loss.aff_norm", "false",
+            "--train.ema", "0.5", "--train.threads", "1",
             *extra]
 
 
@@ -216,3 +217,15 @@ def test_bad_inputs_fail_before_training(tiny: dict[str, Path], tmp_path: Path) 
     with pytest.raises(ValueError, match="smaller than"):
         train.main(_args(tiny, tmp_path / "f", "--data.patch", "32"))
     assert not any((tmp_path / n / "checkpoint.pt").exists() for n in "abcdef")
+
+
+def test_affinity_normalisation_bounds_the_term_by_w_aff(tiny: dict[str, Path], tmp_path: Path) -> None:
+    # Per-tap normalisation: at step 0 the student equals its base, so every tap's ratio to its
+    # start value is 1, or below 1 where the 1% floor applies: the term is at most w_aff.
+    run = tmp_path / "norm"
+    w_aff = 0.01
+    assert train.main(_args(tiny, run, "--train.steps", "1", "--loss.aff_norm", "true",
+                            "--loss.w_aff", str(w_aff), "--loss.p", "2")) == 0
+    first = next(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line)
+    term = first["loss"] - 0.2 * first["rec"] - 0.8 * first["out"]
+    assert 0.05 * w_aff < term <= w_aff * (1 + 1e-4)

@@ -89,7 +89,8 @@ class LossConfig:
     p: int = 2  # affinity loss exponent: 1 = FAKD's mean |A_s - A_t|, 2 = squared (Gram identity)
     pool: int = 0  # average-pool factor before the affinity (0 = exact)
     aff_warmup: int = 0  # steps over which w_aff ramps up linearly from 0
-    aff_norm: bool = True  # divide each tap by its base-vs-teacher value at the start: the term starts at w_aff
+    aff_norm: bool = True  # divide each tap by its base-vs-teacher value at the start (floored at 1% of the
+    # largest tap): every tap starts near 1 and the whole term near w_aff
     taps: list[str] = field(default_factory=lambda: list(DEFAULT_TAPS))
 
 

@@ -320,7 +320,8 @@ def _run(argv: list[str]) -> int:
     tap_weights, w_aff = None, cfg.loss.w_aff
     if cfg.loss.w_aff and cfg.loss.aff_norm:  # every tap starts at 1, the whole term at w_aff
         init = tap_losses(base, teacher, taps, PatchDataset(train_set, cfg.data.patch, cfg.train.seed), cfg, device)
-        tap_weights = [1.0 / max(init[k], 1e-12) for k in taps]
+        floor = 0.01 * max(init.values())  # a tap where student and teacher already agree is not blown up
+        tap_weights = [1.0 / max(init[k], floor, 1e-12) for k in taps]
         w_aff = cfg.loss.w_aff * sum(tap_weights) / len(tap_weights)
         say("affinity per tap at the start (base vs teacher): " + ", ".join(f"{k} {v:.3g}" for k, v in init.items()))
     distiller = Distiller(student, teacher, taps=taps, w_rec=cfg.loss.w_rec, w_out=cfg.loss.w_out, w_aff=w_aff,
