@@ -36,7 +36,7 @@ __all__ = ["affinity_loss", "spatial_affinity"]
 
 _EPS = 1e-7  # same constant as the FAKD reference code
 _BLOCK_BYTES = 64 * 2**20  # target size of one (B, block, N) fp32 block
-_CHUNK_BYTES = 4 * 2**20  # size of one fp64 chunk of features for the p=2 Gram products
+_CHUNK_BYTES = 16 * 2**20  # size of one fp64 chunk of features for the p=2 Gram products
 
 
 @contextlib.contextmanager
