@@ -237,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(argv: list[str]) -> int:
     # ------------------------------------------------------------------ config
+    if {"-h", "--help"} & set(argv):
+        print(__doc__ + "\nOptions (defaults from configs/demo.yaml unless --config is given):\n"
+              + dump_yaml(load_config(DEFAULT_CONFIG).to_dict()))
+        return 0
     config_path, resume, overrides = parse_args(argv)
     if resume and config_path is None:
         config_path = str(Path(resume) / "config.yaml")
