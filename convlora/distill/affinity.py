@@ -1,25 +1,12 @@
-"""Spatial-affinity distillation loss (FAKD) without materialising N x N matrices.
+"""Spatial-affinity distillation loss (FAKD), exact and without N x N matrices.
 
-For a feature map ``F`` of shape ``(C, H, W)`` let ``F̂`` be ``F`` reshaped to
-``C x N`` (``N = H*W``) with every column scaled to unit L2 norm,
-``f̂_i = f_i / (||f_i|| + eps)``. The spatial affinity is ``A = F̂ᵀF̂`` (``N x N``),
-the cosine similarity of every pair of positions; it does not depend on ``C``,
-so student and teacher may have different widths. The FAKD loss between a
-student and a teacher is the mean of ``|A_s - A_t|^p`` over the ``B·N·N``
-entries of a batch.
-
-* ``p=1`` (the FAKD loss) runs in row blocks inside a custom autograd function:
-  the forward sums ``|D_r|`` for one block ``D_r = F̂s[:, r]ᵀF̂s - F̂t[:, r]ᵀF̂t``
-  at a time, the backward recomputes each block and accumulates
-  ``F̂ sign(D)``. Memory is ``O(B·N·block)`` in both passes.
-* ``p=2`` uses the Gram identity
-  ``||F̂sᵀF̂s - F̂tᵀF̂t||² = ||F̂sF̂sᵀ||² + ||F̂tF̂tᵀ||² - 2||F̂sF̂tᵀ||²``, which
-  only forms ``C x C`` matrices (cost ``O(B·C²·N)``); these products run in
-  fp64 because the three terms are of order ``N²`` and cancel.
-
-Both are exact (not approximations of) the naive formula; ``pool`` (average
-pooling by an integer factor before the affinity) is the only approximation
-and is off by default.
+``F̂`` is a ``(C, H, W)`` map flattened to ``C x N`` with unit-norm columns
+(``f̂_i = f_i / (||f_i|| + eps)``); its affinity ``A = F̂ᵀF̂`` is ``N x N`` and
+independent of ``C``. The loss is the mean of ``|A_s - A_t|^p`` over ``B·N·N``.
+``p=1`` runs in row blocks inside a custom autograd function (memory
+``O(B·N·block)``), ``p=2`` through the Gram identity (only ``C x C`` matrices).
+Both equal the naive formula; ``pool`` is the only approximation. The math is
+in ``docs/distillation.md``.
 """
 
 from __future__ import annotations
