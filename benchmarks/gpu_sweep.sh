@@ -63,9 +63,10 @@ COMMON=(--config examples/span_sr/configs/dsclora_x4.yaml
         --data.test none --data.workers 2 --model.weights_dir "$CARRY/weights"
         --train.time_limit "$TL" --train.progress false --train.log_every 100 --train.val_every 250
         --train.ckpt_every 2000)
+PIDS=()
 run() { local name=$1; shift; mkdir -p "$OUT/runs/$name"
         $PY examples/span_sr/train.py "${COMMON[@]}" --out "$OUT/runs/$name" "$@" ${EXTRA:-} > "$OUT/runs/$name/train.log" 2>&1 &
-        echo "started $name: $*"; }
+        PIDS+=($!); echo "started $name: $*"; }
 # 48x48 LR patches, batch 16: the issue's setting (T91 images under 192 px are skipped, see the log)
 P48=(--data.patch 48 --data.batch 16 --train.steps 8000 --train.warmup 200)
 # affinity runs: per-tap normalised (aff_norm, default), so the term starts at exactly w_aff
@@ -76,7 +77,7 @@ run aff_p2_w0.002   "${P48[@]}" --train.lr 5e-5 --loss.w_aff 0.002 --loss.p 2
 run aff_p2_w0.01    "${P48[@]}" --train.lr 5e-5 --loss.w_aff 0.01 --loss.p 2 --loss.aff_warmup 500
 run aff_p1_w0.002   "${P48[@]}" --train.lr 5e-5 --loss.w_aff 0.002 --loss.p 1
 run out_p64_b32     --data.patch 64 --data.batch 32 --train.steps 5000 --train.warmup 200 --train.lr 5e-5
-wait
+wait "${PIDS[@]}"                          # not a bare `wait`: it would also wait for the tee above
 echo "== 4. summary (left $(left)s)"
 $PY - "$OUT" <<'EOF' | tee "$OUT/sweep_summary.md"
 import json, statistics, sys
@@ -96,4 +97,4 @@ for run in sorted(p for p in (out / "runs").iterdir() if p.is_dir()):
 EOF
 rm -f "$OUT"/runs/*/checkpoint.pt             # optimizer state: not needed for evaluation
 echo "done in $(( $(date +%s) - START ))s; evaluate locally:"
-echo "  python examples/span_sr/evaluate.py --weights OUT/runs/<name>/merged.pth --data ../shared/data/sr_bench/Set5 ../shared/data/sr_bench/Set14 ../shared/data/sr_bench/B100"
+echo "  python examples/span_sr/evaluate.py --weights OUT/runs/<name>/merged.pth --regenerate-lr --data ../shared/data/sr_bench/Set5 ../shared/data/sr_bench/Set14 ../shared/data/sr_bench/B100"
