@@ -16,6 +16,10 @@ from tests._core_helpers import keys_and_shapes, module_types
 def test_timm_inject_train_merge_unload(arch: str) -> None:
     torch.manual_seed(0)
     model = timm.create_model(arch, pretrained=False, num_classes=10).eval()
+    with torch.no_grad():  # undo timm's zero-init of the last norm in each residual block, so that
+        for m in model.modules():  # every conv gets a gradient, as in a trained network
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.fill_(1.0)
     original = copy.deepcopy(model)
     x = torch.randn(2, 3, 32, 32)
     y0 = model(x)
@@ -24,23 +28,25 @@ def test_timm_inject_train_merge_unload(arch: str) -> None:
     if arch == "efficientnet_b0":
         depthwise = [n for n, m in convlora.lora_layers(model).items() if m.groups > 1]
         assert depthwise, "efficientnet's depthwise convs must be adapted too"
-    opt = torch.optim.SGD(convlora.lora_parameters(model), lr=0.05)
+    opt = torch.optim.Adam(convlora.lora_parameters(model), lr=1e-2)  # scale-free steps
     target = torch.randint(0, 10, (2,))
-    model.train()
+    # BatchNorm stays in eval mode: with batch 2 and 1x1 maps at the end of the network, train-mode
+    # statistics are degenerate; the point here is the adapters' training, merge and unload.
     for _ in range(3):
         loss = torch.nn.functional.cross_entropy(model(x), target)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
     y1 = model(x)
-    assert not torch.allclose(y1, y0), "training must have changed the adapters"
+    assert torch.isfinite(y1).all()
+    assert all(m.lora_B["default"].abs().sum() > 0 for m in convlora.lora_layers(model).values())
+    assert (y1 - y0).abs().max() > 1e-3 * y0.abs().max(), "training must have changed the output"
     with convlora.merged(model):
-        torch.testing.assert_close(model(x), y1, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(model(x), y1, atol=1e-4 * y1.abs().max().item(), rtol=1e-4)
     deployed = convlora.unload(model)
     assert module_types(deployed) == module_types(original)
     assert keys_and_shapes(deployed) == keys_and_shapes(original)
-    torch.testing.assert_close(deployed(x), y1, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(deployed(x), y1, atol=1e-4 * y1.abs().max().item(), rtol=1e-4)
 
 
 def test_timm_vit_linear_layers_opt_in() -> None:
