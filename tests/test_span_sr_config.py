@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from examples.span_sr.config import Config, _parse_yaml_subset, dump_yaml, load_config, parse_args
+from examples.span_sr.config import Config, dump_yaml, load_config, parse_args
+from examples.span_sr.yaml_io import parse_yaml_subset
 
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "span_sr" / "configs"
 
@@ -16,7 +17,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "span_sr" / "config
 def test_shipped_configs_load_and_both_readers_agree(name: str) -> None:
     cfg = load_config(CONFIGS / name)
     text = (CONFIGS / name).read_text()
-    assert _parse_yaml_subset(text, name) == yaml.safe_load(text)
+    assert parse_yaml_subset(text, name) == yaml.safe_load(text)
     assert cfg.data.scale == 4 and cfg.loss.taps[-1] == "conv_2"
 
 
@@ -73,7 +74,7 @@ def test_dump_round_trips_through_both_readers(tmp_path: Path) -> None:
     cfg = load_config(None, {"data.train": ["x y/a:b", "skimage:astronaut"], "model.teacher": "true",
                              "loss.taps": ["block_1"], "train.lr": "3e-5", "out": "runs/a #1"})
     text = dump_yaml(cfg.to_dict())
-    assert yaml.safe_load(text) == cfg.to_dict() == _parse_yaml_subset(text, "dump")
+    assert yaml.safe_load(text) == cfg.to_dict() == parse_yaml_subset(text, "dump")
     path = tmp_path / "config.yaml"
     path.write_text(text)
     assert load_config(path) == cfg

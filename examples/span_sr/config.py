@@ -12,20 +12,20 @@ A key whose last part is unique across sections may be given without its section
 value up to the next ``--option``; ``none``/``null`` clears an optional key. The resolved config
 is written into the run folder as ``config.yaml`` (:func:`dump_yaml`) and read back on resume.
 
-PyYAML is used when installed; without it a small built-in reader handles the subset these
-configs use (nested mappings, scalars, ``[a, b]`` and ``- item`` lists), so training also runs
-on a machine with nothing but torch and numpy.
+The YAML reader/writer lives in ``yaml_io.py`` (PyYAML when installed, else a built-in reader of
+the subset these configs use); argument parsing and typed overrides live in ``config_cli.py``.
+``dump_yaml`` and ``parse_args`` are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from examples.span_sr.config_cli import apply_mapping, apply_overrides, parse_args
+from examples.span_sr.yaml_io import dump_yaml, read_yaml
 
 __all__ = [
     "Config",
@@ -153,209 +153,6 @@ class Config:
         return dataclasses.asdict(self)
 
 
-# ----------------------------------------------------------------------------- YAML
-def _outside_quotes(text: str) -> list[bool]:
-    """For each character: is it outside a quoted string?"""
-    flags, quote = [], ""
-    for ch in text:
-        if quote:
-            flags.append(False)
-            quote = "" if ch == quote else quote
-        else:
-            quote = ch if ch in "\"'" else ""
-            flags.append(not quote)
-    return flags
-
-
-def _strip_comment(line: str) -> str:
-    out = _outside_quotes(line)
-    for i, ch in enumerate(line):
-        if ch == "#" and out[i] and (i == 0 or line[i - 1] in " \t"):
-            return line[:i].rstrip()
-    return line.rstrip()
-
-
-def _split_items(inner: str) -> list[str]:
-    out, items, start = _outside_quotes(inner), [], 0
-    for i, ch in enumerate(inner):
-        if ch == "," and out[i]:
-            items.append(inner[start:i])
-            start = i + 1
-    return items + [inner[start:]]
-
-
-def _scalar(text: str) -> Any:
-    text = text.strip()
-    if text == "" or text in ("null", "~", "None", "none"):
-        return None
-    if text[0] in "\"'":
-        return json.loads(text) if text[0] == '"' else text[1:-1].replace("''", "'")
-    if text.startswith("[") and text.endswith("]"):
-        inner = text[1:-1].strip()
-        return [] if not inner else [_scalar(part) for part in _split_items(inner)]
-    low = text.lower()
-    if low in ("true", "yes", "on"):
-        return True
-    if low in ("false", "no", "off"):
-        return False
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def _parse_yaml_subset(text: str, source: str) -> dict[str, Any]:
-    """Read nested mappings, scalars and lists (the subset of YAML the configs use)."""
-    lines = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        body = _strip_comment(raw)
-        if body.strip():
-            lines.append((number, len(body) - len(body.lstrip()), body.strip()))
-    root: dict[str, Any] = {}
-    stack: list[tuple[int, Any]] = [(-1, root)]
-    pending: tuple[dict[str, Any], str, int] | None = None  # key waiting for a nested block
-    for number, indent, body in lines:
-        if pending is not None:
-            parent, key, key_indent = pending
-            if indent > key_indent:
-                parent[key] = [] if body.startswith("- ") or body == "-" else {}
-                stack.append((indent, parent[key]))
-            pending = None
-        while stack and indent < stack[-1][0]:
-            stack.pop()
-        container = stack[-1][1]
-        if body.startswith("- ") or body == "-":
-            if not isinstance(container, list):
-                raise ValueError(f"{source}:{number}: list item {body!r} outside a list")
-            container.append(_scalar(body[1:]))
-            continue
-        if ":" not in body or not isinstance(container, dict):
-            raise ValueError(f"{source}:{number}: cannot read {body!r} (expected 'key: value')")
-        key, _, value = body.partition(":")
-        if value.strip():
-            container[key.strip()] = _scalar(value)
-        else:
-            container[key.strip()] = None
-            pending = (container, key.strip(), indent)
-    return root
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    text = path.read_text()
-    try:
-        import yaml
-    except ImportError:
-        return _parse_yaml_subset(text, str(path))
-    data = yaml.safe_load(text)
-    return data if data is not None else {}
-
-
-def _emit(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return repr(value)
-    if isinstance(value, float):  # YAML 1.1 (PyYAML) needs a dot in the mantissa: 3.0e-05, not 3e-05
-        text = repr(value)
-        mantissa, e, exponent = text.partition("e")
-        return f"{mantissa}.0e{exponent}" if e and "." not in mantissa else text
-    if isinstance(value, list):
-        return "[" + ", ".join(_emit(v) for v in value) + "]"
-    text = str(value)
-    plain = text and text == text.strip() and not any(c in text for c in ":#[],'\"{}&*!|>%@`")
-    return text if plain and not isinstance(_scalar(text), (bool, int, float, type(None))) else json.dumps(text)
-
-
-def dump_yaml(data: dict[str, Any], indent: int = 0) -> str:
-    """Write a nested dict of scalars/lists as YAML readable by PyYAML and the built-in reader."""
-    out = []
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.append(" " * indent + f"{key}:\n" + dump_yaml(value, indent + 2))
-        else:
-            out.append(" " * indent + f"{key}: {_emit(value)}\n")
-    return "".join(out)
-
-
-# ----------------------------------------------------------------------------- building
-def _field_type(cls: type, name: str) -> Any:
-    return typing.get_type_hints(cls)[name]
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        hint = next(a for a in args if a is not type(None))
-        origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin is list:
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "[]")):
-            return []
-        items = value if isinstance(value, list) else [value]
-        return [_coerce(v, args[0], key) for v in items]
-    if isinstance(value, str) and hint is not str:
-        value = _scalar(value)
-    try:
-        if hint is bool:
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
-        if hint is int:
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
-        if hint is float:
-            return float(value)
-        if hint is str:
-            return "" if value is None else str(value)
-    except (TypeError, ValueError):
-        pass
-    else:
-        return value
-    raise ValueError(f"config key {key!r}: {value!r} is not a valid {getattr(hint, '__name__', hint)}; "
-                     f"give a value of that type (e.g. --{key} ...)")
-
-
-def _apply(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
-    names = {f.name for f in dataclasses.fields(obj)}
-    for key, value in data.items():
-        full = prefix + key
-        if key not in names:
-            raise ValueError(f"unknown config key {full!r}; valid keys here: {sorted(names)}")
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise ValueError(f"config key {full!r} is a section; give a mapping, not {value!r}")
-            _apply(current, value, full + ".")
-        else:
-            setattr(obj, key, _coerce(value, _field_type(type(obj), key), full))
-
-
-def _leaf_keys(cfg: Config) -> dict[str, str]:
-    """Map every dotted key and every unique leaf name to its dotted key."""
-    full: dict[str, str] = {}
-    leaves: dict[str, list[str]] = {}
-    for section in dataclasses.fields(cfg):
-        value = getattr(cfg, section.name)
-        if dataclasses.is_dataclass(value):
-            for f in dataclasses.fields(value):
-                dotted = f"{section.name}.{f.name}"
-                full[dotted] = dotted
-                leaves.setdefault(f.name, []).append(dotted)
-        else:
-            full[section.name] = section.name
-    for leaf, owners in leaves.items():
-        if len(owners) == 1 and leaf not in full:
-            full[leaf] = owners[0]
-    return full
-
-
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
     """Build a :class:`Config` from defaults, a YAML file and dotted ``overrides``.
 
@@ -368,48 +165,6 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} not found; pass --config PATH to an existing YAML file")
-        _apply(cfg, _read_yaml(path))
-    keys = _leaf_keys(cfg)
-    for key, value in (overrides or {}).items():
-        if key not in keys:
-            raise ValueError(f"unknown option --{key}; valid options: "
-                             + ", ".join(f"--{k}" for k in sorted(k for k in keys if "." in k)))
-        nested: dict[str, Any] = {}
-        node = nested
-        *parents, leaf = keys[key].split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-        _apply(cfg, nested)
+        apply_mapping(cfg, read_yaml(path))
+    apply_overrides(cfg, overrides or {})
     return cfg
-
-
-def parse_args(argv: list[str]) -> tuple[str | None, str | None, dict[str, Any]]:
-    """Split ``argv`` into ``(config path, resume dir, overrides)``.
-
-    ``--key value``, ``--key=value`` and ``--key v1 v2 ...`` (lists) are accepted; values stay
-    strings here and are typed by :func:`load_config`.
-    """
-    config: str | None = None
-    resume: str | None = None
-    overrides: dict[str, Any] = {}
-    i = 0
-    while i < len(argv):
-        token = argv[i]
-        if not token.startswith("--") or token == "--":
-            raise ValueError(f"unexpected argument {token!r}; options look like --section.key VALUE")
-        key, eq, inline = token[2:].partition("=")
-        values = [inline] if eq else []
-        i += 1
-        while not eq and i < len(argv) and not (argv[i].startswith("--") and len(argv[i]) > 2):
-            values.append(argv[i])
-            i += 1
-        if key in ("config", "resume"):
-            if len(values) != 1:
-                raise ValueError(f"--{key} takes one path, got {values}")
-            config, resume = (values[0], resume) if key == "config" else (config, values[0])
-            continue
-        if not values:
-            values = ["true"]  # bare flag: --train.compile
-        overrides[key] = values if len(values) > 1 else values[0]
-    return config, resume, overrides

@@ -17,210 +17,50 @@ step (what DDP does; the Distiller's hooks stay on the plain student), and each 
 slice of the global batch, so N processes reproduce the 1-process run.
 """
 
+# The script reads top to bottom; reusable pieces live beside it: train_utils.py (device/DDP,
+# schedule, optimizer + EMA, progress), train_models.py (weights, demo substitutes, student,
+# affinity normalisation) and validation.py (Y-PSNR validation, exports, final report).
+
 from __future__ import annotations
 
-import contextlib
-import copy
 import math
-import os
 import signal
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `examples.span_sr` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
-import convlora
-from convlora.distill import Distiller, FeatureTaps, affinity_loss
+from convlora.distill import Distiller
 from examples.span_sr import checkpoint as ckpt
-from examples.span_sr.arch import SPAN, load_span
-from examples.span_sr.config import Config, dump_yaml, load_config, parse_args
+from examples.span_sr.config import dump_yaml, load_config, parse_args
 from examples.span_sr.data import ImageSet, PatchDataset, list_images, rank_batches, split_holdout
-from examples.span_sr.metrics import psnr_y, to_uint8
+from examples.span_sr.train_models import (
+    affinity_tap_weights,
+    build_student,
+    load_pair,
+    prepare_weights,
+)
+from examples.span_sr.train_utils import (
+    LossMeter,
+    Progress,
+    allreduce_mean_grads,
+    build_optimizer,
+    first_tensor,
+    setup_device,
+    sync_flags,
+    to_float,
+)
+from examples.span_sr.validation import export_student, final_report, reference_psnr, validate
 
 __all__ = ["main"]
 
-REPO = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
-
-
-# ---------------------------------------------------------------------------- small helpers
-def to_float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """uint8 (or float) CHW batch -> float32 in [0, 1] on ``device`` (uint8 travels, floats are made there)."""
-    x = x.to(device, non_blocking=True)
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-
-
-def first_tensor(output: object) -> torch.Tensor:
-    """Tap selector: a SPAB returns ``(out, out1)``; distil its main output."""
-    return output[0] if isinstance(output, (tuple, list)) else output  # type: ignore[return-value]
-
-
-def allreduce_mean_grads(params: list[torch.nn.Parameter], world: int) -> None:
-    """Average gradients over ranks with one flat all-reduce (DDP's semantics, one bucket)."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
-
-
-@contextlib.contextmanager
-def swapped(params: list[torch.nn.Parameter], ema: list[torch.Tensor] | None) -> Iterator[None]:
-    """Temporarily load the EMA weights into ``params`` (no-op without EMA)."""
-    if ema is None:
-        yield
-        return
-    saved = [p.detach().clone() for p in params]
-    with torch.no_grad():
-        torch._foreach_copy_([p.data for p in params], ema)
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            torch._foreach_copy_([p.data for p in params], saved)
-
-
-@torch.no_grad()
-def mean_psnr(model: torch.nn.Module, images: ImageSet, device: torch.device) -> float:
-    """Mean Y-PSNR (border = scale, SR rounded to uint8) over ``images``, as evaluate.py measures it."""
-    values = []
-    for lr, hr in zip(images.lr, images.hr):
-        x = torch.from_numpy(np.array(lr)).permute(2, 0, 1)[None]
-        values.append(psnr_y(to_uint8(model(to_float(x, device)).float().cpu()), np.asarray(hr), border=images.scale))
-    return float(np.mean(values))
-
-
-class _Progress:
-    """tqdm when installed (steps, loss parts, lr, it/s, ETA), else a line per log interval."""
-
-    def __init__(self, start: int, total: int, enabled: bool, bar: bool) -> None:
-        self.enabled, self.n, self.total, self.t0, self.start = enabled, start, total, time.time(), start
-        self.bar = None
-        if enabled and bar:
-            try:
-                from tqdm import tqdm
-            except ImportError:
-                pass
-            else:
-                self.bar = tqdm(total=total, initial=start, dynamic_ncols=True, smoothing=0.05)
-
-    def update(self, n: int) -> None:
-        self.n += n
-        if self.bar is not None:
-            self.bar.update(n)
-
-    def set_postfix(self, **kw: str) -> None:
-        if self.bar is not None:
-            self.bar.set_postfix(kw, refresh=False)
-        elif self.enabled:
-            rate = (self.n - self.start) / max(1e-9, time.time() - self.t0)
-            eta = (self.total - self.n) / max(rate, 1e-9)
-            print(f"step {self.n}/{self.total} " + " ".join(f"{k} {v}" for k, v in kw.items())
-                  + f" | {rate:.2f} it/s, ETA {eta:.0f}s", flush=True)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-def resolve_weights(spec: str, weights_dir: str) -> Path:
-    """A weights file path, or ``<weights_dir>/<spec>.pth`` (``weights_dir`` relative to the repo)."""
-    if Path(spec).is_file():
-        return Path(spec)
-    folder = Path(weights_dir) if Path(weights_dir).is_absolute() else REPO / weights_dir
-    candidate = folder / f"{spec}.pth"
-    if candidate.is_file():
-        return candidate
-    known = sorted(p.stem for p in folder.glob("*.pth")) if folder.is_dir() else []
-    raise FileNotFoundError(f"weights {spec!r} not found (tried {spec!r} and {str(candidate)!r}); "
-                            f"give a file path or one of {known or 'the names in --model.weights_dir'}.")
-
-
-def load_weights(path: Path) -> SPAN:
-    """``load_span`` with an error that names the file."""
-    try:
-        return load_span(path)
-    except Exception as err:
-        raise ValueError(f"cannot load SPAN weights from {str(path)!r}: {err}") from err
-
-
-def build_student(base: SPAN, lora: str) -> torch.nn.Module:
-    """The DSCLoRA student: a deep copy of ``base`` with adapters, only the adapters trainable."""
-    student = copy.deepcopy(base)
-    if lora == "dsclora":
-        from examples.span_sr.lora_config import build_dsclora
-
-        student = build_dsclora(student)
-    else:  # a YAML file of convlora.LoRAConfig fields
-        from examples.span_sr.lora_config import build_dsclora
-
-        student = build_dsclora(student, lora)
-    convlora.mark_only_lora_trainable(student)
-    return student
-
-
-def lr_factor(step: int, cfg: Config) -> float:
-    """Learning-rate multiplier: linear warm-up, then cosine to ``min_lr``, multistep or constant."""
-    t = cfg.train
-    if t.warmup and step < t.warmup:
-        return (step + 1) / t.warmup
-    if t.schedule == "cosine":
-        progress = (step - t.warmup) / max(1, t.steps - t.warmup)
-        return t.min_lr + (1 - t.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    if t.schedule == "multistep":
-        return t.gamma ** sum(step >= m for m in t.milestones)
-    if t.schedule == "constant":
-        return 1.0
-    raise ValueError(f"train.schedule={t.schedule!r}; use 'cosine', 'multistep' or 'constant'.")
-
-
-@torch.no_grad()
-def tap_losses(base: torch.nn.Module, teacher: torch.nn.Module, taps: dict[str, str], data: PatchDataset,
-               cfg: Config, device: torch.device) -> dict[str, float]:
-    """Affinity loss per tap between the untouched base and the teacher on step 0's global batch.
-
-    It depends on neither the rank nor the resume point, so every process of every (resumed)
-    run derives the same per-tap normalisation from it.
-    """
-    lr = to_float(torch.stack([data[i][0] for i in range(cfg.data.batch)]), device)
-    with FeatureTaps(base, taps.keys(), select=first_tensor) as s_taps, \
-            FeatureTaps(teacher, taps, select=first_tensor) as t_taps:
-        base(lr)
-        teacher(lr)
-        s_feats, t_feats = s_taps.pop(), t_taps.pop()
-    return {k: float(affinity_loss(s_feats[k], t_feats[k], p=cfg.loss.p, pool=cfg.loss.pool or None)) for k in taps}
-
-
-def train_substitute(width: int, steps: int, images: ImageSet, cfg: Config, device: torch.device,
-                     seed: int, label: str) -> SPAN:
-    """Demo only: train a small deploy-form SPAN from scratch with L1 (a stand-in for pretrained weights)."""
-    torch.manual_seed(seed)
-    model = SPAN(feature_channels=width, upscale=cfg.data.scale, form="deploy").to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.demo.lr)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / steps)))
-    data = PatchDataset(images, cfg.demo.patch, seed)
-    t0 = time.time()
-    for step, idx in enumerate(rank_batches(0, steps, cfg.demo.batch)):
-        lr, hr = (torch.stack(x) for x in zip(*(data[i] for i in idx)))
-        loss = (model(to_float(lr, device)) - to_float(hr, device)).abs().mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if (step + 1) % max(1, steps // 4) == 0:
-            print(f"  [demo substitute {label}] step {step + 1}/{steps} L1 {loss.item():.4f} ({time.time() - t0:.0f}s)")
-    return model.eval()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -250,16 +90,7 @@ def _run(argv: list[str]) -> int:
     run = Path(cfg.out)
 
     # ------------------------------------------------------------------ setup: DDP, device, seed
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
-    if world > 1:
-        dist.init_process_group("nccl" if want_cuda else "gloo")
-    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if want_cuda else "cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick the fastest kernels
+    world, rank, device = setup_device(cfg)
     main_proc = rank == 0
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
@@ -288,30 +119,8 @@ def _run(argv: list[str]) -> int:
 
     # ------------------------------------------------------------------ models
     run.mkdir(parents=True, exist_ok=True)
-    weights: dict[str, str] = {}
-    for role in ("teacher", "base"):
-        spec = getattr(cfg.model, role)
-        if spec == "" or (cfg.demo.enabled and spec in ("", "none")):
-            if not cfg.demo.enabled:
-                raise ValueError(f"model.{role} is empty; give weights or enable the demo substitute.")
-            path = run / f"demo_{role}.pth"
-            if not path.is_file():
-                say(f"DEMO SUBSTITUTE: no pretrained {role} given; training a SPAN width "
-                    f"{getattr(cfg.demo, role + '_width')} from scratch for {getattr(cfg.demo, role + '_steps')} steps")
-                model = train_substitute(getattr(cfg.demo, role + "_width"), getattr(cfg.demo, role + "_steps"),
-                                         train_set, cfg, device, cfg.train.seed + (1 if role == "teacher" else 2), role)
-                if main_proc:
-                    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
-                if world > 1:
-                    dist.barrier()
-            weights[role] = str(path)
-        elif not (role == "teacher" and spec == "base"):
-            weights[role] = str(resolve_weights(spec, cfg.model.weights_dir))
-    base = load_weights(Path(weights["base"]))
-    teacher = copy.deepcopy(base) if "teacher" not in weights else load_weights(Path(weights["teacher"]))
-    if teacher.upscale != base.upscale or base.upscale != scale:
-        raise ValueError(f"scales differ: student base x{base.upscale}, teacher x{teacher.upscale}, data x{scale}; "
-                         "use weights of the same scale and set --data.scale to it.")
+    weights = prepare_weights(cfg, run, train_set, device, main_proc, world, say)
+    base, teacher = load_pair(weights, scale)
     student = build_student(base, cfg.model.lora).to(device)
     base, teacher = base.to(device).requires_grad_(False), teacher.to(device).requires_grad_(False)
     if device.type == "cuda" and cfg.train.channels_last:
@@ -321,22 +130,14 @@ def _run(argv: list[str]) -> int:
     say(f"student: {sum(p.numel() for p in params):,} trainable adapter parameters; teacher "
         f"{weights.get('teacher', 'base')}; base {weights['base']}")
     taps = {t: t for t in cfg.loss.taps}
-    tap_weights, w_aff = None, cfg.loss.w_aff
-    if cfg.loss.w_aff and cfg.loss.aff_norm:  # every tap starts at 1, the whole term at w_aff
-        init = tap_losses(base, teacher, taps, PatchDataset(train_set, cfg.data.patch, cfg.train.seed), cfg, device)
-        floor = 0.01 * max(init.values())  # a tap where student and teacher already agree is not blown up
-        tap_weights = [1.0 / max(init[k], floor, 1e-12) for k in taps]
-        w_aff = cfg.loss.w_aff * sum(tap_weights) / len(tap_weights)
-        say("affinity per tap at the start (base vs teacher): " + ", ".join(f"{k} {v:.3g}" for k, v in init.items()))
+    tap_weights, w_aff = affinity_tap_weights(base, teacher, taps, train_set, cfg, device, say)
     distiller = Distiller(student, teacher, taps=taps, w_rec=cfg.loss.w_rec, w_out=cfg.loss.w_out, w_aff=w_aff,
                           p=cfg.loss.p, pool=cfg.loss.pool or None, tap_weights=tap_weights,
                           aff_warmup_steps=cfg.loss.aff_warmup, select=first_tensor)
     forward = torch.compile(distiller.__call__) if cfg.train.compile else distiller
 
     # ------------------------------------------------------------------ optimizer, state, resume
-    opt = torch.optim.Adam(params, lr=cfg.train.lr, betas=(cfg.train.betas[0], cfg.train.betas[1]), weight_decay=cfg.train.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
-    ema = [p.detach().clone() for p in params] if cfg.train.ema else None
+    opt, sched, ema = build_optimizer(params, cfg)
     start = 0
     best: dict[str, Any] = {"psnr": -math.inf, "step": 0, "params": None}
     if resume:
@@ -362,21 +163,8 @@ def _run(argv: list[str]) -> int:
                                  optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=ckpt.rng_state(),
                                  ema=[t.cpu() for t in ema] if ema is not None else None, best=best)
 
-    def validate(step: int) -> float:
-        assert val_set is not None  # only called when there is a validation set
-        with swapped(params, ema):
-            value = mean_psnr(student, val_set, device)
-        if value > best["psnr"]:
-            best.update(psnr=value, step=step, params=ckpt.trainable_state(student) if ema is None else
-                        {n: e.cpu().clone() for (n, _), e in zip(ckpt.trainable_state(student).items(), ema)})
-        log.write({"step": step, "val_psnr": value, "best_psnr": best["psnr"], "best_step": best["step"]})
-        say(f"step {step}: validation Y-PSNR {value:.3f} dB (best {best['psnr']:.3f} at step {best['step']})")
-        return value
-
     if val_set is not None and start == 0 and main_proc:
-        ref = {"val_base": mean_psnr(base, val_set, device), "val_teacher": mean_psnr(teacher, val_set, device)}
-        log.write({"step": 0, **ref})
-        say(f"validation Y-PSNR: base {ref['val_base']:.3f} dB, teacher {ref['val_teacher']:.3f} dB")
+        reference_psnr(base, teacher, val_set, device, log, say)
 
     # ------------------------------------------------------------------ loop
     stop = {"signal": 0}
@@ -388,8 +176,8 @@ def _run(argv: list[str]) -> int:
         num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if cfg.data.workers else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.amp)
-    bar = _Progress(start, cfg.train.steps, enabled=main_proc, bar=cfg.train.progress)
-    sums, count, t0, t_start, step, exit_code = None, 0, time.time(), time.time(), start, 0
+    bar = Progress(start, cfg.train.steps, enabled=main_proc, bar=cfg.train.progress)
+    meter, t_start, step, exit_code = LossMeter(), time.time(), start, 0
     for step, (lr, hr) in enumerate(loader, start + 1):  # `step` counts completed steps
         lr, hr = to_float(lr, device), to_float(hr, device)
         if device.type == "cuda" and cfg.train.channels_last:
@@ -406,36 +194,29 @@ def _run(argv: list[str]) -> int:
         sched.step()
         if ema is not None:
             torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - cfg.train.ema)
-        values = torch.stack([loss.detach().float()] + [parts[k].detach().float() for k in ("rec", "out", "aff")])
-        sums, count = (values if sums is None else sums + values), count + 1
+        meter.add(loss, parts)
         bar.update(1)
         last = step == cfg.train.steps
         timeout = cfg.train.time_limit and time.time() - t_start > cfg.train.time_limit
         do_val = val_set is not None and ((cfg.train.val_every and step % cfg.train.val_every == 0) or last or timeout)
         do_ckpt = (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or last
         interrupted = stop["signal"] or (cfg.train.stop_after and step - start >= cfg.train.stop_after)
-        if world > 1:  # every rank must stop at the same step
-            flag = torch.tensor([float(bool(interrupted)), float(bool(timeout))], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            interrupted, timeout = bool(flag[0]), bool(flag[1])
+        interrupted, timeout = sync_flags(interrupted, timeout, world, device)  # every rank stops at the same step
         if step % cfg.train.log_every == 0 or last or do_val or do_ckpt or interrupted or timeout:
-            if world > 1:  # the global batch's mean, as one process would log it
-                dist.all_reduce(sums)
-                sums /= world
-            mean = (sums / count).tolist()
+            mean = meter.mean(world)  # the global batch's mean, as one process would log it
             if not all(math.isfinite(v) for v in mean):
                 say(f"step {step}: loss is {mean[0]} (rec {mean[1]}, out {mean[2]}, aff {mean[3]}): stopping. "
                     f"The last good checkpoint is kept in {run / 'checkpoint.pt'}; lower --train.lr or check the data.")
                 exit_code = 3
                 break
-            rate = count / (time.time() - t0)
             log.write({"step": step, "loss": mean[0], "rec": mean[1], "out": mean[2], "aff": mean[3],
-                       "lr": sched.get_last_lr()[0], "it_s": rate})
+                       "lr": sched.get_last_lr()[0], "it_s": meter.rate()})
             bar.set_postfix(loss=f"{mean[0]:.4f}", rec=f"{mean[1]:.4f}", out=f"{mean[2]:.4f}",
                             aff=f"{mean[3]:.2e}", lr=f"{sched.get_last_lr()[0]:.1e}")
-            sums, count, t0 = None, 0, time.time()
+            meter.reset()
         if do_val and main_proc:
-            validate(step)
+            assert val_set is not None  # do_val implies a validation set
+            validate(student, params, ema, val_set, device, best, step, log, say)
         if do_ckpt or interrupted:
             checkpoint(step)
         if interrupted:
@@ -455,36 +236,9 @@ def _run(argv: list[str]) -> int:
         return exit_code
 
     # ------------------------------------------------------------------ exports and report
-    if best["params"] is not None:
-        ckpt.load_trainable_state(student, best["params"])
-        say(f"using the best validation adapter: step {best['step']}, {best['psnr']:.3f} dB")
-    elif ema is not None:
-        with torch.no_grad():
-            torch._foreach_copy_([p.data for p in params], ema)  # export the EMA weights
-    student = student.to(memory_format=torch.contiguous_format)
-    convlora.save_adapter(student, run / "adapter.safetensors", metadata={"best_step": best["step"], "config": cfg.to_dict()})
-    merged = ckpt.export_merged(student, run).to(device)
-    models = {"base": base, "teacher": teacher, "student": merged}
-    results: dict[str, dict[str, float]] = {}
-    if val_set is not None:
-        results["val (held out)" if not cfg.data.val else "val"] = {n: mean_psnr(m, val_set, device) for n, m in models.items()}
-    for folder in cfg.data.test:
-        hr_dir = Path(folder) / "HR" if (Path(folder) / "HR").is_dir() else Path(folder)
-        test_set = ImageSet.load(list_images([str(hr_dir)]), scale, cache_dir=cache)
-        results[Path(folder).name] = {n: mean_psnr(m, test_set, device) for n, m in models.items()}
-    ckpt.dump_json(run / "results.json", {"y_psnr_db": results, "best_step": best["step"], "steps": step})
-    say(f"\nY-PSNR (dB, border {scale}, MATLAB-bicubic LR)\n{'set':<18}" + "".join(f"{n:>10}" for n in models))
-    for name, row in results.items():
-        say(f"{name:<18}" + "".join(f"{v:>10.3f}" for v in row.values()))
-    if not ckpt.plot_curves(log.read(), run / "curves.png"):
-        say("matplotlib is not installed: curves.png skipped")
-    if val_set is not None:
-        lr0 = torch.from_numpy(np.array(val_set.lr[0])).permute(2, 0, 1)[None].float() / 255.0
-        strip = ckpt.comparison_strip(lr0, np.asarray(val_set.hr[0]), {"base": base, "student": merged, "teacher": teacher})
-        ckpt.write_png(run / "comparison.png", strip)
-    say(f"\noutputs in {run}/: " + ", ".join(sorted(p.name for p in run.iterdir() if p.is_file()))
-        + f"\nmerged.pth is a plain SPAN with the official keys; try it:\n  python examples/span_sr/upscale.py "
-        f"--weights {run / 'merged.pth'} --input IMAGE --output OUT_DIR")
+    merged = export_student(student, params, ema, best, cfg, run, say).to(device)
+    final_report({"base": base, "teacher": teacher, "student": merged}, val_set, cfg, run, cache,
+                 best["step"], step, log, device, say)
     if world > 1:
         dist.destroy_process_group()
     return 0
