@@ -120,6 +120,7 @@ def _run(argv: list[str]) -> int:
     # ------------------------------------------------------------------ models
     run.mkdir(parents=True, exist_ok=True)
     weights = prepare_weights(cfg, run, train_set, device, main_proc, world, say)
+    torch.manual_seed(cfg.train.seed)  # same adapter init whether or not demo substitutes just trained
     base, teacher = load_pair(weights, scale)
     student = build_student(base, cfg.model.lora).to(device)
     base, teacher = base.to(device).requires_grad_(False), teacher.to(device).requires_grad_(False)

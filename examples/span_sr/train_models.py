@@ -99,7 +99,9 @@ def prepare_weights(cfg: Config, run: Path, images: ImageSet, device: torch.devi
             path = run / f"demo_{role}.pth"
             if not path.is_file():
                 say(f"DEMO SUBSTITUTE: no pretrained {role} given; training a SPAN width "
-                    f"{getattr(cfg.demo, role + '_width')} from scratch for {getattr(cfg.demo, role + '_steps')} steps")
+                    f"{getattr(cfg.demo, role + '_width')} from scratch for {getattr(cfg.demo, role + '_steps')} steps "
+                    "(a tiny stand-in trained for seconds: it, and the student built on it, score below "
+                    "plain bicubic upscaling; pass real weights for real results)")
                 model = train_substitute(getattr(cfg.demo, role + "_width"), getattr(cfg.demo, role + "_steps"),
                                          images, cfg, device, cfg.train.seed + (1 if role == "teacher" else 2), role)
                 if main_proc:
