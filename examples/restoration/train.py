@@ -3,6 +3,9 @@
     python examples/restoration/train.py                 # demo: scikit-image photos, CPU, ~4 min
     python examples/restoration/train.py --config configs/cpu_subset.yaml   # the docs' table
     python examples/restoration/train.py --config configs/full.yaml         # shared data, GPU-sized
+    # one task, longer, on an existing base (the base is copied, not retrained):
+    python examples/restoration/train.py --config configs/cpu_subset.yaml --out runs/restoration_motion600 \
+        --base runs/restoration_cpu_subset/base.safetensors --tasks deblur_motion --steps 600
 
 Steps: (1) train :class:`~examples.restoration.model.ResidualCNN` on ``base.task`` (all weights);
 (2) for each entry of ``tasks``, add a named adapter (``convlora.add_adapter``), train only its
@@ -39,7 +42,7 @@ from examples.restoration.config import load_config, resolve_path
 from examples.restoration.data import SAMPLE_TRAIN, PatchSampler, folder_images, sample_photos
 from examples.restoration.degrade import Task, degrade, get_task, seeded_generator
 from examples.restoration.kernels import kernel_pool
-from examples.restoration.model import ResidualCNN, build_model, save_model
+from examples.restoration.model import ResidualCNN, build_model, load_model, save_model
 
 __all__ = ["adapter_config", "kernel_pools", "main", "pick_device", "train_images", "train_steps"]
 
@@ -126,10 +129,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help="YAML config (default: configs/demo.yaml)")
     ap.add_argument("--out", default=None, help="run folder (default: the config's 'out')")
+    ap.add_argument("--base", default=None, help="reuse this base.safetensors instead of training a base")
+    ap.add_argument("--tasks", nargs="+", default=None, help="override 'tasks' (adapter tasks to train)")
+    ap.add_argument("--steps", type=int, default=None, help="override adapter.steps (also full fine-tuning)")
+    ap.add_argument("--threads", type=int, default=None, help="override 'threads' (torch CPU threads)")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
     if args.out:
         cfg["out"] = args.out
+    if args.tasks:
+        cfg["tasks"] = list(args.tasks)
+    if args.steps is not None:
+        cfg["adapter"]["steps"] = args.steps
+    if args.threads is not None:
+        cfg["threads"] = args.threads
+    if args.base:
+        base_path = Path(args.base)
+        if not base_path.is_file():
+            raise SystemExit(f"--base {args.base!r} is not a file; pass the base.safetensors of an earlier run")
     out = Path(resolve_path(cfg["out"]) or ".")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -145,14 +162,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     # (1) base model: every weight trains on the base task
     device = pick_device(cfg["device"])
-    model = build_model(**cfg["model"]).to(device)
-    n_base = sum(p.numel() for p in model.parameters())
-    sampler, gen = _stream(cfg, images, base_task.name)
-    t0 = time.perf_counter()
-    losses = train_steps(model, list(model.parameters()), sampler, base_task, pools.get(base_task.kernels or ""),
-                         steps=cfg["base"]["steps"], lr=cfg["base"]["lr"], batch=tr["batch"],
-                         generator=gen, loss=tr["loss"], tag=f"base {base_task.name}")
-    log["base"] = {"task": base_task.name, **_record(losses, time.perf_counter() - t0, n_base)}
+    if args.base:  # reuse a trained base (same config); it is copied into the run folder
+        model = load_model(args.base).to(device)
+        n_base = sum(p.numel() for p in model.parameters())
+        log["base"] = {"task": base_task.name, "loaded_from": str(args.base), "params_trained": 0}
+    else:
+        model = build_model(**cfg["model"]).to(device)
+        n_base = sum(p.numel() for p in model.parameters())
+        sampler, gen = _stream(cfg, images, base_task.name)
+        t0 = time.perf_counter()
+        losses = train_steps(model, list(model.parameters()), sampler, base_task,
+                             pools.get(base_task.kernels or ""), steps=cfg["base"]["steps"],
+                             lr=cfg["base"]["lr"], batch=tr["batch"], generator=gen, loss=tr["loss"],
+                             tag=f"base {base_task.name}")
+        log["base"] = {"task": base_task.name, **_record(losses, time.perf_counter() - t0, n_base)}
     save_model(model, out / "base.safetensors", extra={"task": base_task.name})
     base_state = copy.deepcopy(model.state_dict())
 
