@@ -92,20 +92,25 @@ def make_step(kind: str, student: torch.nn.Module, teacher: torch.nn.Module, bat
             parts[name] = parts.get(name, 0.0) + now - clock[0]
             clock[0] = now
 
+    def tapped_forward() -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Teacher (no grad) and student forwards with their tap features, timed separately."""
+        with torch.no_grad(), FeatureTaps(teacher, taps, select=_first, detach=True) as tt:
+            t_sr = teacher(lr)
+            t_feats = tt.pop()
+        mark("teacher fwd")
+        with FeatureTaps(student, taps, select=_first) as st:
+            sr = student(lr)
+            s_feats = st.pop()
+        mark("student fwd")
+        return sr, t_sr, s_feats, t_feats
+
     def step() -> None:
         clock[0] = time.perf_counter()
         if kind == "l1":
             loss = F.l1_loss(student(lr), hr)
             mark("student fwd + loss")
         elif kind == "naive p=1":
-            with torch.no_grad(), FeatureTaps(teacher, taps, select=_first, detach=True) as tt:
-                t_sr = teacher(lr)
-                t_feats = tt.pop()
-            mark("teacher fwd")
-            with FeatureTaps(student, taps, select=_first) as st:
-                sr = student(lr)
-                s_feats = st.pop()
-            mark("student fwd")
+            sr, t_sr, s_feats, t_feats = tapped_forward()
             aff = torch.stack([_naive_aff(s_feats[k], t_feats[k]) for k in taps]).mean()
             loss = 0.2 * F.l1_loss(sr, hr) + 0.8 * F.l1_loss(sr, t_sr) + 0.05 * aff
             mark("losses")
@@ -114,14 +119,7 @@ def make_step(kind: str, student: torch.nn.Module, teacher: torch.nn.Module, bat
             if parts is None:
                 loss = distiller(lr, hr)[0]
             else:  # the same computation, split into parts
-                with torch.no_grad(), FeatureTaps(teacher, taps, select=_first, detach=True) as tt:
-                    t_sr = teacher(lr)
-                    t_feats = tt.pop()
-                mark("teacher fwd")
-                with FeatureTaps(student, taps, select=_first) as st:
-                    sr = student(lr)
-                    s_feats = st.pop()
-                mark("student fwd")
+                sr, t_sr, s_feats, t_feats = tapped_forward()
                 aff = distiller._affinity(s_feats, t_feats) if distiller.w_aff else sr.new_zeros(())
                 loss = 0.2 * F.l1_loss(sr, hr) + 0.8 * F.l1_loss(sr, t_sr) + distiller.w_aff * aff
                 mark("losses")
