@@ -30,6 +30,7 @@ from .errors import (
 from .fingerprint import fingerprint, sketch, sketches_match
 from .functional import lora_shapes
 from .layer import LoRALayer
+from .management import lora_state_dict
 from .surgery import lora_layers, replace_module
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "load_adapter", "read_adapter", "save_adapter"]
@@ -63,13 +64,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *, name: str = 
     layers = {n: lyr for n, lyr in lora_layers(model).items() if name in lyr.rank}
     if not layers:
         raise AdapterMismatchError(f"save_adapter(): no layer has an adapter named {name!r}.")
-    tensors: dict[str, Tensor] = {}
-    for lname, layer in layers.items():
-        tensors[f"{lname}.lora_A"] = layer.lora_A[name].detach().cpu().contiguous()
-        tensors[f"{lname}.lora_B"] = layer.lora_B[name].detach().cpu().contiguous()
-    bias_keys = [n for n, p in model.named_parameters() if n.endswith(".bias") and p.requires_grad]
-    for key in bias_keys:
-        tensors[key] = model.get_parameter(key).detach().cpu().contiguous()
+    tensors = {k: v.cpu().contiguous() for k, v in lora_state_dict(model, name).items()}
+    bias_keys = [k for k in tensors if k.endswith(".bias")]
     from . import __version__
 
     bases = {n: lyr.base_weight() for n, lyr in layers.items()}
