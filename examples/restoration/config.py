@@ -25,7 +25,8 @@ DEFAULTS: dict[str, Any] = {
     "device": "auto",
     "data": {"source": "sample", "folders": [], "limit": None, "kernels12": None,
              "synthetic_kernels": 200},
-    "model": {"channels": 32, "depth": 10},
+    # "model" is replaced as a whole (not merged key by key): its keys depend on the arch.
+    "model": {"arch": "ResidualCNN", "channels": 32, "depth": 10},
     "train": {"patch": 40, "batch": 8, "loss": "l1"},
     "base": {"task": "noise25", "steps": 300, "lr": 1.0e-3},
     "adapter": {"rank": 1, "alpha": None, "lr": 1.0e-2, "steps": 100},
@@ -36,12 +37,15 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
+WHOLE = {"model"}  # sections a config replaces entirely
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in over.items():
         if key not in base:
             raise ValueError(f"unknown config key {where + key!r}; known keys: {sorted(base)}.")
-        if isinstance(base[key], dict) and isinstance(value, dict):
+        if isinstance(base[key], dict) and isinstance(value, dict) and key not in WHOLE:
             out[key] = _merge(base[key], value, f"{where}{key}.")
         else:
             out[key] = value

@@ -8,8 +8,8 @@
         --input photo.png --output restored.png
 
 The adapter is merged and unloaded before running (``convlora.unload(model, merge=True)``), so
-the network that runs is a plain ResidualCNN with the original cost. Inputs are 8-bit images;
-``--simulate TASK`` first degrades each input as the test sets do (deblurring tasks use a
+the network that runs is the plain base architecture at the original cost. Inputs are 8-bit
+images; ``--simulate TASK`` first degrades each input as the test sets do (deblurring tasks use a
 Gaussian test kernel, see ``kernels.GAUSSIAN_TEST``, or Levin's k1 with ``--levin``) and writes
 the degraded image next to the output as ``<name>_degraded.png``.
 """
@@ -24,19 +24,20 @@ if __package__ in (None, ""):  # run as a script: make `examples.restoration` im
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch
+from torch import nn
 
 import convlora
 from examples.restoration.degrade import degrade, get_task, seeded_generator
 from examples.restoration.kernels import GAUSSIAN_TEST, gaussian_kernel, load_levin
-from examples.restoration.model import ResidualCNN, load_model
+from examples.restoration.model import load_model
 from examples.span_sr.image_io import list_images, read_image, write_image
 from examples.span_sr.metrics import to_uint8
 
 __all__ = ["build", "main"]
 
 
-def build(weights: str | Path, adapter: str | Path | None = None) -> ResidualCNN:
-    """The base model with ``adapter`` merged in (a plain ResidualCNN, eval mode)."""
+def build(weights: str | Path, adapter: str | Path | None = None) -> nn.Module:
+    """The base model with ``adapter`` merged in (the plain base architecture, eval mode)."""
     model = load_model(weights)
     if adapter is not None:
         convlora.load_adapter(model, adapter)

@@ -42,7 +42,7 @@ from examples.restoration.config import load_config, resolve_path
 from examples.restoration.data import SAMPLE_TRAIN, PatchSampler, folder_images, sample_photos
 from examples.restoration.degrade import Task, degrade, get_task, seeded_generator
 from examples.restoration.kernels import kernel_pool
-from examples.restoration.model import ResidualCNN, build_model, load_model, save_model
+from examples.restoration.model import build_model, load_model, save_model
 
 __all__ = ["adapter_config", "kernel_pools", "main", "pick_device", "train_images", "train_steps"]
 
@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         convlora.save_adapter(model, out / "adapters" / f"{task.name}.safetensors", name=task.name,
                               metadata={"task": task.name, "steps": steps, "base_task": base_task.name})
         if cfg["finetune"]["enabled"]:
-            full = ResidualCNN(**cfg["model"]).to(device)
+            full = build_model(**cfg["model"]).to(device)
             full.load_state_dict(base_state)
             sampler, gen = _stream(cfg, images, task.name)
             t0 = time.perf_counter()
