@@ -15,6 +15,7 @@ import yaml
 
 import convlora
 from examples.restoration import evaluate, restore, train
+from examples.restoration.config import load_config
 from examples.restoration.data import SAMPLE_TRAIN, PatchSampler, sample_photos
 from examples.restoration.degrade import degrade, get_task, seeded_generator
 from examples.restoration.kernels import kernel_pool
@@ -137,10 +138,13 @@ def test_trained_adapter_lowers_its_task_loss(run: Path, sampler: PatchSampler) 
         assert loss() == pytest.approx(before, abs=1e-7)  # the base stayed frozen
 
 
-def test_scripts_end_to_end(tmp_path: Path) -> None:
+@pytest.mark.parametrize("model", [None, {"arch": "SmallUNet", "channels": [16, 24, 32]}], ids=["dncnn", "unet"])
+def test_scripts_end_to_end(tmp_path: Path, model: dict[str, Any] | None) -> None:
     cfg = {"out": str(tmp_path / "run"), "data": {"synthetic_kernels": 4},
            "train": {"patch": 32, "batch": 2}, "base": {"steps": 3}, "adapter": {"steps": 3},
            "tasks": list(TASKS), "finetune": {"enabled": True}, "eval": {"crop": 48}}
+    if model is not None:
+        cfg["model"] = model
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(cfg))
     log = train.main(["--config", str(tmp_path / "tiny.yaml")])
     run = tmp_path / "run"
@@ -161,3 +165,29 @@ def test_scripts_end_to_end(tmp_path: Path) -> None:
                             str(run / "adapters" / "noise50.safetensors"), "--simulate", "noise50",
                             "--input", str(img), "--output", str(tmp_path / "out.png")])
     assert [p.name for p in written] == ["out_degraded.png", "out.png"] and all(p.is_file() for p in written)
+
+
+def test_model_section_is_replaced_whole(tmp_path: Path) -> None:
+    """A U-Net config must not inherit the DnCNN's ``depth`` from the defaults."""
+    (tmp_path / "u.yaml").write_text(yaml.safe_dump({"model": {"arch": "SmallUNet", "channels": [8, 8, 8]}}))
+    cfg = load_config(tmp_path / "u.yaml")
+    assert cfg["model"] == {"arch": "SmallUNet", "channels": [8, 8, 8]}
+    assert type(build_model(**cfg["model"])).__name__ == "SmallUNet"
+
+
+def test_blur_crop_trains_on_the_inside_of_larger_blurred_patches(pool: torch.Tensor) -> None:
+    cfg = load_config(None)
+    task = get_task("deblur_gauss")
+    assert train.blur_margin(cfg, task, pool) == 0  # off by default
+    cfg["train"]["blur_crop"] = True
+    margin = train.blur_margin(cfg, task, pool)
+    assert margin == pool.shape[-1] // 2 and train.blur_margin(cfg, get_task("noise50"), pool) == 0
+    images = list(sample_photos(SAMPLE_TRAIN[:1]).values())
+    seen: list[tuple[int, ...]] = []
+    model = build_model(channels=4, depth=3)
+    model.register_forward_hook(lambda m, args, out: seen.append(tuple(args[0].shape)))
+    sampler = PatchSampler(images, 16 + 2 * margin, torch.Generator().manual_seed(0))
+    losses = train.train_steps(model, list(model.parameters()), sampler, task, pool, steps=2, lr=1e-3,
+                               batch=2, generator=torch.Generator().manual_seed(0), log_every=0,
+                               margin=margin)
+    assert seen == [(2, 3, 16, 16)] * 2 and len(losses) == 2

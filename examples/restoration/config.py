@@ -27,7 +27,8 @@ DEFAULTS: dict[str, Any] = {
              "synthetic_kernels": 200},
     # "model" is replaced as a whole (not merged key by key): its keys depend on the arch.
     "model": {"arch": "ResidualCNN", "channels": 32, "depth": 10},
-    "train": {"patch": 40, "batch": 8, "loss": "l1"},
+    # blur_crop: blur patches larger by the kernel radius, then cut that band off (no wrap-around)
+    "train": {"patch": 40, "batch": 8, "loss": "l1", "blur_crop": False},
     "base": {"task": "noise25", "steps": 300, "lr": 1.0e-3},
     "adapter": {"rank": 1, "alpha": None, "lr": 1.0e-2, "steps": 100},
     "tasks": ["noise50", "deblur_gauss"],

@@ -13,7 +13,7 @@ window), no border cropped (the blur is circular).
 
 All adapters are loaded onto *one* base model as named adapters and switched with
 ``convlora.set_adapter``; the script also checks that this equals a fresh model holding only
-that adapter, and that the merged, unloaded deploy model (plain ResidualCNN) equals both.
+that adapter, and that the merged, unloaded deploy model (the plain base architecture) equals both.
 Writes ``results.json`` and ``results.md`` into the run folder.
 """
 

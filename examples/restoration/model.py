@@ -34,10 +34,11 @@ ARCHS = ("ResidualCNN", "SmallUNet")
 def _init(convs: list[nn.Conv2d], tail: nn.Conv2d) -> None:
     for conv in convs:
         nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-        nn.init.zeros_(conv.bias)
     # A small last layer: the untrained network starts close to the identity map.
     nn.init.normal_(tail.weight, std=1e-3)
-    nn.init.zeros_(tail.bias)
+    for conv in [*convs, tail]:
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
 
 
 class ResidualCNN(nn.Module):
