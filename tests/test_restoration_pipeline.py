@@ -157,6 +157,12 @@ def test_scripts_end_to_end(tmp_path: Path, model: dict[str, Any] | None) -> Non
         assert r["finetune"] is not None and len(r["base"]["per_case"]) == (4 if name == "deblur_gauss" else 1)
     assert (run / "results.md").read_text().startswith("| task |")
     assert res == evaluate.main(["--run", str(run)])  # fixed seeds: identical numbers
+    if model is None:
+        inner = evaluate.main(["--run", str(run), "--border", "8"])
+        assert inner["border"] == 8 and (run / "results_border8.md").is_file()
+        assert json.loads((run / "results.json").read_text()) == res  # the whole-image results stay
+        for name in TASKS:  # same cases, fewer pixels: other numbers
+            assert inner["tasks"][name]["input"]["per_case"] != res["tasks"][name]["input"]["per_case"]
     img = tmp_path / "in.png"
     from examples.span_sr.image_io import write_image
 

@@ -9,12 +9,14 @@ image with each of Levin's 8 kernels (``eval.levin``), ``deblur_gauss`` with the
 :data:`~examples.restoration.kernels.GAUSSIAN_TEST`, then adds noise of sigma 2.55 (seeded from
 ``(seed, task, image, kernel)``). Outputs and references are clamped to [0, 1] and rounded to 8
 bits; PSNR is over the RGB channels, SSIM the mean of the three channels' SSIM (11x11 Gaussian
-window), no border cropped (the blur is circular).
+window), no border cropped (the blur is circular); ``--border N`` scores only the inside, N pixels
+away from every edge, where circular blur has not wrapped the opposite edge in.
 
 All adapters are loaded onto *one* base model as named adapters and switched with
 ``convlora.set_adapter``; the script also checks that this equals a fresh model holding only
 that adapter, and that the merged, unloaded deploy model (the plain base architecture) equals both.
-Writes ``results.json`` and ``results.md`` into the run folder.
+Writes ``results.json`` and ``results.md`` into the run folder (``results_border<N>.*`` with
+``--border N``).
 """
 
 from __future__ import annotations
@@ -81,7 +83,7 @@ def degraded_cases(task: Task, images: dict[str, Tensor], kernels: list[Tensor],
 
 
 def score(restore: Callable[[Tensor], Tensor] | None, cases: list[Case],
-          device: torch.device | str = "cpu") -> dict[str, Any]:
+          device: torch.device | str = "cpu", border: int = 0) -> dict[str, Any]:
     """Mean PSNR/SSIM of ``restore`` over ``cases`` (``None`` scores the degraded inputs),
     with the per-case PSNRs."""
     psnrs, ssims = [], []
@@ -89,6 +91,8 @@ def score(restore: Callable[[Tensor], Tensor] | None, cases: list[Case],
         with torch.inference_mode():
             out = bad if restore is None else restore(bad[None].to(device))[0]
         a, b = to_uint8(out), to_uint8(clean)
+        if border:
+            a, b = a[border:-border, border:-border], b[border:-border, border:-border]
         psnrs.append(psnr_rgb(a, b, border=0))
         ssims.append(float(np.mean([ssim(a[..., c].astype(np.float64), b[..., c].astype(np.float64))
                                     for c in range(3)])))
@@ -147,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--run", required=True, help="run folder written by train.py")
     ap.add_argument("--count", type=int, default=None, help="override eval.count (test images)")
     ap.add_argument("--crop", type=int, default=None, help="override eval.crop (centre crop, px)")
+    ap.add_argument("--border", type=int, default=0, help="score only pixels this far from the edges")
     args = ap.parse_args(argv)
     run = Path(args.run)
     cfg = load_config(run / "config.yaml")
@@ -154,6 +159,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.set_num_threads(cfg["threads"])
     device = pick_device(cfg["device"])
     count, crop = args.count or ev["count"], args.crop or ev["crop"]
+    bd = args.border
+    if bd < 0:
+        raise SystemExit(f"--border {bd} must be >= 0 (pixels left out at every edge).")
     if ev["source"] == "sample":
         images = {k: center_crop(v, crop) for k, v in sample_photos(SAMPLE_TEST).items()}
         where = f"scikit-image {', '.join(SAMPLE_TEST)}"
@@ -164,30 +172,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     multi = copy.deepcopy(base)
     names = [convlora.load_adapter(multi, run / "adapters" / f"{t}.safetensors", name=t) for t in cfg["tasks"]]
     n_base = sum(p.numel() for p in base.parameters())
-    results: dict[str, Any] = {"base_params": n_base, "where": where, "tasks": {}}
+    where += f", {bd}px border left out" if bd else ""
+    results: dict[str, Any] = {"base_params": n_base, "where": where, "border": bd, "tasks": {}}
     for tname in [cfg["base"]["task"], *names]:
         task, t0 = get_task(tname), time.perf_counter()
         kernels = eval_kernels(task, resolve_path(ev["levin"]), ev["seed"]) if task.kind == "blur" else []
         cases = degraded_cases(task, images, kernels, ev["seed"])
         r: dict[str, Any] = {"test_set": where + (f" × {len(kernels)} kernels" if kernels else ""),
                              "kernels": [f"k{i + 1}" for i in range(len(kernels))],
-                             "input": score(None, cases), "base": score(base, cases, device)}
+                             "input": score(None, cases, border=bd), "base": score(base, cases, device, bd)}
         if tname in names:
             convlora.set_adapter(multi, tname)
-            r["adapter"] = score(multi, cases, device)
+            r["adapter"] = score(multi, cases, device, bd)
             tensors, _ = convlora.read_adapter(run / "adapters" / f"{tname}.safetensors")
             r["adapter_params"] = sum(t.numel() for t in tensors.values())
             r.update(_exactness(run, multi, tname, cases[0][2][None], device))
             ft = run / "finetune" / f"{tname}.safetensors"
-            r["finetune"] = score(load_model(ft).to(device), cases, device) if ft.is_file() else None
+            r["finetune"] = score(load_model(ft).to(device), cases, device, bd) if ft.is_file() else None
         results["tasks"][tname] = r
         print(f"{tname}: {len(cases)} cases in {time.perf_counter() - t0:.0f}s  input {_fmt(r['input'])}  "
               f"base {_fmt(r['base'])}  adapter {_fmt(r.get('adapter'))}  full {_fmt(r.get('finetune'))}",
               flush=True)
     table = markdown(results)
     print(table)
-    (run / "results.json").write_text(json.dumps(results, indent=2))
-    (run / "results.md").write_text(table + "\n")
+    stem = f"results_border{bd}" if bd else "results"
+    (run / f"{stem}.json").write_text(json.dumps(results, indent=2))
+    (run / f"{stem}.md").write_text(table + "\n")
     return results
 
 
