@@ -15,7 +15,7 @@ import yaml
 
 import convlora
 from examples.restoration import evaluate, restore, train
-from examples.restoration.config import load_config
+from examples.restoration.config import apply_overrides, load_config
 from examples.restoration.data import SAMPLE_TRAIN, PatchSampler, sample_photos
 from examples.restoration.degrade import degrade, get_task, seeded_generator
 from examples.restoration.kernels import kernel_pool
@@ -197,3 +197,14 @@ def test_blur_crop_trains_on_the_inside_of_larger_blurred_patches(pool: torch.Te
                                batch=2, generator=torch.Generator().manual_seed(0), log_every=0,
                                margin=margin)
     assert seen == [(2, 3, 16, 16)] * 2 and len(losses) == 2
+
+
+def test_overrides_parse_yaml_values_and_name_bad_keys() -> None:
+    cfg = apply_overrides(load_config(None), ["train.blur_crop=true", "train.patch=96", "tasks=[noise15]"])
+    assert cfg["train"]["blur_crop"] is True and cfg["train"]["patch"] == 96 and cfg["tasks"] == ["noise15"]
+    with pytest.raises(ValueError, match="unknown key 'pach'"):
+        apply_overrides(cfg, ["train.pach=96"])
+    with pytest.raises(ValueError, match="not a config section"):
+        apply_overrides(cfg, ["seed.x=1"])
+    with pytest.raises(ValueError, match="must look like"):
+        apply_overrides(cfg, ["train.patch"])

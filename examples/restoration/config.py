@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DEFAULTS", "REPO", "load_config", "resolve_path"]
+__all__ = ["DEFAULTS", "REPO", "apply_overrides", "load_config", "resolve_path"]
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -79,3 +79,28 @@ def load_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise ValueError(f"config {p} must be a YAML mapping, got {type(raw).__name__}.")
     return _merge(DEFAULTS, raw)
+
+
+def apply_overrides(cfg: dict[str, Any], items: list[str]) -> dict[str, Any]:
+    """``cfg`` with ``KEY.PATH=VALUE`` overrides applied (values parsed as YAML), in place.
+
+    Example: ``["train.blur_crop=true", "train.patch=96"]``.
+
+    Raises:
+        ValueError: an item has no ``=`` or names a key the config does not have.
+    """
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.patch=96.")
+        *parents, leaf = key.split(".")
+        node = cfg
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a config section; sections: "
+                                 f"{sorted(k for k, v in node.items() if isinstance(v, dict))}.")
+            node = node[part]
+        if leaf not in node:
+            raise ValueError(f"override {item!r}: unknown key {leaf!r}; known keys here: {sorted(node)}.")
+        node[leaf] = yaml.safe_load(raw)
+    return cfg

@@ -37,7 +37,7 @@ import yaml
 from torch import Tensor, nn
 
 import convlora
-from examples.restoration.config import load_config, resolve_path
+from examples.restoration.config import apply_overrides, load_config, resolve_path
 from examples.restoration.data import SAMPLE_TRAIN, PatchSampler, folder_images, sample_photos
 from examples.restoration.degrade import Task, degrade, get_task, seeded_generator
 from examples.restoration.kernels import kernel_pool
@@ -157,8 +157,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tasks", nargs="+", default=None, help="override 'tasks' (adapter tasks to train)")
     ap.add_argument("--steps", type=int, default=None, help="override adapter.steps (also full fine-tuning)")
     ap.add_argument("--threads", type=int, default=None, help="override 'threads' (torch CPU threads)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override any config value, e.g. --set train.blur_crop=true (repeatable)")
     args = ap.parse_args(argv)
-    cfg = load_config(args.config)
+    cfg = apply_overrides(load_config(args.config), args.set)
     if args.out:
         cfg["out"] = args.out
     if args.tasks:
