@@ -224,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # (2) loss scales on the first batch (sets w_aff for 'auto'), then one fresh adapter per arm
     lora_cfg = train.adapter_config(cfg)
     student = load_model(base_path)  # type: ignore[arg-type]
+    torch.manual_seed(cfg["seed"])  # the probe starts where every arm starts (same init)
     convlora.add_adapter(student, "probe", lora_cfg)
     check_pair(student, teacher, taps)
     sampler, gen = stream(cfg, images, task.name, margin)
