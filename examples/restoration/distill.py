@@ -1,24 +1,16 @@
 """Distil a wider teacher into one task adapter: does ``convlora.distill`` help a rank-1 adapter?
 
-    # noise50 on the cpu_subset base (needs runs/restoration_cpu_subset/base.safetensors)
-    python examples/restoration/distill.py
-    # reuse the teacher of an earlier run, other taps / affinity exponent
-    python examples/restoration/distill.py --teacher runs/restoration_distill/teacher.safetensors \
-        --taps body.1 body.4 body.7 --p 1
+    python examples/restoration/distill.py    # noise50 on runs/restoration_cpu_subset/base.safetensors
+    python examples/restoration/distill.py --teacher runs/restoration_distill/teacher.safetensors --p 1
 
-Steps: (1) train a wider ResidualCNN (64 channels, same depth) on ``--task`` from scratch, all
-weights (or load ``--teacher``); (2) per arm, a fresh adapter on the frozen base, trained for the
-same steps on the same seeded patches and noise as ``train.py``'s adapter of the task, with a
-:class:`convlora.distill.Distiller` loss:
-
-    l1       L1(student, clean)                          (train.py's recipe)
-    out      (1 - w_out) L1(student, clean) + w_out L1(student, teacher)
-    out_aff  out + w_aff * affinity(student taps, teacher taps)
-    rec_aff  L1(student, clean) + w_aff * affinity
-
-``--w-aff auto``: on the first batch, the affinity term's gradient on the adapter gets the L1
-term's norm (every term's value and gradient norm is saved as ``scales``). (3) Score input,
-base, teacher and each arm on the config's test set; write ``teacher.safetensors``,
+(1) Train a wider ResidualCNN (64 channels, same depth) on ``--task`` from scratch, all weights
+(or load ``--teacher``). (2) Per arm, train a fresh adapter on the frozen base for the same steps,
+on the same seeded patches and noise as ``train.py``'s adapter of that task, with a
+:class:`convlora.distill.Distiller` loss (weights in :func:`arm_weights`): ``l1`` (train.py's
+recipe), ``out`` (+ L1 to the teacher's output), ``out_aff`` (+ affinity of tapped features),
+``rec_aff`` (L1 to the clean image + affinity). ``--w-aff auto``: on the first batch, the affinity
+gradient on the adapter gets the L1 gradient's norm (all terms are saved as ``scales``).
+(3) Score input, base, teacher and arms on the config's test set; write ``teacher.safetensors``,
 ``adapters/<arm>.safetensors``, ``results.json`` and ``results.md`` to ``--out``.
 """
 
@@ -52,7 +44,9 @@ ARMS = ("l1", "out", "out_aff", "rec_aff")
 
 
 def arm_weights(arm: str, w_out: float, w_aff: float) -> dict[str, float]:
-    """``w_rec``, ``w_out``, ``w_aff`` of the :class:`Distiller` of ``arm`` (one of :data:`ARMS`)."""
+    """``w_rec``, ``w_out``, ``w_aff`` of the :class:`Distiller` of ``arm`` (one of :data:`ARMS`):
+    l1 ``(1, 0, 0)``, out ``(1 - w_out, w_out, 0)``, out_aff ``(1 - w_out, w_out, w_aff)``,
+    rec_aff ``(1, 0, w_aff)``."""
     table = {"l1": (1.0, 0.0, 0.0), "out": (1.0 - w_out, w_out, 0.0),
              "out_aff": (1.0 - w_out, w_out, w_aff), "rec_aff": (1.0, 0.0, w_aff)}
     if arm not in table:
@@ -74,19 +68,16 @@ def check_pair(student: nn.Module, teacher: nn.Module, taps: dict[str, str], siz
     """Raise ``ValueError`` when the teacher cannot teach the student: unknown tap layer, other
     output shape, or a tapped pair of layers at other resolutions (the affinity compares positions)."""
     x = torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0))
-    shapes: dict[str, dict[str, torch.Size]] = {}
-    outs: dict[str, torch.Size] = {}
+    shapes, outs = {}, {}
     for who, model, names in (("student", student, {s: s for s in taps}), ("teacher", teacher, taps)):
         try:
             with FeatureTaps(model, names, detach=True) as tap, torch.no_grad():
-                outs[who] = model(x).shape
-                shapes[who] = {k: v.shape for k, v in tap.pop().items()}
+                outs[who], shapes[who] = model(x).shape, {k: v.shape for k, v in tap.pop().items()}
         except (ValueError, RuntimeError) as exc:
             raise ValueError(f"the {who} does not fit: {exc}") from exc
     if outs["student"] != outs["teacher"]:
         raise ValueError(f"student output {tuple(outs['student'])} and teacher output "
-                         f"{tuple(outs['teacher'])} differ for input {tuple(x.shape)}; the teacher "
-                         "must restore the same images.")
+                         f"{tuple(outs['teacher'])} differ; the teacher must restore the same images.")
     for s, t in taps.items():
         a, b = shapes["student"][s], shapes["teacher"][s]
         if a[2:] != b[2:]:
@@ -142,13 +133,10 @@ def distill_steps(distiller: Distiller, params: list[nn.Parameter], sampler: dat
 
 
 def _test_cases(cfg: dict[str, Any], task: Task) -> tuple[list[Case], str]:
-    ev = cfg["eval"]
-    if ev["source"] == "sample":
-        images = {k: data.center_crop(v, ev["crop"]) for k, v in data.sample_photos(data.SAMPLE_TEST).items()}
-        where = f"scikit-image {', '.join(data.SAMPLE_TEST)}"
-    else:
-        images = data.eval_images(resolve_path(ev["folder"]), ev["count"], ev["crop"])  # type: ignore[arg-type]
-        where = f"{Path(ev['folder']).name}: {len(images)} images, {ev['crop']}px centre crops"
+    ev, sample = cfg["eval"], cfg["eval"]["source"] == "sample"
+    images = ({k: data.center_crop(v, ev["crop"]) for k, v in data.sample_photos(data.SAMPLE_TEST).items()}
+              if sample else data.eval_images(resolve_path(ev["folder"]), ev["count"], ev["crop"]))  # type: ignore[arg-type]
+    where = f"{'scikit-image' if sample else Path(ev['folder']).name}: {len(images)} images, crop {ev['crop']}"
     kernels = eval_kernels(task, resolve_path(ev["levin"]), ev["seed"]) if task.kind == "blur" else []
     return degraded_cases(task, images, kernels, ev["seed"]), where
 
@@ -185,9 +173,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     wall, cfg = time.perf_counter(), load_config(args.config)
     torch.set_num_threads(cfg["threads"])
-    out = Path(resolve_path(args.out) or ".")
+    out, task, tr = Path(resolve_path(args.out) or "."), get_task(args.task), cfg["train"]
     out.mkdir(parents=True, exist_ok=True)
-    task, tr = get_task(args.task), cfg["train"]
     steps = cfg["adapter"]["steps"] if args.steps is None else args.steps
     if steps < 1:
         raise SystemExit(f"--steps {steps}: the adapters need at least 1 step.")
@@ -264,8 +251,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = {"task": task.name, "test_set": where, "taps": taps, "p": args.p, "w_aff": w_aff,
            "w_out": args.w_out, "scales": scales, "arms": arms, "rows": rows, "args": vars(args),
            "wall_seconds": round(time.perf_counter() - wall, 1)}
-    table = markdown(res)
-    print(table)
+    print(table := markdown(res))
     (out / "results.json").write_text(json.dumps(res, indent=2))
     (out / "results.md").write_text(f"{task.name} on {where}; wall {res['wall_seconds']}s\n\n{table}\n")
     return res
