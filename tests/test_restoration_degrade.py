@@ -16,6 +16,7 @@ from examples.restoration.degrade import (
     get_task,
     kernel_otf,
     seeded_generator,
+    wiener_deconv,
 )
 from examples.restoration.evaluate import degraded_cases
 from examples.restoration.kernels import (
@@ -172,3 +173,36 @@ def test_training_kernels_never_contain_levin_test_kernels(shared_data) -> None:
         assert not any(_same_up_to_placement(k, lk) for lk in levin)
     for spec in GAUSSIAN_TEST:  # the Gaussian test kernels are not training kernels either
         assert all(float((gaussian_kernel(*spec) - g).abs().max()) > 1e-3 for g in train["gaussian"])
+
+
+def test_wiener_inverts_a_blur_whose_otf_has_no_zeros() -> None:
+    x = torch.rand(3, 32, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    k = gaussian_kernel(0.7, 0.7, size=7).double()
+    assert float(kernel_otf(k, 32, 40).abs().min()) > 0.01  # invertible without help
+    back = wiener_deconv(circular_blur(x, k), k, 1e-9)
+    torch.testing.assert_close(back, x, rtol=0, atol=1e-4)  # float32 FFTs, gain up to 1/0.03
+    assert float((wiener_deconv(circular_blur(x, k), k, 1.0) - x).abs().max()) > 1e-2  # lam matters
+
+
+def test_wiener_keeps_the_mean_and_takes_one_kernel_per_image() -> None:
+    k = random_motion_kernel(np.random.default_rng(0), 25)
+    flat = torch.full((3, 48, 48), 0.37)
+    torch.testing.assert_close(wiener_deconv(flat, k, 0.5), flat, **FFT_TOL)  # gradient prior: DC untouched
+    y = torch.rand(2, 3, 48, 48, generator=torch.Generator().manual_seed(1))
+    ks = torch.stack([k, gaussian_kernel(1.5, 1.5)])
+    both = wiener_deconv(y, ks, 0.01)
+    for i in range(2):
+        torch.testing.assert_close(both[i], wiener_deconv(y[i], ks[i], 0.01), **FFT_TOL)
+    with pytest.raises(ValueError, match="lam > 0"):
+        wiener_deconv(y, ks, 0.0)
+
+
+def test_nonblind_task_is_the_blind_degradation_then_wiener() -> None:
+    x = torch.rand(1, 3, 40, 40, generator=torch.Generator().manual_seed(2))
+    k = random_motion_kernel(np.random.default_rng(3), 25)[None]
+    blind, nonblind = get_task("deblur_motion"), get_task("deblur_motion_nonblind")
+    y = degrade(x, blind, seeded_generator("a"), k)
+    torch.testing.assert_close(degrade(x, nonblind, seeded_generator("a"), k),
+                               wiener_deconv(y, k, nonblind.wiener or 0.0), **FFT_TOL)
+    with pytest.raises(ValueError, match="pass the kernel|blurs; pass kernel"):
+        degrade(x, nonblind, seeded_generator("a"))

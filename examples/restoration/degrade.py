@@ -6,6 +6,9 @@ Conventions (those of the denoising/deblurring literature):
   noise added is ``sigma / 255 * N(0, 1)``. Nothing is clipped or quantised afterwards.
 * Blur is a *circular* convolution (periodic boundary, computed with FFTs) with the PSF centred on
   its middle pixel ``(kh // 2, kw // 2)``, followed by Gaussian noise of sigma 2.55.
+* Non-blind tasks (``Task.wiener``) then invert the blur with the *known* kernel by a regularised
+  (Wiener/Tikhonov, gradient prior) deconvolution, :func:`wiener_deconv`; the network removes the
+  ringing and amplified noise that remain, as in two-stage non-blind deblurring.
 * Test sets use one generator per image (and kernel), seeded from their names with
   :func:`seeded_generator`, so every run sees the same noise.
 """
@@ -28,6 +31,7 @@ __all__ = [
     "get_task",
     "kernel_otf",
     "seeded_generator",
+    "wiener_deconv",
 ]
 
 BLUR_NOISE_SIGMA = 2.55
@@ -43,12 +47,16 @@ class Task:
         kind: ``"noise"`` (Gaussian noise only) or ``"blur"`` (blur, then noise).
         sigma: Noise standard deviation on the [0, 255] scale.
         kernels: For blur tasks, the kernel family: ``"gaussian"`` or ``"motion"``.
+        wiener: For non-blind blur tasks, the regularisation weight of :func:`wiener_deconv`
+            applied with the true kernel after blurring; ``None`` (blind): the network gets the
+            blurred image.
     """
 
     name: str
     kind: str
     sigma: float
     kernels: str | None = None
+    wiener: float | None = None
 
 
 TASKS: dict[str, Task] = {t.name: t for t in (
@@ -57,6 +65,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("noise50", "noise", 50.0),
     Task("deblur_motion", "blur", BLUR_NOISE_SIGMA, "motion"),
     Task("deblur_gauss", "blur", BLUR_NOISE_SIGMA, "gaussian"),
+    # lambda = 0.01: the best of {0.003, 0.01, 0.03, 0.1} for the network's input (training crops)
+    Task("deblur_motion_nonblind", "blur", BLUR_NOISE_SIGMA, "motion", wiener=0.01),
 )}
 
 
@@ -104,18 +114,46 @@ def circular_blur(x: Tensor, kernel: Tensor) -> Tensor:
     Returns:
         ``y[c, i, j] = sum_{u, v} k[u, v] x[c, (i - u + kh // 2) mod H, (j - v + kw // 2) mod W]``.
     """
+    h, w = x.shape[-2:]
+    otf = _otf_batch(kernel, x)
+    y = torch.fft.irfft2(torch.fft.rfft2(x.float()) * otf, s=(h, w))
+    return y.to(x.dtype)
+
+
+def _otf_batch(kernel: Tensor, x: Tensor) -> Tensor:
+    """OTF of ``kernel`` for the images ``x``, broadcastable over their channels."""
     if kernel.dim() == 3 and (x.dim() != 4 or kernel.shape[0] != x.shape[0]):
         raise ValueError(f"{kernel.shape[0]} kernels for images of shape {tuple(x.shape)}; pass one "
                          "kernel (kh, kw) or one per image (N, kh, kw) with a (N, C, H, W) batch.")
     if kernel.dim() not in (2, 3) or x.dim() not in (3, 4):
-        raise ValueError(f"circular_blur takes (C, H, W)/(N, C, H, W) images and (kh, kw)/(N, kh, kw) "
-                         f"kernels, got {tuple(x.shape)} and {tuple(kernel.shape)}.")
-    h, w = x.shape[-2:]
-    otf = kernel_otf(kernel.to(device=x.device, dtype=torch.float32), h, w)
-    if kernel.dim() == 3:
-        otf = otf[:, None]  # one kernel per image, shared by its channels
-    y = torch.fft.irfft2(torch.fft.rfft2(x.float()) * otf, s=(h, w))
-    return y.to(x.dtype)
+        raise ValueError(f"blur kernels are (kh, kw) or (N, kh, kw) and images (C, H, W) or "
+                         f"(N, C, H, W), got {tuple(kernel.shape)} and {tuple(x.shape)}.")
+    otf = kernel_otf(kernel.to(device=x.device, dtype=torch.float32), *x.shape[-2:])
+    return otf[:, None] if kernel.dim() == 3 else otf  # one kernel per image, shared by its channels
+
+
+def wiener_deconv(y: Tensor, kernel: Tensor, lam: float) -> Tensor:
+    """Regularised inverse of :func:`circular_blur` with a known kernel (gradient prior).
+
+    ``x = F^-1[ conj(K) Y / (|K|^2 + lam (|D_h|^2 + |D_v|^2)) ]`` with ``K`` the kernel's OTF and
+    ``D_h``, ``D_v`` those of horizontal and vertical finite differences. The prior leaves the
+    mean (DC) untouched, unlike a constant ``lam``.
+
+    Args:
+        y: Blurred images ``(C, H, W)`` or ``(N, C, H, W)``.
+        kernel: ``(kh, kw)`` or ``(N, kh, kw)``, as for :func:`circular_blur`.
+        lam: Regularisation weight (> 0); larger is smoother.
+    """
+    if not lam > 0:
+        raise ValueError(f"wiener_deconv needs lam > 0, got {lam}.")
+    h, w = y.shape[-2:]
+    otf = _otf_batch(kernel, y)
+    diff = y.new_zeros((2, 3, 3), dtype=torch.float32)
+    diff[0, 1, 1], diff[0, 1, 2], diff[1, 1, 1], diff[1, 2, 1] = 1.0, -1.0, 1.0, -1.0
+    prior = kernel_otf(diff, h, w).abs().square().sum(0)
+    x = torch.fft.irfft2(torch.fft.rfft2(y.float()) * otf.conj() / (otf.abs().square() + lam * prior),
+                         s=(h, w))
+    return x.to(y.dtype)
 
 
 def degrade(x: Tensor, task: Task, generator: torch.Generator | None = None,
@@ -127,4 +165,9 @@ def degrade(x: Tensor, task: Task, generator: torch.Generator | None = None,
         x = circular_blur(x, kernel)
     elif task.kind != "noise":
         raise ValueError(f"task {task.name!r} has kind {task.kind!r}; expected 'noise' or 'blur'.")
-    return add_noise(x, task.sigma, generator)
+    y = add_noise(x, task.sigma, generator)
+    if task.wiener is not None:
+        if kernel is None:
+            raise ValueError(f"task {task.name!r} is non-blind; pass the kernel it was blurred with.")
+        y = wiener_deconv(y, kernel, task.wiener)
+    return y
