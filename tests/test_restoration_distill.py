@@ -53,6 +53,11 @@ def _xy() -> tuple[torch.Tensor, torch.Tensor]:
     return clean + 0.2 * torch.randn(clean.shape, generator=gen), clean
 
 
+def _distiller(student: torch.nn.Module, teacher: torch.nn.Module, taps: dict[str, str] | None,
+               w: dict[str, float]) -> Distiller:
+    return Distiller(student, teacher, taps, w_rec=w["w_rec"], w_out=w["w_out"], w_aff=w["w_aff"])
+
+
 def _grads(d: Distiller, params: list[torch.nn.Parameter]) -> tuple[list[torch.Tensor], dict]:
     total, parts, _ = d(*_xy())
     grads = torch.autograd.grad(total, params, allow_unused=True)
@@ -62,8 +67,8 @@ def _grads(d: Distiller, params: list[torch.nn.Parameter]) -> tuple[list[torch.T
 def test_affinity_taps_give_a_nonzero_loss_that_changes_the_adapter_gradient() -> None:
     student, teacher, params = _pair()
     w = distill.arm_weights("rec_aff", 0.5, 0.7)
-    g_l1, parts_l1 = _grads(Distiller(student, teacher, **distill.arm_weights("l1", 0.5, 0.7)), params)
-    g_aff, parts = _grads(Distiller(student, teacher, TAPS, **w), params)
+    g_l1, parts_l1 = _grads(_distiller(student, teacher, None, distill.arm_weights("l1", 0.5, 0.7)), params)
+    g_aff, parts = _grads(_distiller(student, teacher, TAPS, w), params)
     g_only, _ = _grads(Distiller(student, teacher, TAPS, w_rec=0, w_out=0, w_aff=1), params)
     assert parts_l1["aff"] == 0 and parts["aff"] > 1e-3
     assert parts["rec"] == parts_l1["rec"]  # same student output: only the affinity term differs
@@ -87,7 +92,7 @@ def test_distill_steps_trains_only_the_adapter() -> None:
     assert frozen and not any(p.requires_grad for n, p in student.named_parameters() if n in frozen)
     images = list(sample_photos(SAMPLE_TRAIN[:1]).values())
     sampler = PatchSampler(images, 24, torch.Generator().manual_seed(0))
-    d = Distiller(student, teacher, TAPS, **distill.arm_weights("out_aff", 0.5, 1.0))
+    d = _distiller(student, teacher, TAPS, distill.arm_weights("out_aff", 0.5, 1.0))
     log = distill.distill_steps(d, params, sampler, get_task("noise50"), None, steps=3, lr=1e-2, batch=2,
                                 generator=torch.Generator().manual_seed(1), log_every=0)
     assert len(log) == 3 and all(r["aff"] > 0 and r["out"] > 0 and r["rec"] > 0 for r in log)

@@ -89,7 +89,11 @@ def _batch(sampler: data.PatchSampler, task: Task, pool: Tensor | None, batch: i
            gen: torch.Generator, margin: int) -> tuple[Tensor, Tensor]:
     """One (degraded, clean) batch, drawn in the same order as ``train.train_steps`` draws it."""
     clean = sampler.sample(batch)
-    kernel = None if task.kind != "blur" else pool[torch.randint(len(pool), (batch,), generator=gen)]
+    kernel = None
+    if task.kind == "blur":
+        if pool is None:
+            raise ValueError(f"task {task.name!r} blurs; pass its kernel pool (train.kernel_pools()).")
+        kernel = pool[torch.randint(len(pool), (batch,), generator=gen)]
     bad = degrade(clean, task, gen, kernel)
     if margin:
         bad, clean = (t[..., margin:-margin, margin:-margin] for t in (bad, clean))
@@ -230,7 +234,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         convlora.add_adapter(student, task.name, lora_cfg)  # freezes the base
         params = list(convlora.lora_parameters(student, task.name))
         weights = arm_weights(arm, args.w_out, w_aff)
-        distiller = Distiller(student, teacher, taps if weights["w_aff"] else None, p=args.p, **weights)
+        distiller = Distiller(student, teacher, taps if weights["w_aff"] else None, p=args.p,
+                              w_rec=weights["w_rec"], w_out=weights["w_out"], w_aff=weights["w_aff"])
         sampler, gen = stream(cfg, images, task.name, margin)
         t0 = time.perf_counter()
         log = distill_steps(distiller, params, sampler, task, pool, steps=steps, lr=cfg["adapter"]["lr"],
