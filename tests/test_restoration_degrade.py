@@ -206,3 +206,23 @@ def test_nonblind_task_is_the_blind_degradation_then_wiener() -> None:
                                wiener_deconv(y, k, nonblind.wiener or 0.0), **FFT_TOL)
     with pytest.raises(ValueError, match="pass the kernel|blurs; pass kernel"):
         degrade(x, nonblind, seeded_generator("a"))
+
+
+def test_load_kernel_normalises_and_rejects_bad_files(tmp_path) -> None:
+    from PIL import Image
+
+    from examples.restoration.kernels import load_kernel
+
+    k = np.zeros((5, 7))
+    k[2, 1:6] = 2.0
+    np.save(tmp_path / "k.npy", k)
+    torch.testing.assert_close(load_kernel(tmp_path / "k.npy"), torch.from_numpy(k / 10).float())
+    Image.fromarray((k * 100).astype(np.uint8)).save(tmp_path / "k.png")
+    torch.testing.assert_close(load_kernel(tmp_path / "k.png"), torch.from_numpy(k / 10).float())
+    for bad, match in ((np.ones((3, 3, 3)), "2-D"), (np.ones((80, 80)), "at most 64x64"),
+                       (-np.ones((3, 3)), "non-negative")):
+        np.save(tmp_path / "bad.npy", bad)
+        with pytest.raises(ValueError, match=match):
+            load_kernel(tmp_path / "bad.npy")
+    with pytest.raises(FileNotFoundError):
+        load_kernel(tmp_path / "missing.npy")

@@ -208,3 +208,28 @@ def test_overrides_parse_yaml_values_and_name_bad_keys() -> None:
         apply_overrides(cfg, ["seed.x=1"])
     with pytest.raises(ValueError, match="must look like"):
         apply_overrides(cfg, ["train.patch"])
+
+
+def test_restore_with_a_known_kernel_deconvolves_first(tmp_path: Path, run: Path) -> None:
+    import numpy as np
+
+    from examples.restoration.degrade import circular_blur, wiener_deconv
+    from examples.restoration.kernels import gaussian_kernel
+    from examples.span_sr.image_io import read_image, write_image
+
+    k = gaussian_kernel(1.5, 1.5, size=9)
+    np.save(tmp_path / "psf.npy", (3 * k).numpy())  # not normalised: the loader normalises
+    clean = sample_photos(["chelsea"])["chelsea"][:, :32, :40].float() / 255
+    write_image(tmp_path / "blurred.png", (circular_blur(clean, k).clamp(0, 1) * 255).round().byte()
+                .permute(1, 2, 0).numpy())
+    out = restore.main(["--weights", str(run / "base.safetensors"), "--kernel", str(tmp_path / "psf.npy"),
+                        "--input", str(tmp_path / "blurred.png"), "--output", str(tmp_path / "o.png")])
+    x = torch.from_numpy(read_image(tmp_path / "blurred.png").copy()).permute(2, 0, 1).float() / 255
+    with torch.no_grad():
+        want = load_model(run / "base.safetensors")(wiener_deconv(x, k, 0.01)[None])[0]
+    got = torch.from_numpy(read_image(out[0]).copy()).permute(2, 0, 1).float()
+    assert (got - (want.clamp(0, 1) * 255).round()).abs().max() <= 1  # 8-bit rounding
+    with pytest.raises(SystemExit, match="--kernel is for real blurred inputs"):
+        restore.main(["--weights", str(run / "base.safetensors"), "--kernel", str(tmp_path / "psf.npy"),
+                      "--simulate", "noise50", "--input", str(tmp_path / "blurred.png"),
+                      "--output", str(tmp_path / "p.png")])

@@ -27,6 +27,7 @@ __all__ = [
     "LEVIN_IN_KERNELS12",
     "gaussian_kernel",
     "kernel_pool",
+    "load_kernel",
     "load_kernels12",
     "load_levin",
     "random_gaussian_kernel",
@@ -117,6 +118,28 @@ def load_kernels12(path: str | os.PathLike[str], *, drop_levin: bool = True) -> 
     skip = set(LEVIN_IN_KERNELS12) if drop_levin else set()
     motion = [_normalised(raw[i], f"{path}[{i}]") for i in range(8, 12) if i not in skip]
     return {"gaussian": [_normalised(raw[i], f"{path}[{i}]") for i in range(8)], "motion": motion}
+
+
+def load_kernel(path: str | os.PathLike[str]) -> Tensor:
+    """One PSF from a ``.npy`` array or a grayscale image (PNG etc.), normalised to sum 1.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: not a 2-D non-negative array with a positive sum, or larger than 64x64.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"kernel file {str(path)!r} does not exist.")
+    if path.suffix.lower() == ".npy":
+        k = np.load(path, allow_pickle=False)
+    else:
+        from PIL import Image
+
+        with Image.open(path) as im:
+            k = np.asarray(im.convert("F"))
+    if k.ndim != 2 or max(k.shape) > 64:
+        raise ValueError(f"{path}: a blur kernel must be a 2-D array of at most 64x64, got shape {k.shape}.")
+    return _normalised(k, str(path))
 
 
 def load_levin(path: str | os.PathLike[str]) -> list[Tensor]:

@@ -6,6 +6,9 @@
     # try it on a clean photo: degrade it first (seeded), write both
     python examples/restoration/restore.py --weights W --adapter A --simulate noise50 \\
         --input photo.png --output restored.png
+    # non-blind deblurring: a blurred photo and its known kernel (.npy or grayscale image)
+    python examples/restoration/restore.py --weights W --adapter A_nonblind --kernel psf.npy \
+        --input blurred.png --output sharp.png
 
 The adapter is merged and unloaded before running (``convlora.unload(model, merge=True)``), so
 the network that runs is the plain base architecture at the original cost. Inputs are 8-bit
@@ -27,8 +30,8 @@ import torch
 from torch import nn
 
 import convlora
-from examples.restoration.degrade import degrade, get_task, seeded_generator
-from examples.restoration.kernels import GAUSSIAN_TEST, gaussian_kernel, load_levin
+from examples.restoration.degrade import degrade, get_task, seeded_generator, wiener_deconv
+from examples.restoration.kernels import GAUSSIAN_TEST, gaussian_kernel, load_kernel, load_levin
 from examples.restoration.model import load_model
 from examples.span_sr.image_io import list_images, read_image, write_image
 from examples.span_sr.metrics import to_uint8
@@ -55,6 +58,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
     ap.add_argument("--simulate", default=None, help="degrade the inputs first with this task")
     ap.add_argument("--levin", default=None, help="levin09_kernels.npz, for --simulate deblur_motion")
     ap.add_argument("--seed", type=int, default=0, help="noise seed for --simulate")
+    ap.add_argument("--kernel", default=None,
+                    help="non-blind adapters: the blur kernel (.npy or grayscale image) of the inputs; "
+                         "they are first deconvolved with it (wiener_deconv), as in training")
+    ap.add_argument("--wiener", type=float, default=get_task("deblur_motion_nonblind").wiener,
+                    help="regularisation of --kernel's deconvolution (default: the training value)")
     args = ap.parse_args(argv)
     inputs = [Path(p) for p in args.input]
     if len(inputs) == 1 and inputs[0].is_dir():
@@ -64,6 +72,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if not single and out.suffix:
         raise ValueError(f"--output {out} looks like a file but there are {len(inputs)} inputs; "
                          "pass a folder.")
+    if args.kernel and args.simulate:
+        raise SystemExit("--kernel is for real blurred inputs; --simulate blurs (and, for a non-blind "
+                         "task, deconvolves) by itself. Pass one of them.")
+    psf = load_kernel(args.kernel) if args.kernel else None
     model = build(args.weights, args.adapter)
     written = []
     for path in inputs:
@@ -78,6 +90,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
             bad = dest.with_name(f"{dest.stem}_degraded.png")
             write_image(bad, to_uint8(x))
             written.append(bad)
+        if psf is not None:
+            x = wiener_deconv(x, psf, args.wiener)
         with torch.inference_mode():
             y = model(x[None])[0]
         write_image(dest, to_uint8(y))
