@@ -3,6 +3,10 @@ reparameterisation is exact, and loader errors are explicit."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,6 +16,7 @@ from examples.span_sr.arch import SPAN, Conv3XC, load_span, span_config_from_sta
 from examples.span_sr.degrade import imresize_matlab, modcrop
 from examples.span_sr.image_io import read_image
 
+REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = {
     # name: (feature_channels, conv_cat_channels, parameter count from MANIFEST.md)
     "span_tiny_ch26": (26, 26, 130_828),
@@ -126,6 +131,20 @@ def test_config_from_shapes_reads_scale_and_conv_cat_width():
     assert span_config_from_state_dict(train.state_dict())["form"] == "train"
     loaded = load_span(train.state_dict())
     assert loaded.form == "train" and loaded.conv_1.conv[0].out_channels == 6
+
+
+def test_span_io_imports_first_and_arch_reexports_the_same_loaders():
+    # span_io imports SPAN lazily because arch re-exports it: a fresh interpreter importing
+    # span_io first must work, and both paths must give the same objects.
+    code = ("from examples.span_sr.span_io import load_span, span_config_from_state_dict\n"
+            "from examples.span_sr import arch\n"
+            "assert arch.load_span is load_span\n"
+            "assert arch.span_config_from_state_dict is span_config_from_state_dict\n"
+            "print(load_span(arch.SPAN(feature_channels=4, upscale=2).state_dict()).upscale)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "2"
 
 
 def _randomize(model: torch.nn.Module, seed: int = 0) -> None:

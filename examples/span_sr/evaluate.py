@@ -30,10 +30,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from examples.span_sr.arch import load_span
 from examples.span_sr.degrade import imresize_matlab, modcrop
 from examples.span_sr.image_io import list_images, read_image
 from examples.span_sr.metrics import psnr_rgb, psnr_y, ssim_y
+from examples.span_sr.span_io import load_span
 from examples.span_sr.upscale import upscale_image
 
 __all__ = ["dataset_dirs", "evaluate_folder", "format_table", "load_model", "main", "sr_pairs"]

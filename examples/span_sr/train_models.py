@@ -18,9 +18,10 @@ import torch.distributed as dist
 
 import convlora
 from convlora.distill import FeatureTaps, affinity_loss
-from examples.span_sr.arch import SPAN, load_span
+from examples.span_sr.arch import SPAN
 from examples.span_sr.config import Config
 from examples.span_sr.data import ImageSet, PatchDataset, rank_batches
+from examples.span_sr.span_io import load_span
 from examples.span_sr.train_utils import first_tensor, to_float
 
 __all__ = [
