@@ -18,7 +18,8 @@ import torch
 import convlora
 from examples.span_sr import checkpoint as ckpt
 from examples.span_sr.config import Config
-from examples.span_sr.data import ImageSet, list_images
+from examples.span_sr.data import ImageSet
+from examples.span_sr.image_sources import list_images
 from examples.span_sr.metrics import psnr_y, to_uint8
 from examples.span_sr.train_utils import swapped, to_float
 
