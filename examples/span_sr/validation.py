@@ -17,6 +17,7 @@ import torch
 
 import convlora
 from examples.span_sr import checkpoint as ckpt
+from examples.span_sr import run_report as report
 from examples.span_sr.config import Config
 from examples.span_sr.data import ImageSet
 from examples.span_sr.image_sources import list_images
@@ -39,7 +40,7 @@ def mean_psnr(model: torch.nn.Module, images: ImageSet, device: torch.device) ->
 
 
 def reference_psnr(base: torch.nn.Module, teacher: torch.nn.Module, images: ImageSet, device: torch.device,
-                   log: ckpt.MetricsLog, say: Say) -> None:
+                   log: report.MetricsLog, say: Say) -> None:
     """Log the base's and the teacher's validation Y-PSNR at step 0 (the bars the student is judged by)."""
     ref = {"val_base": mean_psnr(base, images, device), "val_teacher": mean_psnr(teacher, images, device)}
     log.write({"step": 0, **ref})
@@ -48,7 +49,7 @@ def reference_psnr(base: torch.nn.Module, teacher: torch.nn.Module, images: Imag
 
 def validate(student: torch.nn.Module, params: list[torch.nn.Parameter], ema: list[torch.Tensor] | None,
              images: ImageSet, device: torch.device, best: dict[str, Any], step: int,
-             log: ckpt.MetricsLog, say: Say) -> float:
+             log: report.MetricsLog, say: Say) -> float:
     """Validation Y-PSNR of ``student`` (with the EMA weights when on); updates ``best`` in place.
 
     ``best`` holds ``psnr``, ``step`` and ``params`` (the trainable state on CPU) of the best step so far.
@@ -83,7 +84,7 @@ def export_student(student: torch.nn.Module, params: list[torch.nn.Parameter], e
 
 
 def final_report(models: dict[str, torch.nn.Module], val_set: ImageSet | None, cfg: Config, run: Path,
-                 cache: str, best_step: int, steps: int, log: ckpt.MetricsLog, device: torch.device,
+                 cache: str, best_step: int, steps: int, log: report.MetricsLog, device: torch.device,
                  say: Say) -> None:
     """Y-PSNR of ``models`` (base, teacher, student) on validation and ``data.test``, curves and a comparison.
 
@@ -98,17 +99,17 @@ def final_report(models: dict[str, torch.nn.Module], val_set: ImageSet | None, c
         hr_dir = Path(folder) / "HR" if (Path(folder) / "HR").is_dir() else Path(folder)
         test_set = ImageSet.load(list_images([str(hr_dir)]), scale, cache_dir=cache)
         results[Path(folder).name] = {n: mean_psnr(m, test_set, device) for n, m in models.items()}
-    ckpt.dump_json(run / "results.json", {"y_psnr_db": results, "best_step": best_step, "steps": steps})
+    report.dump_json(run / "results.json", {"y_psnr_db": results, "best_step": best_step, "steps": steps})
     say(f"\nY-PSNR (dB, border {scale}, MATLAB-bicubic LR)\n{'set':<18}" + "".join(f"{n:>10}" for n in models))
     for name, row in results.items():
         say(f"{name:<18}" + "".join(f"{v:>10.3f}" for v in row.values()))
-    if not ckpt.plot_curves(log.read(), run / "curves.png"):
+    if not report.plot_curves(log.read(), run / "curves.png"):
         say("matplotlib is not installed: curves.png skipped")
     if val_set is not None:
         lr0 = torch.from_numpy(np.array(val_set.lr[0])).permute(2, 0, 1)[None].float() / 255.0
-        strip = ckpt.comparison_strip(lr0, np.asarray(val_set.hr[0]),
+        strip = report.comparison_strip(lr0, np.asarray(val_set.hr[0]),
                                       {"base": models["base"], "student": models["student"], "teacher": models["teacher"]})
-        ckpt.write_png(run / "comparison.png", strip)
+        report.write_png(run / "comparison.png", strip)
     say(f"\noutputs in {run}/: " + ", ".join(sorted(p.name for p in run.iterdir() if p.is_file()))
         + f"\nmerged.pth is a plain SPAN with the official keys; try it:\n  python examples/span_sr/upscale.py "
         f"--weights {run / 'merged.pth'} --input IMAGE --output OUT_DIR")
