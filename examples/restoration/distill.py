@@ -3,15 +3,13 @@
     python examples/restoration/distill.py    # noise50 on runs/restoration_cpu_subset/base.safetensors
     python examples/restoration/distill.py --teacher runs/restoration_distill/teacher.safetensors --p 1
 
-(1) Train a wider ResidualCNN (64 channels, same depth) on ``--task`` from scratch, all weights
-(or load ``--teacher``). (2) Per arm, train a fresh adapter on the frozen base for the same steps,
-on the same seeded patches and noise as ``train.py``'s adapter of that task, with a
-:class:`convlora.distill.Distiller` loss (weights in :func:`arm_weights`): ``l1`` (train.py's
-recipe), ``out`` (+ L1 to the teacher's output), ``out_aff`` (+ affinity of tapped features),
-``rec_aff`` (L1 to the clean image + affinity). ``--w-aff auto``: on the first batch, the affinity
-gradient on the adapter gets the L1 gradient's norm (all terms are saved as ``scales``).
-(3) Score input, base, teacher and arms on the config's test set; write ``teacher.safetensors``,
-``adapters/<arm>.safetensors``, ``results.json`` and ``results.md`` to ``--out``.
+(1) Train a wider ResidualCNN (64 channels) on ``--task`` from scratch (or load ``--teacher``).
+(2) Per arm, train a fresh adapter on the frozen base, on train.py's seeded stream for the task,
+with a :class:`convlora.distill.Distiller` loss (:func:`arm_weights`): ``l1`` (train.py's recipe),
+``out`` (+ L1 to the teacher), ``out_aff`` (+ affinity of tapped features), ``rec_aff`` (L1 +
+affinity). ``--w-aff auto`` gives the affinity gradient the L1 gradient's norm on the first batch.
+(3) Score input, base, teacher and arms; write ``teacher.safetensors``, ``adapters/<arm>``,
+``results.json`` and ``results.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -34,11 +32,11 @@ import convlora
 from convlora.distill import Distiller, FeatureTaps
 from examples.restoration import data, train
 from examples.restoration.config import load_config, resolve_path
-from examples.restoration.degrade import Task, degrade, get_task, seeded_generator
-from examples.restoration.evaluate import Case, degraded_cases, eval_kernels, score
+from examples.restoration.degrade import Task, degrade, get_task
+from examples.restoration.evaluate import Case, degraded_cases, eval_kernels, eval_set, score
 from examples.restoration.model import ResidualCNN, load_model, save_model
 
-__all__ = ["ARMS", "arm_weights", "check_pair", "distill_steps", "loss_scales", "main", "markdown", "stream"]
+__all__ = ["ARMS", "arm_weights", "check_pair", "distill_steps", "loss_scales", "main", "markdown"]
 
 ARMS = ("l1", "out", "out_aff", "rec_aff")
 
@@ -52,16 +50,6 @@ def arm_weights(arm: str, w_out: float, w_aff: float) -> dict[str, float]:
     if arm not in table:
         raise ValueError(f"arm {arm!r} is not one of {list(ARMS)}.")
     return dict(zip(("w_rec", "w_out", "w_aff"), table[arm]))
-
-
-def stream(cfg: dict[str, Any], images: list[Tensor], name: str,
-           margin: int = 0) -> tuple[data.PatchSampler, torch.Generator]:
-    """Patch sampler + degradation generator seeded by ``name`` exactly as ``train.py`` seeds a
-    task's adapter, so every arm (and train.py's own adapter) sees the same patches and noise."""
-    size = cfg["train"]["patch"] + 2 * margin
-    fits = [im for im in images if min(im.shape[-2:]) >= size] or images
-    return (data.PatchSampler(fits, size, seeded_generator(cfg["seed"], name, "patches")),
-            seeded_generator(cfg["seed"], name, "degrade"))
 
 
 def check_pair(student: nn.Module, teacher: nn.Module, taps: dict[str, str], size: int = 24) -> None:
@@ -137,10 +125,8 @@ def distill_steps(distiller: Distiller, params: list[nn.Parameter], sampler: dat
 
 
 def _test_cases(cfg: dict[str, Any], task: Task) -> tuple[list[Case], str]:
-    ev, sample = cfg["eval"], cfg["eval"]["source"] == "sample"
-    images = ({k: data.center_crop(v, ev["crop"]) for k, v in data.sample_photos(data.SAMPLE_TEST).items()}
-              if sample else data.eval_images(resolve_path(ev["folder"]), ev["count"], ev["crop"]))  # type: ignore[arg-type]
-    where = f"{'scikit-image' if sample else Path(ev['folder']).name}: {len(images)} images, crop {ev['crop']}"
+    ev = cfg["eval"]
+    images, where = eval_set(cfg)
     kernels = eval_kernels(task, resolve_path(ev["levin"]), ev["seed"]) if task.kind == "blur" else []
     return degraded_cases(task, images, kernels, ev["seed"]), where
 
@@ -198,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         torch.manual_seed(cfg["seed"])
         teacher = ResidualCNN(args.teacher_channels, base.depth, dilations=base.dilations)
-        sampler, gen = stream(cfg, images, f"teacher/{task.name}", margin)
+        sampler, gen = train.task_stream(cfg, images, f"teacher/{task.name}", margin)
         t0, t_steps = time.perf_counter(), args.teacher_steps
         train.train_steps(teacher, list(teacher.parameters()), sampler, task, pool, steps=t_steps,
                           lr=args.teacher_lr, batch=tr["batch"], generator=gen, loss=tr["loss"],
@@ -218,7 +204,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(cfg["seed"])  # the probe starts where every arm starts (same init)
     convlora.add_adapter(student, "probe", lora_cfg)
     check_pair(student, teacher, taps)
-    sampler, gen = stream(cfg, images, task.name, margin)
+    sampler, gen = train.task_stream(cfg, images, task.name, margin)
     singles = {"rec": Distiller(student, teacher, w_rec=1, w_out=0),
                "out": Distiller(student, teacher, w_rec=0, w_out=1),
                "aff": Distiller(student, teacher, taps, w_rec=0, w_out=0, w_aff=1, p=args.p)}
@@ -236,7 +222,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         weights = arm_weights(arm, args.w_out, w_aff)
         distiller = Distiller(student, teacher, taps if weights["w_aff"] else None, p=args.p,
                               w_rec=weights["w_rec"], w_out=weights["w_out"], w_aff=weights["w_aff"])
-        sampler, gen = stream(cfg, images, task.name, margin)
+        sampler, gen = train.task_stream(cfg, images, task.name, margin)
         t0 = time.perf_counter()
         log = distill_steps(distiller, params, sampler, task, pool, steps=steps, lr=cfg["adapter"]["lr"],
                             batch=tr["batch"], generator=gen, margin=margin, tag=arm)

@@ -51,7 +51,7 @@ from examples.restoration.model import load_model
 from examples.restoration.train import pick_device
 from examples.span_sr.metrics import psnr_rgb, ssim, to_uint8
 
-__all__ = ["Case", "main", "score", "degraded_cases", "eval_kernels"]
+__all__ = ["Case", "degraded_cases", "eval_kernels", "main", "score", "eval_set"]
 
 Case = tuple[str, Tensor, Tensor]
 """``(label, clean (3, H, W), degraded (3, H, W))`` in [0, 1]; the degraded image is not clipped."""
@@ -97,6 +97,18 @@ def score(restore: Callable[[Tensor], Tensor] | None, cases: list[Case],
         ssims.append(float(np.mean([ssim(a[..., c].astype(np.float64), b[..., c].astype(np.float64))
                                     for c in range(3)])))
     return {"psnr": float(np.mean(psnrs)), "ssim": float(np.mean(ssims)), "per_case": psnrs}
+
+
+def eval_set(cfg: dict[str, Any], count: int | None = None,
+             crop: int | None = None) -> tuple[dict[str, Tensor], str]:
+    """The config's clean test images (``count``/``crop`` override ``eval.*``) and a label."""
+    ev = cfg["eval"]
+    count, crop = count or ev["count"], crop or ev["crop"]
+    if ev["source"] == "sample":
+        return ({k: center_crop(v, crop) for k, v in sample_photos(SAMPLE_TEST).items()},
+                f"scikit-image {', '.join(SAMPLE_TEST)}")
+    images = eval_images(resolve_path(ev["folder"]), count, crop)  # type: ignore[arg-type]
+    return images, f"{Path(ev['folder']).name} ({len(images)} images{f', {crop}px centre crops' if crop else ''})"
 
 
 def _exactness(run: Path, multi: torch.nn.Module, name: str, x: Tensor,
@@ -162,12 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bd = args.border
     if bd < 0:
         raise SystemExit(f"--border {bd} must be >= 0 (pixels left out at every edge).")
-    if ev["source"] == "sample":
-        images = {k: center_crop(v, crop) for k, v in sample_photos(SAMPLE_TEST).items()}
-        where = f"scikit-image {', '.join(SAMPLE_TEST)}"
-    else:
-        images = eval_images(resolve_path(ev["folder"]), count, crop)  # type: ignore[arg-type]
-        where = f"{Path(ev['folder']).name} ({len(images)} images{f', {crop}px centre crops' if crop else ''})"
+    images, where = eval_set(cfg, count, crop)
     base = load_model(run / "base.safetensors").to(device)
     multi = copy.deepcopy(base)
     names = [convlora.load_adapter(multi, run / "adapters" / f"{t}.safetensors", name=t) for t in cfg["tasks"]]

@@ -43,7 +43,8 @@ from examples.restoration.degrade import Task, degrade, get_task, seeded_generat
 from examples.restoration.kernels import kernel_pool
 from examples.restoration.model import build_model, load_model, save_model
 
-__all__ = ["adapter_config", "blur_margin", "kernel_pools", "main", "pick_device", "train_images", "train_steps"]
+__all__ = ["adapter_config", "blur_margin", "kernel_pools", "main", "pick_device", "task_stream", "train_images",
+           "train_steps"]
 
 
 def train_images(cfg: dict[str, Any]) -> list[Tensor]:
@@ -122,8 +123,8 @@ def blur_margin(cfg: dict[str, Any], task: Task, pool: Tensor | None) -> int:
     return int(pool.shape[-1]) // 2
 
 
-def _stream(cfg: dict[str, Any], images: list[Tensor], name: str,
-            margin: int = 0) -> tuple[PatchSampler, torch.Generator]:
+def task_stream(cfg: dict[str, Any], images: list[Tensor], name: str,
+                margin: int = 0) -> tuple[PatchSampler, torch.Generator]:
     """Patch sampler + degradation generator seeded by ``name``: adapter and full fine-tuning of a
     task see exactly the same patches and noise. Patches are ``train.patch + 2 * margin`` wide."""
     size = cfg["train"]["patch"] + 2 * margin
@@ -196,7 +197,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = build_model(**cfg["model"]).to(device)
         n_base = sum(p.numel() for p in model.parameters())
         pool = pools.get(base_task.kernels or "")
-        sampler, gen = _stream(cfg, images, base_task.name, blur_margin(cfg, base_task, pool))
+        sampler, gen = task_stream(cfg, images, base_task.name, blur_margin(cfg, base_task, pool))
         t0 = time.perf_counter()
         losses = train_steps(model, list(model.parameters()), sampler, base_task, pool,
                              steps=cfg["base"]["steps"], lr=cfg["base"]["lr"], batch=tr["batch"],
@@ -212,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         params = list(convlora.lora_parameters(model, task.name))
         pool = pools.get(task.kernels or "")
         margin = blur_margin(cfg, task, pool)
-        sampler, gen = _stream(cfg, images, task.name, margin)
+        sampler, gen = task_stream(cfg, images, task.name, margin)
         t0 = time.perf_counter()
         losses = train_steps(model, params, sampler, task, pool, steps=steps, lr=cfg["adapter"]["lr"],
                              batch=tr["batch"], generator=gen, loss=tr["loss"],
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               metadata={"task": task.name, "steps": steps, "base_task": base_task.name})
         if cfg["finetune"]["enabled"]:
             full = load_model(out / "base.safetensors").to(device)  # the base as saved above
-            sampler, gen = _stream(cfg, images, task.name, margin)
+            sampler, gen = task_stream(cfg, images, task.name, margin)
             t0 = time.perf_counter()
             losses = train_steps(full, list(full.parameters()), sampler, task, pool, steps=steps,
                                  lr=cfg["finetune"]["lr"], batch=tr["batch"], generator=gen,
