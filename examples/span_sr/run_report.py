@@ -98,7 +98,8 @@ def plot_curves(records: list[dict[str, Any]], path: Path) -> bool:
 
 
 def comparison_strip(lr: torch.Tensor, hr: np.ndarray, models: Mapping[str, nn.Module], *, crop: int = 40) -> np.ndarray:
-    """Side by side: bicubic, each model, HR, on a ``crop``-pixel LR centre crop (x scale, uint8)."""
+    """Side by side: bicubic, each model, HR, on a ``crop``-pixel LR centre crop (x scale, uint8),
+    each tile under a caption with its name (the model's key in ``models``)."""
     import torch.nn.functional as F
 
     from examples.span_sr.metrics import to_uint8
@@ -114,5 +115,20 @@ def comparison_strip(lr: torch.Tensor, hr: np.ndarray, models: Mapping[str, nn.M
             device = next(model.parameters()).device
             tiles.append(to_uint8(model(patch.to(device)).float().cpu()))
     tiles.append(np.ascontiguousarray(hr[top * scale:(top + c) * scale, left * scale:(left + c) * scale]))
-    gap = np.full((c * scale, 4, 3), 255, np.uint8)
+    names = ["bicubic", *models, "HR"]
+    tiles = [np.concatenate([_caption(name, t.shape[1]), t], axis=0) for name, t in zip(names, tiles)]
+    gap = np.full((tiles[0].shape[0], 4, 3), 255, np.uint8)
     return np.concatenate([x for t in tiles for x in (t, gap)][:-1], axis=1)
+
+
+CAPTION_HEIGHT = 14
+"""Height in pixels of the white band with a tile's name above it in :func:`comparison_strip`."""
+
+
+def _caption(text: str, width: int) -> np.ndarray:
+    """A white ``CAPTION_HEIGHT x width`` band with ``text`` in black (Pillow's built-in font)."""
+    from PIL import Image, ImageDraw
+
+    band = Image.new("RGB", (width, CAPTION_HEIGHT), (255, 255, 255))
+    ImageDraw.Draw(band).text((2, 1), text, fill=(0, 0, 0))
+    return np.asarray(band, dtype=np.uint8)
