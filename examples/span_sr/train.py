@@ -231,16 +231,18 @@ def _run(argv: list[str]) -> int:
             checkpoint(step)
             break
     bar.close()
-    if exit_code or (step < cfg.train.steps and not timeout) or not main_proc:
+    if exit_code or (step < cfg.train.steps and not timeout):
         if world > 1:
             dist.destroy_process_group()
         return exit_code
 
     # ------------------------------------------------------------------ exports and report
-    merged = export_student(student, params, ema, best, cfg, run, say).to(device)
-    final_report({"base": base, "teacher": teacher, "student": merged}, val_set, cfg, run, cache,
-                 best["step"], step, log, device, say)
-    if world > 1:
+    if main_proc:
+        merged = export_student(student, params, ema, best, cfg, run, say).to(device)
+        final_report({"base": base, "teacher": teacher, "student": merged}, val_set, cfg, run, cache,
+                     best["step"], step, log, device, say)
+    if world > 1:  # the other ranks wait for rank 0's exports: a rank leaving early can abort in gloo
+        dist.barrier()
         dist.destroy_process_group()
     return 0
 
