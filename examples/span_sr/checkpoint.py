@@ -40,6 +40,7 @@ __all__ = [
     "export_merged",
     "file_sha256",
     "load_checkpoint",
+    "prepare_run_dir",
     "provenance",
     "restore_rng",
     "rng_state",
@@ -61,6 +62,25 @@ def _atomic_torch_save(obj: Any, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+RUN_MARKERS = ("checkpoint.pt", "adapter.safetensors", "metrics.jsonl")
+"""Files whose presence means a folder already holds a training run."""
+
+
+def prepare_run_dir(run: Path, resume: object, say: Any = print) -> None:
+    """Create the run folder; say so when a fresh run is about to overwrite an earlier one there.
+
+    Args:
+        run: The run folder (``--out``).
+        resume: Truthy when the run continues the one in ``run`` (nothing is overwritten then).
+        say: Where the warning goes (``print`` on rank 0).
+    """
+    found = [name for name in RUN_MARKERS if (run / name).exists()]
+    if found and not resume:
+        say(f"note: {run} already holds a run ({', '.join(found)}); this fresh run replaces its files. "
+            f"Pass --out NEW_FOLDER to keep it, or --resume {run} to continue it.")
+    run.mkdir(parents=True, exist_ok=True)
 
 
 def rng_state() -> dict[str, Any]:

@@ -118,7 +118,7 @@ def _run(argv: list[str]) -> int:
         f"{' (held out from the training folders)' if not cfg.data.val else ''}, LR {cfg.data.lr_mode}")
 
     # ------------------------------------------------------------------ models
-    run.mkdir(parents=True, exist_ok=True)
+    ckpt.prepare_run_dir(run, resume, say)
     weights = prepare_weights(cfg, run, train_set, device, main_proc, world, say)
     torch.manual_seed(cfg.train.seed)  # same adapter init whether or not demo substitutes just trained
     base, teacher = load_pair(weights, scale)
