@@ -30,13 +30,7 @@ eval: {source: sample, crop: 48}
 """
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the CI machine has 2 shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pair() -> tuple[torch.nn.Module, torch.nn.Module, list[torch.nn.Parameter]]:

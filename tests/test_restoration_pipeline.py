@@ -25,13 +25,7 @@ MERGE_TOL: dict[str, Any] = {"rtol": 0, "atol": 1e-5}  # merged conv vs weight-s
 TASKS = ("noise50", "deblur_gauss")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the CI machine has 2 shared cores and 2 threads thrash under load."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
