@@ -229,3 +229,18 @@ def test_affinity_normalisation_bounds_the_term_by_w_aff(tiny: dict[str, Path], 
     first = next(json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line)
     term = first["loss"] - 0.2 * first["rec"] - 0.8 * first["out"]
     assert 0.05 * w_aff < term <= w_aff * (1 + 1e-4)
+
+
+def test_fresh_run_over_an_earlier_one_starts_a_new_log(reference: Path, tiny: dict[str, Path],
+                                                        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert train.main(_args(tiny, run)) == 0
+    def steps() -> list[int]:
+        return [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    first = steps()
+    capsys.readouterr()
+    assert train.main(_args(tiny, run)) == 0
+    assert "already holds a run" in capsys.readouterr().out
+    assert steps() == first  # the log is replaced, not appended to (no second step-0 record)
+    assert _losses(run) == _losses(reference)

@@ -156,7 +156,7 @@ def _run(argv: list[str]) -> int:
         ckpt.dump_json(run / "provenance.json", ckpt.provenance(
             seed=cfg.train.seed, data={"train": train_set.refs, "val": val_refs}, weights=weights,
             extra={"args": argv, "world_size": world, "device": str(device), "resumed_from_step": start}))
-    log = ckpt.MetricsLog(run / "metrics.jsonl", truncate_after=start, enabled=main_proc)
+    log = ckpt.MetricsLog(run / "metrics.jsonl", truncate_after=start if resume else -1, enabled=main_proc)
 
     def checkpoint(step: int) -> None:
         if main_proc:
