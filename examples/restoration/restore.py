@@ -7,7 +7,7 @@
     python examples/restoration/restore.py --weights W --adapter A --simulate noise50 \\
         --input photo.png --output restored.png
     # non-blind deblurring: a blurred photo and its known kernel (.npy or grayscale image)
-    python examples/restoration/restore.py --weights W --adapter A_nonblind --kernel psf.npy \
+    python examples/restoration/restore.py --weights W --adapter A_nonblind --kernel psf.npy \\
         --input blurred.png --output sharp.png
 
 The adapter is merged and unloaded before running (``convlora.unload(model, merge=True)``), so
