@@ -51,7 +51,7 @@ from examples.restoration.model import load_model
 from examples.restoration.train import pick_device
 from examples.span_sr.metrics import psnr_rgb, ssim, to_uint8
 
-__all__ = ["Case", "degraded_cases", "eval_kernels", "main", "score", "eval_set"]
+__all__ = ["Case", "degraded_cases", "eval_kernels", "eval_set", "main", "score"]
 
 Case = tuple[str, Tensor, Tensor]
 """``(label, clean (3, H, W), degraded (3, H, W))`` in [0, 1]; the degraded image is not clipped."""
@@ -170,11 +170,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ev = cfg["eval"]
     torch.set_num_threads(cfg["threads"])
     device = pick_device(cfg["device"])
-    count, crop = args.count or ev["count"], args.crop or ev["crop"]
     bd = args.border
     if bd < 0:
         raise SystemExit(f"--border {bd} must be >= 0 (pixels left out at every edge).")
-    images, where = eval_set(cfg, count, crop)
+    images, where = eval_set(cfg, args.count, args.crop)
     base = load_model(run / "base.safetensors").to(device)
     multi = copy.deepcopy(base)
     names = [convlora.load_adapter(multi, run / "adapters" / f"{t}.safetensors", name=t) for t in cfg["tasks"]]

@@ -197,12 +197,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = build_model(**cfg["model"]).to(device)
         n_base = sum(p.numel() for p in model.parameters())
         pool = pools.get(base_task.kernels or "")
-        sampler, gen = task_stream(cfg, images, base_task.name, blur_margin(cfg, base_task, pool))
+        margin = blur_margin(cfg, base_task, pool)
+        sampler, gen = task_stream(cfg, images, base_task.name, margin)
         t0 = time.perf_counter()
         losses = train_steps(model, list(model.parameters()), sampler, base_task, pool,
                              steps=cfg["base"]["steps"], lr=cfg["base"]["lr"], batch=tr["batch"],
-                             generator=gen, loss=tr["loss"], tag=f"base {base_task.name}",
-                             margin=blur_margin(cfg, base_task, pool))
+                             generator=gen, loss=tr["loss"], tag=f"base {base_task.name}", margin=margin)
         log["base"] = {"task": base_task.name, **_record(losses, time.perf_counter() - t0, n_base)}
     save_model(model, out / "base.safetensors", extra={"task": base_task.name})
 
