@@ -32,7 +32,7 @@ import convlora
 from convlora.distill import Distiller, FeatureTaps
 from examples.restoration import data, train
 from examples.restoration.config import load_config, resolve_path
-from examples.restoration.degrade import Task, degrade, get_task
+from examples.restoration.degrade import Task, get_task
 from examples.restoration.evaluate import Case, degraded_cases, eval_kernels, eval_set, score
 from examples.restoration.model import ResidualCNN, load_model, save_model
 
@@ -73,21 +73,6 @@ def check_pair(student: nn.Module, teacher: nn.Module, taps: dict[str, str], siz
                              "have other spatial sizes; tap layers at the same resolution.")
 
 
-def _batch(sampler: data.PatchSampler, task: Task, pool: Tensor | None, batch: int,
-           gen: torch.Generator, margin: int) -> tuple[Tensor, Tensor]:
-    """One (degraded, clean) batch, drawn in the same order as ``train.train_steps`` draws it."""
-    clean = sampler.sample(batch)
-    kernel = None
-    if task.kind == "blur":
-        if pool is None:
-            raise ValueError(f"task {task.name!r} blurs; pass its kernel pool (train.kernel_pools()).")
-        kernel = pool[torch.randint(len(pool), (batch,), generator=gen)]
-    bad = degrade(clean, task, gen, kernel)
-    if margin:
-        bad, clean = (t[..., margin:-margin, margin:-margin] for t in (bad, clean))
-    return bad, clean
-
-
 def loss_scales(distillers: dict[str, Distiller], params: list[nn.Parameter], bad: Tensor,
                 clean: Tensor) -> dict[str, dict[str, float]]:
     """Value and adapter-gradient norm of each single-term distiller (``{"rec": d, ...}``) on one batch."""
@@ -109,7 +94,7 @@ def distill_steps(distiller: Distiller, params: list[nn.Parameter], sampler: dat
     log: list[dict[str, float]] = []
     distiller.student.train()
     for step in range(steps):
-        bad, clean = _batch(sampler, task, pool, batch, generator, margin)
+        bad, clean = train.draw_batch(sampler, task, pool, batch, generator, margin)
         total, parts, _ = distiller(bad, clean)
         opt.zero_grad(set_to_none=True)
         total.backward()
@@ -209,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                "out": Distiller(student, teacher, w_rec=0, w_out=1),
                "aff": Distiller(student, teacher, taps, w_rec=0, w_out=0, w_aff=1, p=args.p)}
     scales = loss_scales(singles, list(convlora.lora_parameters(student, "probe")),
-                         *_batch(sampler, task, pool, tr["batch"], gen, margin))
+                         *train.draw_batch(sampler, task, pool, tr["batch"], gen, margin))
     auto = scales["rec"]["grad_norm"] / max(scales["aff"]["grad_norm"], 1e-12)
     w_aff = float(f"{auto if args.w_aff == 'auto' else float(args.w_aff):.2g}")
     print(f"loss scales on the first batch: {scales}; w_aff = {w_aff}")

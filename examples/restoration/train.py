@@ -43,8 +43,8 @@ from examples.restoration.degrade import Task, degrade, get_task, seeded_generat
 from examples.restoration.kernels import kernel_pool
 from examples.restoration.model import build_model, load_model, save_model
 
-__all__ = ["adapter_config", "blur_margin", "kernel_pools", "main", "pick_device", "task_stream", "train_images",
-           "train_steps"]
+__all__ = ["adapter_config", "blur_margin", "draw_batch", "kernel_pools", "main", "pick_device",
+           "task_stream", "train_images", "train_steps"]
 
 
 def train_images(cfg: dict[str, Any]) -> list[Tensor]:
@@ -71,19 +71,32 @@ def adapter_config(cfg: dict[str, Any]) -> convlora.LoRAConfig:
     return convlora.LoRAConfig(rank=cfg["adapter"]["rank"], alpha=cfg["adapter"]["alpha"])
 
 
+def draw_batch(sampler: PatchSampler, task: Task, pool: Tensor | None, batch: int,
+               generator: torch.Generator, margin: int = 0,
+               device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """One ``(degraded, clean)`` batch: patches, a kernel per patch from ``pool`` (blur tasks), the
+    degradation. ``margin > 0`` (:func:`blur_margin`): patches are blurred whole, then both images
+    lose ``margin`` pixels per side, the band circular blur wraps the opposite edge into, so they
+    look like the inside of a large blurred photo (it did not help deblur_motion; see
+    docs/restoration.md)."""
+    clean = sampler.sample(batch).to(device)
+    kernel = None
+    if task.kind == "blur":
+        if pool is None:
+            raise ValueError(f"task {task.name!r} blurs; pass its kernel pool (kernel_pools()).")
+        kernel = pool[torch.randint(len(pool), (batch,), generator=generator)].to(device)
+    bad = degrade(clean, task, generator, kernel)
+    if margin:
+        bad, clean = (t[..., margin:-margin, margin:-margin] for t in (bad, clean))
+    return bad, clean
+
+
 def train_steps(model: nn.Module, params: list[nn.Parameter], sampler: PatchSampler, task: Task,
                 pool: Tensor | None, *, steps: int, lr: float, batch: int,
                 generator: torch.Generator, loss: str = "l1", log_every: int = 50,
                 tag: str = "", margin: int = 0) -> list[float]:
     """Adam with a cosine learning-rate decay on ``params``; returns the loss of every step.
-
-    ``margin > 0`` (blur tasks, see :func:`blur_margin`): the sampler's patches are blurred whole
-    and then cut down by ``margin`` pixels on every side, for both the network's input and the
-    target. Circular blur on a small patch would wrap its opposite edge into a border band as wide
-    as the kernel's radius, which on 40-pixel patches is most of the patch; cutting it off gives
-    training pairs that look like the inside of a large blurred photo. (Measured on deblur_motion
-    it did not raise the test PSNR; see docs/restoration.md. Off by default.)
-    """
+    Batches come from :func:`draw_batch` (``margin``: see there)."""
     if steps < 1:
         return []
     opt = torch.optim.Adam(params, lr=lr)
@@ -93,15 +106,7 @@ def train_steps(model: nn.Module, params: list[nn.Parameter], sampler: PatchSamp
     device = next(model.parameters()).device
     model.train()
     for step in range(steps):
-        clean = sampler.sample(batch).to(device)
-        kernel = None
-        if task.kind == "blur":
-            if pool is None:
-                raise ValueError(f"task {task.name!r} blurs; pass its kernel pool (kernel_pools()).")
-            kernel = pool[torch.randint(len(pool), (batch,), generator=generator)].to(device)
-        bad = degrade(clean, task, generator, kernel)
-        if margin:
-            bad, clean = (t[..., margin:-margin, margin:-margin] for t in (bad, clean))
+        bad, clean = draw_batch(sampler, task, pool, batch, generator, margin, device)
         value = loss_fn(model(bad), clean)
         opt.zero_grad(set_to_none=True)
         value.backward()
