@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-__all__ = ["ResidualCNN", "SmallUNet", "build_model", "load_model", "model_channels", "receptive_field", "save_model"]
+__all__ = ["ResidualCNN", "SmallUNet", "build_model", "load_model", "receptive_field", "save_model"]
 
 ARCHS = ("ResidualCNN", "SmallUNet")
 
@@ -132,22 +132,17 @@ def receptive_field(model: nn.Module, probe: int = 128) -> int:
     U-Net's answer depends on the pixel's position modulo 4) on a fixed random ``probe`` image.
     """
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(1, model_channels(model), probe, probe, generator=gen, dtype=torch.float64)
+    x = torch.rand(1, int(getattr(model, "in_channels", 3)), probe, probe, generator=gen, dtype=torch.float64)
     x.requires_grad_(True)
     net = copy.deepcopy(model).double().eval()
-    side = 0
+    out, side = net(x), 0
     for off in range(4):
         c = probe // 2 + off
-        (grad,) = torch.autograd.grad(net(x)[0, :, c, c].sum(), x)
+        (grad,) = torch.autograd.grad(out[0, :, c, c].sum(), x, retain_graph=True)
         rows = grad.abs().sum(dim=(0, 1, 3)).nonzero()
         cols = grad.abs().sum(dim=(0, 1, 2)).nonzero()
         side = max(side, int(rows.max() - rows.min() + 1), int(cols.max() - cols.min() + 1))
     return side
-
-
-def model_channels(model: nn.Module) -> int:
-    """Image channels the model takes (3 for RGB)."""
-    return int(getattr(model, "in_channels", 3))
 
 
 def build_model(arch: str = "ResidualCNN", **kwargs) -> nn.Module:
