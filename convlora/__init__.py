@@ -1,7 +1,7 @@
 """convlora: exact low-rank adapters (ConvLoRA) for convolutional networks.
 
 Inject adapters into a trained model's convolutions, train only them (optionally distilling from
-a teacher with :mod:`convlora.distill`), then merge them back: the deployed model has exactly the
+a teacher with `convlora.distill`), then merge them back: the deployed model has exactly the
 original architecture, parameter count and speed.
 """
 

@@ -196,7 +196,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, name: str | 
 
     Args:
         model: The base model (plain or already with LoRA layers).
-        path: A file written by :func:`save_adapter`.
+        path: A file written by [`save_adapter`][convlora.save_adapter].
         name: Adapter name on the model (default: the name stored in the file).
         strict: Raise on a base-weight fingerprint mismatch (else warn and load anyway).
 

@@ -42,7 +42,7 @@ def merge_state_dict(base: dict[str, Tensor], adapter_path: str | Path, *,
     """Fold an adapter file into a plain state dict (``<layer>.weight`` keys), without model code.
 
     The delta is added in float32 and cast back to each weight's dtype, exactly as
-    :func:`convlora.merge` does.
+    `convlora.merge` does.
     """
     tensors, meta = read_adapter(adapter_path)
     layers = meta["layers"]

@@ -1,6 +1,6 @@
 """``LoRAConfig`` and the pattern matching of target names.
 
-Patterns are shell-style globs (:func:`fnmatch.fnmatchcase`) on qualified module names. A
+Patterns are shell-style globs (`fnmatch.fnmatchcase`) on qualified module names. A
 pattern matches a module when it matches the module's own name or the name of one of its
 ancestors, so ``"conv_2"`` matches ``"conv_2.eval_conv"`` and ``"block_*"`` matches every module
 inside the blocks.
@@ -61,7 +61,7 @@ class LoRAConfig:
         exclude: Same forms as ``targets``; removes layers from the selection.
         rank_pattern: ``{pattern: rank}`` overrides; the first matching pattern wins.
         alpha_pattern: ``{pattern: alpha}`` overrides.
-        factorization: ``"kernel"`` (default) or ``"loralib"``; see :mod:`convlora.functional`.
+        factorization: ``"kernel"`` (default) or ``"loralib"``; see [convlora.functional][].
         factorization_pattern: ``{pattern: factorization}`` overrides.
         dropout: Dropout on the adapter branch's input while training (two-path forward).
         freeze: Freeze every non-LoRA parameter of the model (biases included).

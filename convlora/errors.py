@@ -1,6 +1,6 @@
 """Typed exceptions with actionable messages.
 
-Every error convlora raises on bad input derives from :class:`ConvLoRAError`, which is also a
+Every error convlora raises on bad input derives from [`ConvLoRAError`][convlora.errors.ConvLoRAError], which is also a
 ``ValueError`` so that generic ``except ValueError`` handlers keep working.
 """
 

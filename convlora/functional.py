@@ -97,7 +97,7 @@ def merged_weight(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) 
     """``W + scale * (B @ A)`` summed in float32 and cast back to ``weight``'s dtype.
 
     One fused ``addmm`` over the weight viewed as ``(B.rows, A.cols)``, which is a valid view of
-    the weight for both factorisations. The unmerged forward, :meth:`LoRALayer.merge` and the
+    the weight for both factorisations. The unmerged forward, `LoRALayer.merge` and the
     state-dict merge of the command line all call this function, so they agree bit for bit.
     """
     flat = weight.float().reshape(lora_b.shape[0], lora_a.shape[1])

@@ -72,7 +72,7 @@ class LoRALayer(nn.Module):
     computed as *one* convolution through the base layer's own settings (stride, padding
     including ``'same'``/``'valid'``, dilation, groups, padding_mode), so the merged layer
     ``W' = W + \Delta W`` gives the same output. The effective weight is built exactly as
-    :meth:`merge` builds it (float32 sum, then cast to the weight's dtype). With dropout ``p > 0``
+    `merge` builds it (float32 sum, then cast to the weight's dtype). With dropout ``p > 0``
     and in training mode, the adapter cannot live in weight space; the forward is then
     ``conv(x, W, b) + conv(dropout(x), \Delta W)`` -- two convolutions, equal in expectation.
 
@@ -198,7 +198,7 @@ class LoRALayer(nn.Module):
         self.merged_adapter = name
 
     def unmerge(self) -> None:
-        """Restore the exact original weight saved by :meth:`merge`."""
+        """Restore the exact original weight saved by `merge`."""
         if self.merged_adapter is None:
             return
         with torch.no_grad():

@@ -30,7 +30,7 @@ def _is_lora_param(name: str) -> bool:
 
 
 def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> list[str]:
-    """Add adapter ``name`` described by ``config`` (it becomes active); see :func:`inject`."""
+    """Add adapter ``name`` described by ``config`` (it becomes active); see [`inject`][convlora.inject]."""
     return inject(model, config, adapter_name=name)
 
 

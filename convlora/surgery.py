@@ -117,8 +117,8 @@ def find_targets(model: nn.Module, targets: Target | None = None,
                  exclude: Target | None = None) -> list[str]:
     """Qualified names of the layers ``targets`` selects minus those ``exclude`` selects.
 
-    ``targets=None`` selects every convolution. Raises :class:`TargetError` when nothing is
-    selected and :class:`UnsupportedLayerError` for a selected layer that cannot be adapted.
+    ``targets=None`` selects every convolution. Raises [`TargetError`][convlora.errors.TargetError] when nothing is
+    selected and [`UnsupportedLayerError`][convlora.errors.UnsupportedLayerError] for a selected layer that cannot be adapted.
     """
     if targets is None:
         chosen = {n for n, m in model.named_modules() if n and _is_conv(m)}
@@ -147,7 +147,7 @@ def inject(model: nn.Module, rank: int | LoRAConfig = 4, alpha: float | None = N
            dropout: float = 0.0, freeze: bool = True, adapter_name: str = "default") -> list[str]:
     """Replace matching layers of ``model`` in place with LoRA layers.
 
-    Either pass the settings as keywords or a :class:`~convlora.LoRAConfig` as the second
+    Either pass the settings as keywords or a [`LoRAConfig`][convlora.LoRAConfig] as the second
     argument. Layers that already are LoRA layers get an additional adapter named
     ``adapter_name``. The new adapter becomes the active one. Everything is validated before the
     model is touched: on error the model is unchanged.

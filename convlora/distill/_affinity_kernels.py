@@ -1,13 +1,13 @@
-"""Custom autograd kernels behind :func:`convlora.distill.affinity_loss` (private).
+"""Custom autograd kernels behind `convlora.distill.affinity_loss` (private).
 
 Both take features already validated and normalised by ``affinity.py`` (``(B, C, N)``
 with unit-norm columns, one dtype, one device) and return the exact mean over
 ``B·N·N`` of ``|A_s - A_t|^p`` without forming an ``N x N`` matrix:
 
-* :class:`BlockedL1` (``p=1``) in row blocks, memory ``O(B·N·block)``;
-* :class:`GramL2` (``p=2``) through the Gram identity, only ``C x C`` matrices.
+* `BlockedL1` (``p=1``) in row blocks, memory ``O(B·N·block)``;
+* `GramL2` (``p=2``) through the Gram identity, only ``C x C`` matrices.
 
-:func:`exact_fp32` switches off autocast and TF32/bf16 matmul shortcuts for the
+`exact_fp32` switches off autocast and TF32/bf16 matmul shortcuts for the
 duration of a computation. The math is in ``docs/distillation.md``.
 """
 

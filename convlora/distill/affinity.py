@@ -67,7 +67,7 @@ def spatial_affinity(feat: Tensor, *, pool: int | None = None, eps: float = _EPS
 
     Returns:
         ``(B, N, N)`` cosine similarities in fp32 (fp64 for fp64 input).
-        Memory is ``B·N²`` floats: use :func:`affinity_loss` for losses.
+        Memory is ``B·N²`` floats: use [`affinity_loss`][convlora.distill.affinity_loss] for losses.
     """
     x = _prepare(feat, pool, eps, "feat")
     with exact_fp32(x.device):

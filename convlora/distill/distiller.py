@@ -41,7 +41,7 @@ class Distiller:
 
     ``total = w_rec·L1(sr, hr) + w_out·L1(sr, sr_teacher) + w·aff`` where
     ``aff`` is the (optionally weighted) mean over taps of
-    :func:`~convlora.distill.affinity_loss` between the student's and the
+    [`affinity_loss`][convlora.distill.affinity_loss] between the student's and the
     teacher's features, and ``w`` ramps linearly from 0 to ``w_aff`` over
     ``aff_warmup_steps`` steps. The teacher runs under ``torch.no_grad()`` in
     eval mode (each submodule's ``training`` flag is restored afterwards); hooks
@@ -64,7 +64,7 @@ class Distiller:
             sequence in ``taps`` order; the affinity term is their weighted mean.
         aff_warmup_steps: ramp ``w_aff`` linearly over this many steps; calls
             must then pass ``step``.
-        select: selector for tuple/dict outputs (see :class:`FeatureTaps`; a
+        select: selector for tuple/dict outputs (see [`FeatureTaps`][convlora.distill.FeatureTaps]; a
             mapping is keyed by student layer) used for both models, or a pair
             ``(student_select, teacher_select)``.
         pool: optional average-pooling factor before the affinity (approximate).

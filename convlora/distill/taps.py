@@ -87,7 +87,7 @@ class FeatureTaps:
     """Record the outputs of submodules by name, e.g. for feature distillation.
 
     Hooks are registered when the object is created and removed by
-    :meth:`remove` or when a ``with`` block exits (also on exceptions). Each
+    `remove` or when a ``with`` block exits (also on exceptions). Each
     forward of a tapped module overwrites that tap's entry (a module called
     twice keeps its last output). Hooks on LoRA layers made by
     ``convlora.inject`` see the adapted output.
@@ -139,7 +139,7 @@ class FeatureTaps:
         return bool(self._handles)
 
     def attach(self) -> FeatureTaps:
-        """Register the hooks (done by the constructor; for re-use after :meth:`remove`)."""
+        """Register the hooks (done by the constructor; for re-use after `remove`)."""
         if self._handles:
             return self
         modules = dict(self._model.named_modules())
