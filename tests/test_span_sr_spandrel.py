@@ -7,15 +7,16 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import requires_shared
+from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import convlora
 from examples.span_sr.arch import SPAN, load_span
 from examples.span_sr.checkpoint import export_merged
-from examples.span_sr.image_io import read_image
 from examples.span_sr.lora_config import build_dsclora
 from examples.span_sr.spandrel_format import (
     CONV3XC_PREFIXES,
@@ -49,7 +50,8 @@ def _assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> N
 
 
 def _image(shared_data, size: int = 40) -> torch.Tensor:
-    lr = read_image(shared_data / "sr_bench" / "Set5" / "LR_bicubic" / "X4" / "butterflyx4.png")
+    lr = np.asarray(Image.open(shared_data / "sr_bench" / "Set5" / "LR_bicubic" / "X4" / "butterflyx4.png")
+                    .convert("RGB"))
     return torch.from_numpy(lr[:size, : size + 7].copy()).permute(2, 0, 1)[None].float() / 255
 
 
