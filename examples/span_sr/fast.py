@@ -1,0 +1,279 @@
+"""The fast SPAN deploy forward behind one call, [`fast_span`][examples.span_sr.fast.fast_span].
+
+    from examples.span_sr.fast import fast_span
+    fast = fast_span(load_span("span_tiny_ch26.pth"))   # CPU: torch.compile (inductor)
+    sr = fast(lr)                                        # same output as the eager forward
+
+Backends (``backend="auto"`` picks the first that applies):
+
+* ``"triton"`` (CUDA): the fused kernels of [`fast_kernels`][examples.span_sr.fast_kernels], one
+  launch per conv with its epilogue (bias, SiLU, the SPAB gate and residual, the concat feeding
+  ``conv_cat``, the pixel shuffle) fused in, NHWC activations with channels padded to 32.
+  On CPU it runs only under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
+* ``"inductor"`` (CPU): ``torch.compile`` with inductor's freezing (weights constant-folded and
+  prepacked for oneDNN, the element-wise tails fused into the convs as post-ops). It needs a
+  C++ compiler; without one, or when compiling fails, it falls back to ``"eager"`` and prints
+  one line saying so. The first call for a new input shape compiles (seconds); later calls
+  are fast. This backend was chosen by measurement (``benchmarks/bench_span_fast.py``).
+* ``"eager"``: the deploy model's own forward (the fallback; no speed-up).
+
+Output bound: for every dtype offered (see ``OFFERED_DTYPES``) the ``uint8`` outputs differ
+from the fp32 eager forward by at most one level on every pixel of Set5, Set14 and B100 and the
+Y-PSNR by at most 0.01 dB (measured by ``benchmarks/bench_span_fast.py --bound``). The CPU path
+offers float32 only. The output is float32 whatever the compute dtype.
+
+``--fast`` and ``--half``: ``--half`` converts the eager model to fp16 (CUDA); ``--fast`` picks the
+fast path, in float32 unless ``--half`` is given too, which asks the fast path for float16
+(offered only on CUDA).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from examples.span_sr.arch import SPAN, Conv3XC
+
+__all__ = ["OFFERED_DTYPES", "Backend", "FastSPAN", "check_deploy", "fast_span", "resolve_backend"]
+
+Backend = Literal["auto", "triton", "inductor", "eager"]
+_BACKENDS = ("auto", "triton", "inductor", "eager")
+
+#: Compute dtypes each backend offers: those within the output bound (fp16 on the triton
+#: backend: bound measured on CPU through an fp16-storage emulation; the GPU run is pending).
+OFFERED_DTYPES: dict[str, tuple[torch.dtype, ...]] = {
+    "triton": (torch.float32, torch.float16),
+    "inductor": (torch.float32,),
+    "eager": (torch.float32,),
+}
+
+
+def check_deploy(model: nn.Module) -> SPAN:
+    """Return ``model`` as a deploy-form SPAN, or raise saying how to make it one.
+
+    Raises:
+        TypeError: ``model`` is not a [`SPAN`][examples.span_sr.arch.SPAN].
+        ValueError: it still has LoRA layers (merge them) or train-form ``Conv3XC`` layers
+            (reparameterize them).
+    """
+    import convlora
+
+    if not isinstance(model, SPAN):
+        raise TypeError(f"fast_span needs a SPAN (examples.span_sr.arch), got {type(model).__name__}; "
+                        "load checkpoints with examples.span_sr.span_io.load_span.")
+    lora = list(convlora.lora_layers(model))
+    if lora:
+        raise ValueError(f"fast_span needs a merged model, but {len(lora)} LoRA layer(s) remain "
+                         f"({lora[0]}, ...); merge them first: model = convlora.unload(model, merge=True).")
+    train = [name for name, m in model.named_modules() if isinstance(m, Conv3XC) and m.form != "deploy"]
+    if train:
+        raise ValueError(f"fast_span needs the deploy form, but {len(train)} Conv3XC layer(s) are in "
+                         f"train form ({train[0]}, ...); fuse them first: model.reparameterize().")
+    return model
+
+
+def _has_cxx() -> bool:
+    names = [os.environ.get("CXX", ""), "g++", "c++", "clang++"]
+    return any(n and shutil.which(n) for n in names)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(backend: str, device: torch.device) -> str:
+    """The concrete backend ``"auto"`` stands for on ``device`` (other names pass through)."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend={backend!r} is not one of {_BACKENDS}.")
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        return "triton"
+    return "inductor" if device.type == "cpu" else "eager"
+
+
+def _pad(c: int) -> int:
+    p = 16
+    while p < c:
+        p *= 2
+    return p
+
+
+class _TritonSPAN:
+    """Packed, padded weights of a deploy SPAN and the 21 launches of its forward."""
+
+    def __init__(self, model: SPAN, dtype: torch.dtype, block_m: int) -> None:
+        self.dtype, self.block_m = dtype, block_m
+        self.c, self.cat = model.feature_channels, model.conv_cat_channels
+        self.cp, self.cpc, self.cpi = _pad(self.c), _pad(self.cat), _pad(model.num_in_ch)
+        self.c_in, self.c_out, self.s = model.num_in_ch, model.num_out_ch, model.upscale
+        self.cpo = _pad(self.c_out * self.s**2)
+        self.scale = float(model.img_range)
+        dev = model.mean.device
+        self.mean = torch.zeros(self.cpi, device=dev)
+        self.mean[: self.c_in] = model.mean.detach().float().flatten()
+        self.conv_1 = self._conv(model.conv_1.eval_conv, self.cpi, self.cp)
+        self.blocks = [tuple(self._conv(getattr(b, f"c{i}_r").eval_conv, self.cp, self.cp) for i in (1, 2, 3))
+                       for b in (model.block_1, model.block_2, model.block_3, model.block_4,
+                                 model.block_5, model.block_6)]
+        self.conv_2 = self._conv(model.conv_2.eval_conv, self.cp, self.cp)
+        wc = model.conv_cat.weight.detach().float()[:, :, 0, 0].t()  # (4C, cat)
+        self.wcat = torch.zeros(4, self.cp, self.cpc, device=dev)
+        for i in range(4):
+            self.wcat[i, : self.c, : self.cat] = wc[i * self.c: (i + 1) * self.c]
+        self.wcat = self.wcat.to(dtype).contiguous()
+        self.bcat = self._bias(model.conv_cat, self.cpc)
+        self.up = self._conv(model.upsampler[0], self.cpc, self.cpo)
+        self.prec = "ieee" if dtype == torch.float32 else "tf32"
+
+    def _bias(self, conv: nn.Conv2d, cpo: int) -> torch.Tensor:
+        b = torch.zeros(cpo, device=conv.weight.device)
+        if conv.bias is not None:
+            b[: conv.out_channels] = conv.bias.detach().float()
+        return b
+
+    def _conv(self, conv: nn.Conv2d, cpi: int, cpo: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = conv.weight.detach().float()
+        k = w.shape[-1]
+        taps = w.permute(2, 3, 1, 0).reshape(k * k, w.shape[1], w.shape[0])
+        packed = torch.zeros(k * k, cpi, cpo, device=w.device)
+        packed[:, : w.shape[1], : w.shape[0]] = taps
+        return packed.to(self.dtype).contiguous(), self._bias(conv, cpo)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from examples.span_sr import fast_kernels as fk  # needs triton: imported only here
+
+        n, _, h, w = x.shape
+        bm, cp, dt = self.block_m, self.cp, self.dtype
+        grid = ((n * h * w + bm - 1) // bm,)
+
+        def act(c: int) -> torch.Tensor:
+            return torch.empty(n, h, w, c, device=x.device, dtype=dt)
+
+        def conv(src: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor], mode: int,
+                 res: torch.Tensor | None = None) -> torch.Tensor:
+            out = act(cp)
+            fk.conv_kernel[grid](src, wb[0], wb[1], out if res is None else res, out, self.mean, 1.0,
+                              n, h, w, self.c, h * w * cp, w * cp, cp, 1, KS=3, CPI=cp, CPO=cp,
+                              MODE=mode, NORM=False, BLOCK_M=bm, DOT_PREC=self.prec)
+            return out
+
+        feat = act(cp)
+        fk.conv_kernel[grid](x, self.conv_1[0], self.conv_1[1], feat, feat, self.mean, self.scale,
+                          n, h, w, self.c_in, x.stride(0), x.stride(2), x.stride(3), x.stride(1),
+                          KS=3, CPI=self.cpi, CPO=cp, MODE=0, NORM=True, BLOCK_M=bm,
+                          DOT_PREC=self.prec)
+        cur, b1, b61 = feat, feat, feat
+        for i, (w1, w2, w3) in enumerate(self.blocks):
+            t1 = conv(cur, w1, 1)
+            cur = conv(conv(t1, w2, 1), w3, 2, res=cur)
+            b1 = cur if i == 0 else b1
+            b61 = t1
+        cat = act(self.cpc)
+        fk.conv3x3_cat_kernel[grid](cur, self.conv_2[0], self.conv_2[1], feat, b1, b61, self.wcat,
+                                 self.bcat, cat, n, h, w, self.c, CP=cp, CPC=self.cpc,
+                                 BLOCK_M=bm, DOT_PREC=self.prec)
+        y = torch.empty(n, self.c_out, h * self.s, w * self.s, device=x.device, dtype=torch.float32)
+        fk.conv_shuffle_kernel[grid](cat, self.up[0], self.up[1], y, n, h, w, self.cat, self.c_out,
+                                  CPI=self.cpc, CPO=self.cpo, S=self.s, BLOCK_M=bm,
+                                  DOT_PREC=self.prec)
+        return y
+
+
+class FastSPAN(nn.Module):
+    """A deploy SPAN's fast forward; made by [`fast_span`][examples.span_sr.fast.fast_span].
+
+    Behaves like the model for the SR scripts: ``upscale`` is the model's, ``parameters()`` are
+    the source model's (float32, on its device: inputs follow them), and ``forward`` maps a
+    float ``(N, C, H, W)`` image in [0, 1] to the float32 SR output, without gradients.
+
+    Attributes:
+        backend: The concrete backend (``"triton"``, ``"inductor"`` or ``"eager"``).
+        dtype: The compute dtype.
+    """
+
+    def __init__(self, model: SPAN, run: Callable[[torch.Tensor], torch.Tensor], backend: str,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.model = model
+        self.upscale: int = model.upscale
+        self.backend, self.dtype = backend, dtype
+        self._run = run
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.model.num_in_ch:
+            raise ValueError(f"FastSPAN needs an (N, {self.model.num_in_ch}, H, W) image batch, got shape "
+                             f"{tuple(x.shape)}.")
+        with torch.no_grad():
+            return self._run(x).float()
+
+    def extra_repr(self) -> str:
+        return f"backend={self.backend!r}, dtype={str(self.dtype).removeprefix('torch.')}"
+
+
+def _inductor(model: SPAN) -> Callable[[torch.Tensor], torch.Tensor]:
+    net = copy.deepcopy(model).eval().requires_grad_(False)
+    compiled: Any = torch.compile(net, options={"freezing": True})
+    state = {"run": compiled}
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        try:
+            return state["run"](x.float())
+        except Exception as err:  # noqa: BLE001 - a broken toolchain falls back, saying so
+            if state["run"] is net:
+                raise
+            print(f"fast_span: torch.compile failed ({type(err).__name__}: {str(err)[:120]}); "
+                  "using the eager forward.")
+            state["run"] = net
+            return net(x.float())
+    return run
+
+
+def fast_span(model: nn.Module, dtype: torch.dtype = torch.float32, backend: Backend = "auto",
+              block_m: int = 64) -> FastSPAN:
+    """The fast forward of a deploy-form SPAN: same output, less time.
+
+    Args:
+        model: A deploy-form [`SPAN`][examples.span_sr.arch.SPAN] of any width, on the device
+            to run on; LoRA adapters merged (``convlora.unload(model, merge=True)``) and
+            train-form convs fused (``model.reparameterize()``). It is not modified.
+        dtype: Compute dtype; one of ``OFFERED_DTYPES[backend]`` (float32 everywhere,
+            float16 on the triton backend).
+        backend: ``"auto"`` (triton on CUDA, inductor on CPU), or one by name.
+        block_m: Pixels per program of the triton kernels.
+
+    Returns:
+        A [`FastSPAN`][examples.span_sr.fast.FastSPAN] (an ``nn.Module``).
+
+    Raises:
+        TypeError, ValueError: a model that is not a deploy SPAN (the message says how to make
+            it one), an unknown backend, a dtype the backend does not offer, or the triton
+            backend on CPU without ``TRITON_INTERPRET=1``.
+    """
+    spanm = check_deploy(model)
+    device = spanm.mean.device
+    name = resolve_backend(backend, device)
+    if dtype not in OFFERED_DTYPES[name]:
+        offered = ", ".join(str(d).removeprefix("torch.") for d in OFFERED_DTYPES[name])
+        raise ValueError(f"dtype={dtype} is not offered by the {name} backend (offered: {offered}): "
+                         "other dtypes exceed the output bound of 1 uint8 level / 0.01 dB.")
+    if block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m={block_m} must be a power of two >= 16.")
+    if name == "triton":
+        if device.type != "cuda" and not _interpreting():
+            raise ValueError(f"the triton backend needs a CUDA model (got {device}); on CPU use "
+                             "backend='inductor', or set TRITON_INTERPRET=1 before importing triton (tests).")
+        return FastSPAN(spanm, _TritonSPAN(spanm, dtype, block_m), name, dtype)
+    if name == "inductor" and not _has_cxx():
+        print("fast_span: no C++ compiler found (set CXX or install g++); using the eager forward.")
+        name = "eager"
+    if name == "inductor":
+        return FastSPAN(spanm, _inductor(spanm), name, dtype)
+    eager = copy.deepcopy(spanm).eval()
+    return FastSPAN(spanm, lambda x: eager(x.float()), "eager", dtype)

@@ -1,0 +1,161 @@
+"""The fast SPAN path (examples/span_sr/fast.py): fused Triton kernels, run on CPU through Triton's
+interpreter against the eager forward; the CPU backend; refusals of non-deploy models."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import convlora
+from examples.span_sr import fast as fast_mod
+from examples.span_sr.arch import SPAN
+from examples.span_sr.fast import FastSPAN, fast_span
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+pytest.importorskip("triton")
+
+
+# Triton's interpreter must be switched on before triton is first imported (its own library
+# functions are decorated at import), and other tests in this process may have imported it: the
+# kernels run in one fresh subprocess, on every case below, and each test reads its case.
+CASES = {
+    "w8_batch2_odd": dict(width=8, cat=None, scale=4, shape=(2, 3, 9, 7)),  # padding 8 -> 16
+    "w26_cat20": dict(width=26, cat=20, scale=4, shape=(1, 3, 6, 11)),  # SPAN-tiny width, 26 -> 32
+    "w28_x2": dict(width=28, cat=None, scale=2, shape=(1, 3, 5, 5)),  # SPAN width, x2
+    "w8_x3_one_row": dict(width=8, cat=None, scale=3, shape=(1, 3, 1, 4)),  # 27 out ch -> 32
+    "w8_channels_last": dict(width=8, cat=None, scale=4, shape=(1, 3, 6, 5), channels_last=True),
+    "w26_fp16": dict(width=26, cat=None, scale=4, shape=(1, 3, 8, 8), dtype="float16"),
+}
+
+WORKER = r"""
+import json, os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+sys.path.insert(0, sys.argv[1])
+import torch
+from tests.test_span_sr_fast import CASES, _model
+from examples.span_sr.fast import fast_span
+torch.set_num_threads(1)
+out = {}
+for name, c in CASES.items():
+    m = _model(c["width"], c["cat"], c["scale"])
+    x = torch.rand(*c["shape"], generator=torch.Generator().manual_seed(1))
+    if c.get("channels_last"):
+        x = x.contiguous(memory_format=torch.channels_last)
+    fast = fast_span(m, dtype=getattr(torch, c.get("dtype", "float32")), backend="triton", block_m=16)
+    with torch.no_grad():
+        ref = m(x)
+    got = fast(x)
+    out[name] = {"shape_ok": got.shape == ref.shape, "dtype": str(got.dtype),
+                 "diff": float((got - ref).abs().max()), "scale": float(ref.abs().max())}
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.fixture(scope="module")
+def interpreted() -> dict[str, dict]:
+    """Every case of ``CASES`` run through the Triton interpreter (one subprocess)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.run([sys.executable, "-c", WORKER, repo], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": repo})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT")), None)
+    assert line is not None, proc.stderr[-3000:]
+    return json.loads(line[len("RESULT"):])
+
+
+def _model(width: int, cat: int | None = None, scale: int = 4, seed: int = 0) -> SPAN:
+    torch.manual_seed(seed)
+    m = SPAN(feature_channels=width, conv_cat_channels=cat, upscale=scale).eval()
+    with torch.no_grad():  # default init on a 0..255 input gives outputs ~1e3; keep them ~1
+        for p in m.parameters():
+            p.mul_(0.4)
+    return m
+
+
+@pytest.mark.parametrize("case", [k for k, c in CASES.items() if "dtype" not in c])
+def test_triton_fp32_matches_eager(interpreted: dict[str, dict], case: str) -> None:
+    r = interpreted[case]
+    assert r["shape_ok"] and r["dtype"] == "torch.float32"
+    assert r["diff"] <= 1e-5 * max(1.0, r["scale"])
+
+
+def test_triton_fp16_within_a_level(interpreted: dict[str, dict]) -> None:
+    r = interpreted["w26_fp16"]  # fp16 storage, fp32 accumulation, float32 output
+    assert r["shape_ok"] and r["dtype"] == "torch.float32"
+    assert r["diff"] < 1 / 255
+
+
+def test_triton_on_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="needs a CUDA model"):
+        fast_span(_model(8), backend="triton")
+
+
+def test_refuses_unmerged_lora() -> None:
+    m = _model(8)
+    convlora.inject(m, 2)
+    with pytest.raises(ValueError, match=r"convlora.unload\(model, merge=True\)"):
+        fast_span(m)
+    merged = convlora.unload(m, merge=True)
+    assert isinstance(fast_span(merged, backend="eager"), FastSPAN)
+
+
+def test_refuses_train_form() -> None:
+    m = SPAN(feature_channels=8, form="train").eval()
+    with pytest.raises(ValueError, match=r"model.reparameterize\(\)"):
+        fast_span(m)
+    assert fast_span(m.reparameterize(), backend="eager").backend == "eager"
+
+
+def test_refuses_other_models_and_options() -> None:
+    with pytest.raises(TypeError, match="needs a SPAN"):
+        fast_span(torch.nn.Conv2d(3, 3, 3))
+    with pytest.raises(ValueError, match="not offered by the inductor backend"):
+        fast_span(_model(8), dtype=torch.float16, backend="inductor")
+    with pytest.raises(ValueError, match="backend='onnx' is not one of"):
+        fast_span(_model(8), backend="onnx")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="block_m=24"):
+        fast_span(_model(8), backend="triton", block_m=24)
+
+
+def test_forward_rejects_a_bad_shape() -> None:
+    fast = fast_span(_model(8), backend="eager")
+    with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
+        fast(torch.rand(3, 8, 8))
+
+
+def test_no_cxx_compiler_falls_back_with_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(fast_mod, "_has_cxx", lambda: False)
+    m = _model(8)
+    fast = fast_span(m)
+    out = capsys.readouterr().out
+    assert fast.backend == "eager" and out.count("\n") == 1 and "no C++ compiler" in out
+    x = torch.rand(1, 3, 5, 6)
+    with torch.no_grad():
+        assert torch.equal(fast(x), m(x))
+
+
+def test_the_model_is_not_modified() -> None:
+    m = _model(8)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    fast_span(m, backend="eager")
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+
+
+@pytest.mark.slow
+def test_inductor_matches_eager_for_new_shapes() -> None:
+    m = _model(8)
+    fast = fast_span(m)
+    assert fast.backend == "inductor"
+    for shape in [(1, 3, 12, 10), (2, 3, 7, 9)]:  # a second shape recompiles (dynamic)
+        x = torch.rand(*shape)
+        with torch.no_grad():
+            ref = m(x)
+        assert float((fast(x) - ref).abs().max()) <= 1e-4 * max(1.0, float(ref.abs().max()))
