@@ -17,6 +17,7 @@ from .errors import (
     TargetError,
     UnsupportedLayerError,
 )
+from .extraction import Extraction, KeyDifference, LayerExtraction, extract
 from .layer import LoRALayer
 from .management import (
     active_adapter,
@@ -38,7 +39,10 @@ __all__ = [
     "AdapterFormatError",
     "AdapterMismatchError",
     "ConvLoRAError",
+    "Extraction",
     "FingerprintMismatchError",
+    "KeyDifference",
+    "LayerExtraction",
     "LoRAConfig",
     "LoRALayer",
     "MergeStateError",
@@ -50,6 +54,7 @@ __all__ = [
     "delete_adapter",
     "disabled",
     "distill",
+    "extract",
     "find_targets",
     "inject",
     "is_merged",
