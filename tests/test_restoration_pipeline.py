@@ -133,7 +133,7 @@ def test_trained_adapter_lowers_its_task_loss(run: Path, sampler: PatchSampler) 
 
 
 @pytest.mark.parametrize("model", [None, {"arch": "SmallUNet", "channels": [16, 24, 32]}], ids=["dncnn", "unet"])
-def test_scripts_end_to_end(tmp_path: Path, model: dict[str, Any] | None) -> None:
+def test_scripts_end_to_end(tmp_path: Path, model: dict[str, Any] | None, capsys) -> None:
     cfg = {"out": str(tmp_path / "run"), "data": {"synthetic_kernels": 4},
            "train": {"patch": 32, "batch": 2}, "base": {"steps": 3}, "adapter": {"steps": 3},
            "tasks": list(TASKS), "finetune": {"enabled": True}, "eval": {"crop": 48}}
@@ -143,13 +143,18 @@ def test_scripts_end_to_end(tmp_path: Path, model: dict[str, Any] | None) -> Non
     log = train.main(["--config", str(tmp_path / "tiny.yaml")])
     run = tmp_path / "run"
     assert json.loads((run / "log.json").read_text()) == log
+    assert f"next: python examples/restoration/evaluate.py --run {run.resolve()}" in capsys.readouterr().out
     assert all(log["adapters"][t]["fraction_of_base"] < 0.05 for t in TASKS)
     res = evaluate.main(["--run", str(run)])
     for name in TASKS:
         r = res["tasks"][name]
         assert r["switch_max_abs"] == 0.0 and r["merge_max_abs"] < 1e-5
         assert r["finetune"] is not None and len(r["base"]["per_case"]) == (4 if name == "deblur_gauss" else 1)
-    assert (run / "results.md").read_text().startswith("| task |")
+    table = (run / "results.md").read_text()
+    assert table.startswith("| task | test set | input: PSNR (dB) / SSIM |")
+    for name in TASKS:  # the exactness checks are in the table too, not only in the JSON
+        r = res["tasks"][name]
+        assert f"| {r['switch_max_abs']:.1e} / {r['merge_max_abs']:.1e} |" in table
     assert res == evaluate.main(["--run", str(run)])  # fixed seeds: identical numbers
     if model is None:
         inner = evaluate.main(["--run", str(run), "--border", "8"])

@@ -134,17 +134,22 @@ def _fmt(r: dict[str, Any] | None) -> str:
 
 def markdown(results: dict[str, Any]) -> str:
     """The results as two Markdown tables (per task; per Levin kernel)."""
-    lines = ["| task | test set | input | base | adapter | full fine-tune | adapter − full (dB) "
-             "| params trained / stored: adapter | full fine-tune |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| task | test set | input: PSNR (dB) / SSIM | base | adapter | full fine-tune "
+             "| adapter − full (dB) | params trained / stored: adapter | full fine-tune "
+             "| max abs diff: switch / merge |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results["tasks"].items():
         ad, ft = r.get("adapter"), r.get("finetune")
         gap = f"{ad['psnr'] - ft['psnr']:+.2f}" if ad and ft else "—"
         pa = f"{r['adapter_params']:,} ({100 * r['adapter_params'] / results['base_params']:.2f}%)" \
             if ad else "—"
         pf = f"{results['base_params']:,}" if ft else "—"
+        exact = f"{r['switch_max_abs']:.1e} / {r['merge_max_abs']:.1e}" if "switch_max_abs" in r else "—"
         lines.append(f"| {name} | {r['test_set']} | {_fmt(r['input'])} | {_fmt(r['base'])} | {_fmt(ad)} "
-                     f"| {_fmt(ft)} | {gap} | {pa} | {pf} |")
+                     f"| {_fmt(ft)} | {gap} | {pa} | {pf} | {exact} |")
+    lines += ["", "max abs diff (exactness, on one test image): switch = the multi-adapter model switched to the "
+              "task vs a fresh base with only that adapter loaded; merge = vs the adapter merged and unloaded "
+              "(plain layers)."]
     motion = results["tasks"].get("deblur_motion")
     if motion and motion.get("adapter"):
         k = len(motion["kernels"])
@@ -196,7 +201,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ft = run / "finetune" / f"{tname}.safetensors"
             r["finetune"] = score(load_model(ft).to(device), cases, device, bd) if ft.is_file() else None
         results["tasks"][tname] = r
-        print(f"{tname}: {len(cases)} cases in {time.perf_counter() - t0:.0f}s  input {_fmt(r['input'])}  "
+        print(f"{tname}: {len(cases)} cases in {time.perf_counter() - t0:.0f}s, PSNR (dB) / SSIM:  input {_fmt(r['input'])}  "
               f"base {_fmt(r['base'])}  adapter {_fmt(r.get('adapter'))}  full {_fmt(r.get('finetune'))}",
               flush=True)
     table = markdown(results)

@@ -241,6 +241,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(convlora.summary(model))
     (out / "log.json").write_text(json.dumps(log, indent=2))
     print(f"wrote {out}")
+    try:  # evaluate.py reads --run relative to the working directory
+        shown = out.resolve().relative_to(Path.cwd().resolve())
+    except ValueError:
+        shown = out.resolve()
+    print(f"next: python examples/restoration/evaluate.py --run {shown}")
     return log
 
 
