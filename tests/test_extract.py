@@ -284,3 +284,18 @@ def test_dsclora_full_rank_reproduces_the_adapted_layers(shared_data: Path) -> N
     assert "conv_1.eval_conv.weight" in left and "conv_cat.weight" in left
     everything = convlora.extract(base, tuned, factorization="loralib", store_biases=True)
     assert everything.exact, everything.leftovers()
+
+
+@pytest.mark.slow
+def test_dsclora_benchmark_script_runs(shared_data: Path, capsys) -> None:
+    from benchmarks.extract_dsclora import main
+
+    assert main(["--sets", "Set5", "--quick", "--weights", str(shared_data / "weights"),
+                 "--bench", str(shared_data / "sr_bench")]) == 0
+    out = capsys.readouterr().out
+    def size(shape: tuple[int, ...], r: int) -> int:
+        return sum(math.prod(s) for s in lora_shapes("loralib", shape, r))
+
+    params = 18 * size((26, 26, 3, 3), 2) + size((26, 26, 3, 3), 8) + size((48, 26, 3, 3), 8)
+    assert f"| 2/8 (paper) | 2/8 | {params:,} |" in out
+    assert "every conv + biases, full rank: exact=True" in out
