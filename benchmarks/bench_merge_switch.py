@@ -38,7 +38,7 @@ def adapted(base: nn.Module, rank: int) -> nn.Module:
     """A copy of ``base`` with adapters ``default`` and ``b`` (non-zero B) on every conv."""
     model = copy.deepcopy(base)
     convlora.inject(model, rank=rank)
-    convlora.add_adapter(model, "b", convlora.LoRAConfig(rank=rank))
+    convlora.inject(model, convlora.LoRAConfig(rank=rank), adapter_name="b")
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in convlora.lora_parameters(model):

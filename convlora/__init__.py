@@ -6,6 +6,7 @@ original architecture, parameter count and speed.
 """
 
 from . import distill
+from ._version import __version__
 from .adapters import load_adapter, read_adapter, save_adapter
 from .config import LoRAConfig
 from .errors import (
@@ -14,6 +15,7 @@ from .errors import (
     ConvLoRAError,
     FingerprintMismatchError,
     MergeStateError,
+    StateDictError,
     TargetError,
     UnsupportedLayerError,
 )
@@ -21,19 +23,17 @@ from .extraction import Extraction, KeyDifference, LayerExtraction, extract
 from .layer import LoRALayer
 from .management import (
     active_adapter,
-    add_adapter,
     delete_adapter,
     list_adapters,
     lora_parameters,
     lora_state_dict,
-    mark_only_lora_trainable,
     set_adapter,
     summary,
 )
 from .merge import disabled, is_merged, merge, merged, unmerge
+from .state_dict import load_state_dict, merge_state_dict, save_state_dict
 from .surgery import find_targets, inject, lora_layers, unload
-
-__version__ = "0.1.0"
+from .trainable import mark_only_lora_trainable
 
 __all__ = [
     "AdapterFormatError",
@@ -46,11 +46,11 @@ __all__ = [
     "LoRAConfig",
     "LoRALayer",
     "MergeStateError",
+    "StateDictError",
     "TargetError",
     "UnsupportedLayerError",
     "__version__",
     "active_adapter",
-    "add_adapter",
     "delete_adapter",
     "disabled",
     "distill",
@@ -60,14 +60,17 @@ __all__ = [
     "is_merged",
     "list_adapters",
     "load_adapter",
+    "load_state_dict",
     "lora_layers",
     "lora_parameters",
     "lora_state_dict",
     "mark_only_lora_trainable",
     "merge",
+    "merge_state_dict",
     "merged",
     "read_adapter",
     "save_adapter",
+    "save_state_dict",
     "set_adapter",
     "summary",
     "unload",

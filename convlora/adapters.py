@@ -1,18 +1,19 @@
 """Adapter files: one safetensors file per adapter, self-describing through its metadata.
 
-Tensor keys are ``<layer>.lora_A`` / ``<layer>.lora_B`` (plus ``<module>.bias`` for trainable
-biases). The metadata (all strings, as safetensors requires) holds ``format``,
+Tensor keys are ``<layer>.lora_A`` / ``<layer>.lora_B`` plus ``<module>.bias`` for the biases
+the bias mode names. The metadata (all strings, as safetensors requires) holds ``format``,
 ``format_version``, ``convlora_version``, ``adapter_name``, ``layers`` (JSON: per layer its base
-type, weight shape, conv settings, rank, alpha, factorisation), ``bias_keys``,
-``base_fingerprint`` (SHA-256 over the targeted base weights) and ``user`` (your metadata).
+type, weight shape, conv settings, rank, alpha, factorisation), ``bias`` (the bias mode, from
+version 2), ``bias_keys``, ``base_fingerprint`` (SHA-256 over the targeted base weights),
+``base_sketch`` and ``user`` (your metadata). Version-1 files (no ``bias``) are still read.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,22 +22,27 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from ._atomic import write_atomically
+from ._version import __version__
 from .errors import (
     AdapterFormatError,
     AdapterMismatchError,
     FingerprintMismatchError,
     MergeStateError,
 )
-from .fingerprint import fingerprint, sketch, sketches_match
-from .functional import lora_shapes
-from .layer import LoRALayer
+from .fingerprint import base_mismatch, fingerprint, sketch
+from .functional import FACTORIZATIONS, factorization_problem, lora_shapes, max_rank
+from .layer import LoRALayer, unsupported_reason
 from .management import lora_state_dict
 from .surgery import lora_layers, replace_module
+from .trainable import BIAS_MODES, BiasMode, bias_names, check_bias_mode
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "load_adapter", "read_adapter", "save_adapter"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "load_adapter", "read_adapter",
+           "save_adapter"]
 
 FORMAT = "convlora.adapter"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")  # "1": no bias mode recorded (biases saved = the trainable ones)
 
 
 def _layer_meta(layer: LoRALayer, name: str) -> dict[str, Any]:
@@ -52,38 +58,45 @@ def _layer_meta(layer: LoRALayer, name: str) -> dict[str, Any]:
 
 
 def save_adapter(model: nn.Module, path: str | os.PathLike[str], *, name: str = "default",
-                 metadata: dict[str, Any] | None = None) -> Path:
+                 bias: BiasMode = "none", metadata: dict[str, Any] | None = None) -> Path:
     """Write adapter ``name`` of ``model`` to a ``.safetensors`` file (atomically).
 
     Args:
         model: A model with LoRA layers.
         path: Destination file.
         name: Which adapter to save.
+        bias: Which biases go into the file, recorded in it: ``"none"`` (the default: the
+            adapter's factors only), ``"lora_only"`` (the biases of the layers carrying the
+            adapter) or ``"all"`` (every bias of the model). Use the mode you trained with
+            ([mark_only_lora_trainable][convlora.mark_only_lora_trainable]); a warning names
+            trainable biases that the mode leaves out.
         metadata: Extra JSON-serialisable information stored under ``user``.
+
+    Returns:
+        ``path`` as a ``Path``.
     """
+    check_bias_mode(bias, "save_adapter()")
     layers = {n: lyr for n, lyr in lora_layers(model).items() if name in lyr.rank}
     if not layers:
         raise AdapterMismatchError(f"save_adapter(): no layer has an adapter named {name!r}.")
-    tensors = {k: v.cpu().contiguous() for k, v in lora_state_dict(model, name).items()}
-    bias_keys = [k for k in tensors if k.endswith(".bias")]
-    from . import __version__
-
+    try:
+        user = json.dumps(metadata or {})
+    except (TypeError, ValueError) as err:
+        raise AdapterFormatError(f"save_adapter(): metadata is not JSON-serialisable ({err}).") from None
+    tensors = {k: v.cpu().contiguous() for k, v in lora_state_dict(model, name, bias=bias).items()}
+    bias_keys = [k for k in tensors if k.rpartition(".")[2] == "bias"]
+    params = dict(model.named_parameters())
+    left_out = [k for k in bias_names(model, "all") if params[k].requires_grad and k not in tensors]
+    if left_out:
+        warnings.warn(f"save_adapter(): biases {left_out[:3]}{'...' if len(left_out) > 3 else ''} "
+                      f"are trainable but bias={bias!r} leaves them out of the file; pass "
+                      "bias='lora_only' or 'all' to save them.", stacklevel=2)
     bases = {n: lyr.base_weight() for n, lyr in layers.items()}
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "convlora_version": __version__,
             "adapter_name": name, "layers": json.dumps({n: _layer_meta(lyr, name) for n, lyr in layers.items()}),
-            "bias_keys": json.dumps(bias_keys), "base_fingerprint": fingerprint(bases),
-            "base_sketch": json.dumps(sketch(bases)), "user": json.dumps(metadata or {})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+            "bias": bias, "bias_keys": json.dumps(bias_keys), "base_fingerprint": fingerprint(bases),
+            "base_sketch": json.dumps(sketch(bases)), "user": user}
+    return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
 def _header(path: Path) -> dict[str, Any]:
@@ -110,21 +123,98 @@ def _header(path: Path) -> dict[str, Any]:
     return header
 
 
+def _is_int(x: object, low: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _layer_problem(lm: object) -> str | None:
+    """What is wrong with one layer's metadata entry, or ``None``."""
+    if not isinstance(lm, dict):
+        return "not a JSON object"
+    shape = lm.get("weight_shape")
+    checks = {
+        "type": isinstance(lm.get("type"), str),
+        "weight_shape": isinstance(shape, list) and len(shape) >= 2 and all(_is_int(d, 1) for d in shape),
+        "groups": _is_int(lm.get("groups"), 1),
+        "rank": _is_int(lm.get("rank"), 1),
+        "alpha": isinstance(lm.get("alpha"), (int, float)) and not isinstance(lm.get("alpha"), bool)
+        and math.isfinite(lm["alpha"]),
+        "factorization": lm.get("factorization") in FACTORIZATIONS,
+        "dropout": isinstance(lm.get("dropout", 0.0), (int, float)) and 0 <= lm.get("dropout", 0.0) < 1,
+    }
+    bad = [k for k, ok in checks.items() if not ok]
+    return f"bad or missing {bad}" if bad else None
+
+
+def _decode(path: Path, raw: dict[str, str]) -> dict[str, Any]:
+    """Decode and validate the metadata of a readable version; one-line errors name the field."""
+    meta: dict[str, Any] = dict(raw)
+    defaults = {"layers": "{}", "bias_keys": "[]", "base_sketch": "{}", "user": "{}"}
+    for key, default in defaults.items():
+        try:
+            meta[key] = json.loads(raw.get(key, default))
+        except (TypeError, json.JSONDecodeError) as err:
+            raise AdapterFormatError(f"{path}: metadata field {key!r} is not valid JSON ({err}).") from None
+    name, layers, keys = meta.get("adapter_name"), meta["layers"], meta["bias_keys"]
+    if not isinstance(name, str) or not name.isidentifier():
+        raise AdapterFormatError(f"{path}: metadata adapter_name={name!r} is not a Python identifier.")
+    if not isinstance(layers, dict) or not layers:
+        raise AdapterFormatError(f"{path}: metadata 'layers' must be a non-empty JSON object.")
+    for lname, lm in layers.items():
+        problem = _layer_problem(lm)
+        if problem:
+            raise AdapterFormatError(f"{path}: metadata of layer {lname!r}: {problem}.")
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k.rpartition(".")[2] == "bias"
+                                             for k in keys):
+        raise AdapterFormatError(f"{path}: metadata 'bias_keys' must be a list of '<module>.bias' "
+                                 f"names, found {keys!r:.200}.")
+    sk = meta["base_sketch"]
+    if not isinstance(sk, dict) or not all(isinstance(v, list) and all(
+            isinstance(x, (int, float)) for x in v) for v in sk.values()):
+        raise AdapterFormatError(f"{path}: metadata 'base_sketch' must map layers to lists of numbers.")
+    if not isinstance(meta.get("base_fingerprint"), str):
+        raise AdapterFormatError(f"{path}: metadata lacks the base_fingerprint string.")
+    if meta["format_version"] == "1":
+        meta["bias"] = None  # not recorded: version 1 saved the biases that were trainable
+        return meta
+    bias = meta.get("bias")
+    if bias not in BIAS_MODES:
+        raise AdapterFormatError(f"{path}: metadata bias={bias!r} is not one of {BIAS_MODES}.")
+    if bias == "none" and keys:
+        raise AdapterFormatError(f"{path}: bias mode 'none' but the file lists biases {keys[:3]}.")
+    if bias == "lora_only":
+        foreign = [k for k in keys if k.rpartition(".")[0] not in layers]
+        if foreign:
+            raise AdapterFormatError(f"{path}: bias mode 'lora_only' but {foreign[:3]} are not "
+                                     "biases of the adapted layers.")
+    return meta
+
+
 def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Read and validate an adapter file; returns ``(tensors, metadata)`` with JSON decoded."""
+    """Read and validate an adapter file; returns ``(tensors, metadata)`` with JSON decoded.
+
+    The metadata's ``bias`` is the file's bias mode, or ``None`` for a version-1 file (which
+    recorded none: it holds the biases that were trainable when it was saved).
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        AdapterFormatError: not safetensors, truncated, not an adapter, a format version this
+            convlora cannot read, or invalid metadata.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {str(path)!r} does not exist.")
     raw = _header(path).get("__metadata__") or {}
-    if raw.get("format") != FORMAT:
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        found = raw.get("format") if isinstance(raw, dict) else None
         raise AdapterFormatError(f"{path} is a safetensors file but not a convlora adapter "
-                                 f"(format={raw.get('format')!r}, expected {FORMAT!r}).")
-    if raw.get("format_version") != FORMAT_VERSION:
-        raise AdapterFormatError(f"{path} has adapter format version {raw.get('format_version')!r}; "
-                                 f"this convlora reads version {FORMAT_VERSION!r}. Upgrade convlora.")
-    meta: dict[str, Any] = dict(raw)
-    for key in ("layers", "bias_keys", "base_sketch", "user"):
-        meta[key] = json.loads(raw.get(key, "{}" if key != "bias_keys" else "[]"))
+                                 f"(format={found!r}, expected {FORMAT!r}).")
+    version = raw.get("format_version")
+    if version not in READABLE_VERSIONS:
+        raise AdapterFormatError(f"{path} has adapter format version {version!r}; convlora "
+                                 f"{__version__} reads versions {', '.join(map(repr, READABLE_VERSIONS))}. "
+                                 "Upgrade convlora.")
+    meta = _decode(path, raw)
     try:
         tensors = load_file(str(path))
     except Exception as err:  # noqa: BLE001 - surface any reader failure as a format error
@@ -163,23 +253,35 @@ def _check(model: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any], n
             problems.append(f"{lname}: the adapter expects a {lm['type']} of weight {lm['weight_shape']}, "
                             f"the model has {type(mod).__name__} of weight {got}")
             continue
-        sa, sb = lora_shapes(lm["factorization"], tuple(lm["weight_shape"]), lm["rank"], lm["groups"])
+        shape, groups = tuple(lm["weight_shape"]), int(getattr(mod, "groups", 1))
+        reason = None if isinstance(mod, LoRALayer) else unsupported_reason(mod)
+        if reason is None and groups != lm["groups"]:
+            reason = f"groups={groups} in the model, {lm['groups']} in the file"
+        if reason is None:
+            reason = factorization_problem(lm["factorization"], shape, groups)
+        if reason is None and lm["rank"] > max_rank(lm["factorization"], shape, groups):
+            reason = f"rank {lm['rank']} exceeds {max_rank(lm['factorization'], shape, groups)}"
+        if reason:
+            problems.append(f"{lname}: {reason}")
+            continue
+        sa, sb = lora_shapes(lm["factorization"], shape, lm["rank"], lm["groups"])
         for key, shape in ((f"{lname}.lora_A", sa), (f"{lname}.lora_B", sb)):
             if tuple(tensors[key].shape) != tuple(shape):
                 problems.append(f"{key}: shape {tuple(tensors[key].shape)}, expected {tuple(shape)}")
     for key in meta["bias_keys"]:
-        owner = model.get_submodule(key.rpartition(".")[0]) if "." in key else model
+        owner = modules.get(key.rpartition(".")[0])
         b = getattr(owner, "bias", None)
         if b is None or b.shape != tensors[key].shape:
             problems.append(f"{key}: the model has no bias of shape {tuple(tensors[key].shape)}")
     if problems:
-        raise AdapterMismatchError(f"{path} does not fit this model:\n  " + "\n  ".join(problems[:20]))
+        more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
+        raise AdapterMismatchError(f"{path} does not fit this model: " + "; ".join(problems[:10]) + more)
     bases = {n: (m.base_weight() if isinstance(m, LoRALayer) else m.weight)
              for n, m in ((n, modules[n]) for n in layers)}
-    if fingerprint(bases) != meta.get("base_fingerprint") and not sketches_match(
-            sketch(bases), meta["base_sketch"]):
+    mismatch = base_mismatch(bases, meta["base_fingerprint"], meta["base_sketch"])
+    if mismatch:
         return [f"{path}: the base weights differ from the ones adapter {name!r} was trained on "
-                f"(fingerprint {fingerprint(bases)[:16]} vs {str(meta.get('base_fingerprint'))[:16]})"]
+                f"({mismatch})"]
     return []
 
 

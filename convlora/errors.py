@@ -12,6 +12,7 @@ __all__ = [
     "ConvLoRAError",
     "FingerprintMismatchError",
     "MergeStateError",
+    "StateDictError",
     "TargetError",
     "UnsupportedLayerError",
 ]
@@ -35,6 +36,10 @@ class AdapterMismatchError(ConvLoRAError):
 
 class AdapterFormatError(ConvLoRAError):
     """A file is not a convlora adapter: not safetensors, truncated, or of another format version."""
+
+
+class StateDictError(ConvLoRAError):
+    """A file is not a readable state dict: unknown suffix, unreadable, or no dict of tensors."""
 
 
 class FingerprintMismatchError(AdapterMismatchError):

@@ -110,7 +110,7 @@ class Extraction:
             frozen, the adapter's trainable). For state-dict inputs it is a stand-in holding only
             the state dict's layers (its conv settings, which the adapter file records, are
             PyTorch's defaults; they are not used when loading or merging); save it with
-            [`save_adapter`][convlora.save_adapter].
+            [`save_adapter`][convlora.save_adapter]``(model, path, bias=bias_mode)``.
         adapter_name: The adapter's name on ``model``.
         layers: Per adapted layer, what was kept.
         differences: Every other differing key.

@@ -15,7 +15,7 @@ import hashlib
 import torch
 from torch import Tensor
 
-__all__ = ["fingerprint", "sketch", "sketches_match"]
+__all__ = ["base_mismatch", "fingerprint", "sketch", "sketches_match"]
 
 _PROJECTIONS = 4
 _TOLERANCE = 6e-3  # of the weight norm; bf16 rounding moves a projection by ~1.1e-3 of it (RMS)
@@ -56,3 +56,17 @@ def sketches_match(a: dict[str, list[float]], b: dict[str, list[float]]) -> bool
         if any(abs(x - y) > _TOLERANCE * norm for x, y in zip(a[name], b[name])):
             return False
     return True
+
+
+def base_mismatch(weights: dict[str, Tensor], recorded_fingerprint: str,
+                  recorded_sketch: dict[str, list[float]]) -> str | None:
+    """Compare base weights with the fingerprint and sketch an adapter file recorded.
+
+    Returns:
+        ``None`` when they are the same base (equal fingerprints, or sketches that agree up to
+        low-precision rounding); otherwise a short description of the mismatch for a message.
+    """
+    actual = fingerprint(weights)
+    if actual == recorded_fingerprint or sketches_match(sketch(weights), recorded_sketch):
+        return None
+    return f"fingerprint mismatch: {actual[:16]} here, {str(recorded_fingerprint)[:16]} recorded"

@@ -1,4 +1,4 @@
-"""Named adapters, trainability and introspection of a model with LoRA layers."""
+"""Named adapters of a model with LoRA layers: switching, deleting, their tensors, a summary."""
 
 from __future__ import annotations
 
@@ -6,33 +6,19 @@ from collections.abc import Iterator
 
 from torch import Tensor, nn
 
-from .config import LoRAConfig
 from .errors import ConvLoRAError, MergeStateError
-from .surgery import inject, lora_layers
+from .surgery import lora_layers
+from .trainable import BiasMode, bias_names, check_bias_mode, is_lora_factor
 
 __all__ = [
     "active_adapter",
-    "add_adapter",
     "delete_adapter",
     "list_adapters",
     "lora_parameters",
     "lora_state_dict",
-    "mark_only_lora_trainable",
     "set_adapter",
     "summary",
 ]
-
-_BIAS_MODES = ("none", "all", "lora_only")
-
-
-def _is_lora_param(name: str) -> bool:
-    return ".lora_A." in f".{name}" or ".lora_B." in f".{name}"
-
-
-def add_adapter(model: nn.Module, name: str, config: LoRAConfig) -> list[str]:
-    """Add adapter ``name`` described by ``config`` (it becomes active); see [`inject`][convlora.inject]."""
-    return inject(model, config, adapter_name=name)
-
 
 def list_adapters(model: nn.Module) -> list[str]:
     """Names of all adapters present on any layer, in order of first appearance."""
@@ -80,27 +66,6 @@ def active_adapter(model: nn.Module) -> str | None:
     return None
 
 
-def mark_only_lora_trainable(model: nn.Module, bias: str = "none", adapter: str | None = None) -> None:
-    """Freeze everything except adapter factors (and biases, as ``bias`` says).
-
-    Args:
-        model: A model with LoRA layers.
-        bias: ``"none"``, ``"all"`` (every bias in the model) or ``"lora_only"`` (biases of
-            LoRA layers). Trainable biases are saved with the adapter. Biases are shared by all
-            adapters of a model: train them only for single-adapter models.
-        adapter: Only this adapter's factors train (default: every adapter's).
-    """
-    if bias not in _BIAS_MODES:
-        raise ConvLoRAError(f"bias={bias!r} is not one of {_BIAS_MODES}.")
-    lora_names = set(lora_layers(model))
-    for pname, p in model.named_parameters():
-        owner, _, leaf = pname.rpartition(".")
-        is_factor = _is_lora_param(pname) and (adapter is None or pname.endswith(f".{adapter}"))
-        train = is_factor or (leaf == "bias" and (
-            bias == "all" or (bias == "lora_only" and owner in lora_names)))
-        p.requires_grad_(train)
-
-
 def lora_parameters(model: nn.Module, adapter: str | None = None) -> Iterator[nn.Parameter]:
     """Adapter factors of ``adapter`` (default: every adapter), e.g. for an optimizer."""
     for layer in lora_layers(model).values():
@@ -110,9 +75,23 @@ def lora_parameters(model: nn.Module, adapter: str | None = None) -> Iterator[nn
                 yield layer.lora_B[name]
 
 
-def lora_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, Tensor]:
-    """Factors of one adapter (default: the active one) as ``<layer>.lora_A/B``, plus the
-    trainable biases as ``<module>.bias``."""
+def lora_state_dict(model: nn.Module, adapter: str | None = None, *,
+                    bias: BiasMode = "none") -> dict[str, Tensor]:
+    """Tensors of one adapter: ``<layer>.lora_A`` / ``<layer>.lora_B``, plus the biases ``bias`` names.
+
+    What is returned depends only on the arguments, never on ``requires_grad``.
+
+    Args:
+        model: A model with LoRA layers.
+        adapter: Which adapter (default: the active one).
+        bias: ``"none"`` (factors only), ``"lora_only"`` (also the biases of the layers carrying
+            this adapter) or ``"all"`` (also every bias of the model), under their parameter
+            names (``<module>.bias``).
+
+    Raises:
+        ConvLoRAError: no such adapter, no active adapter, or an unknown bias mode.
+    """
+    check_bias_mode(bias, "lora_state_dict()")
     name = adapter or active_adapter(model)
     if name is None:
         raise ConvLoRAError("lora_state_dict(): the model has no active adapter; pass adapter=.")
@@ -123,9 +102,9 @@ def lora_state_dict(model: nn.Module, adapter: str | None = None) -> dict[str, T
             out[f"{lname}.lora_B"] = layer.lora_B[name].detach()
     if not out:
         raise ConvLoRAError(f"no adapter named {name!r}; this model has {list_adapters(model)}.")
-    for pname, p in model.named_parameters():
-        if pname.endswith(".bias") and p.requires_grad:
-            out[pname] = p.detach()
+    params = dict(model.named_parameters())
+    for pname in bias_names(model, bias, name):
+        out[pname] = params[pname].detach()
     return out
 
 
@@ -143,7 +122,7 @@ def summary(model: nn.Module) -> str:
                          f"{layer.alpha[name]:g}", layer.factorization[name], f"{n:,}",
                          "yes" if layer.merged_adapter == name else "no"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    base = sum(p.numel() for n, p in model.named_parameters() if not _is_lora_param(n))
+    base = sum(p.numel() for n, p in model.named_parameters() if not is_lora_factor(n))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -13,6 +13,7 @@ from torch import nn
 from .config import PIXEL_SHUFFLE, LoRAConfig, Target, match_pattern
 from .errors import ConvLoRAError, MergeStateError, TargetError, UnsupportedLayerError
 from .layer import LoRALayer, unsupported_reason
+from .trainable import mark_only_lora_trainable
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -147,9 +148,12 @@ def inject(model: nn.Module, rank: int | LoRAConfig = 4, alpha: float | None = N
            dropout: float = 0.0, freeze: bool = True, adapter_name: str = "default") -> list[str]:
     """Replace matching layers of ``model`` in place with LoRA layers.
 
-    Either pass the settings as keywords or a [`LoRAConfig`][convlora.LoRAConfig] as the second
+    Either pass the settings as keywords or a [LoRAConfig][convlora.LoRAConfig] as the second
     argument. Layers that already are LoRA layers get an additional adapter named
-    ``adapter_name``. The new adapter becomes the active one. Everything is validated before the
+    ``adapter_name`` (this is how a model gets several named adapters). The new adapter becomes
+    the active one. With ``freeze=True`` (the default) only the new adapter's factors train:
+    [mark_only_lora_trainable][convlora.mark_only_lora_trainable] is called with ``bias="none"``;
+    call it again with another bias mode to train biases too. Everything is validated before the
     model is touched: on error the model is unchanged.
 
     Returns:
@@ -185,9 +189,8 @@ def inject(model: nn.Module, rank: int | LoRAConfig = 4, alpha: float | None = N
         layer.active_adapter = adapter_name
         if layer is not modules[name]:
             replace_module(model, name, layer)
-    if config.freeze:  # only the new adapter trains: base and other adapters stay frozen
-        for pname, p in model.named_parameters():
-            p.requires_grad_(pname.endswith((f"lora_A.{adapter_name}", f"lora_B.{adapter_name}")))
+    if config.freeze:  # only the new adapter trains: base, biases and other adapters stay frozen
+        mark_only_lora_trainable(model, "none", adapter_name)
     return names
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import struct
+import warnings
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from torch import nn
 
 import convlora
 from convlora import AdapterFormatError, AdapterMismatchError, FingerprintMismatchError
+from convlora.fingerprint import fingerprint, sketch
 from tests._core_helpers import randomize_adapters
 
 
@@ -40,24 +43,121 @@ def test_round_trip_and_metadata(tmp_path: Path) -> None:
     tensors, meta = convlora.read_adapter(path)
     assert set(tensors) == {f"{n}.lora_{s}" for n in ("0", "2", "4") for s in "AB"}
     assert meta["layers"]["4"]["rank"] == 4 and meta["layers"]["2"]["groups"] == 2
-    assert meta["user"] == {"task": "x2"} and meta["format_version"] == "1"
+    assert meta["user"] == {"task": "x2"} and meta["format_version"] == "2"
+    assert meta["bias"] == "none" and meta["bias_keys"] == []
     fresh = copy.deepcopy(base)
     assert convlora.load_adapter(fresh, path) == "default"
     assert torch.equal(fresh(X), model(X))
 
 
-def test_trainable_biases_are_saved_and_loaded(tmp_path: Path) -> None:
+def test_trained_biases_are_saved_and_loaded(tmp_path: Path) -> None:
     base = _base()
     model = _trained(base, 1)
     convlora.mark_only_lora_trainable(model, bias="lora_only")
     with torch.no_grad():
         model[0].bias.add_(0.5)
-    path = convlora.save_adapter(model, tmp_path / "a.safetensors")
+    path = convlora.save_adapter(model, tmp_path / "a.safetensors", bias="lora_only")
     tensors, meta = convlora.read_adapter(path)
-    assert "0.bias" in tensors and meta["bias_keys"] == ["0.bias", "2.bias", "4.bias"]
+    assert meta["bias"] == "lora_only" and meta["bias_keys"] == ["0.bias", "2.bias", "4.bias"]
+    assert torch.equal(tensors["0.bias"], model[0].bias.detach())
     fresh = copy.deepcopy(base)
     convlora.load_adapter(fresh, path)
     assert torch.equal(fresh(X), model(X))
+
+
+def _bias_model() -> nn.Module:
+    """Adapters on 0 and 4 only: conv 2 and the norm have biases outside the adapted layers."""
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1),
+                         nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1, bias=False))
+    convlora.inject(base, rank=2, targets=["0", "4"])
+    randomize_adapters(base, 3)
+    return base
+
+
+@pytest.mark.parametrize("trained_with", ["none", "lora_only", "all"])
+def test_each_bias_mode_saves_exactly_what_it_names(tmp_path: Path, trained_with: str) -> None:
+    model = _bias_model()
+    convlora.mark_only_lora_trainable(model, bias=trained_with)  # what trains must not matter
+    factors = {f"{n}.lora_{s}" for n in ("0", "4") for s in "AB"}
+    every_bias = {n for n, _ in model.named_parameters() if n.endswith(".bias")}
+    assert every_bias == {"0.bias", "1.bias", "2.bias"}
+    expected = {"none": set(), "lora_only": {"0.bias"}, "all": every_bias}
+    for mode, biases in expected.items():
+        assert set(convlora.lora_state_dict(model, bias=mode)) == factors | biases, mode
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = convlora.save_adapter(model, tmp_path / f"{mode}.safetensors", bias=mode)
+        tensors, meta = convlora.read_adapter(path)
+        assert set(tensors) == factors | biases and meta["bias"] == mode, mode
+        assert set(meta["bias_keys"]) == biases
+        assert all(torch.equal(tensors[k], model.get_parameter(k).detach()) for k in biases)
+
+
+def test_bias_mode_errors_and_the_left_out_warning(tmp_path: Path) -> None:
+    model = _bias_model()
+    for call in (lambda: convlora.save_adapter(model, tmp_path / "x.safetensors", bias="trainable"),
+                 lambda: convlora.lora_state_dict(model, bias=True),
+                 lambda: convlora.mark_only_lora_trainable(model, bias="lora")):
+        with pytest.raises(convlora.ConvLoRAError, match=r"bias=.* is not one of \('none', 'lora_only', 'all'\)"):
+            call()
+    assert not (tmp_path / "x.safetensors").exists()
+    convlora.mark_only_lora_trainable(model, bias="all")
+    with pytest.warns(UserWarning, match=r"biases \['0.bias', '1.bias', '2.bias'\] are trainable but bias='none'"):
+        convlora.save_adapter(model, tmp_path / "a.safetensors")
+    with pytest.warns(UserWarning, match=r"\['1.bias', '2.bias'\] are trainable but bias='lora_only'"):
+        convlora.save_adapter(model, tmp_path / "a.safetensors", bias="lora_only")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        convlora.save_adapter(model, tmp_path / "a.safetensors", bias="all")
+
+
+def test_mark_only_lora_only_follows_the_adapter() -> None:
+    model = _bias_model()
+    convlora.inject(model, convlora.LoRAConfig(rank=1, targets="2"), adapter_name="other")
+    convlora.mark_only_lora_trainable(model, bias="lora_only", adapter="other")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"2.bias", "2.lora_A.other", "2.lora_B.other"}
+    convlora.mark_only_lora_trainable(model, bias="lora_only")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {"0.bias", "2.bias"} <= trainable and "1.bias" not in trainable
+
+
+def _v1_file(model: nn.Module, path: Path) -> Path:
+    """Write ``model``'s adapter with the version-1 metadata layout (as convlora at cf55334 did):
+    no ``bias`` entry; the file holds the biases that were trainable."""
+    layers, tensors = {}, {}
+    for lname, layer in convlora.lora_layers(model).items():
+        layers[lname] = {"type": layer.base_type, "weight_shape": list(layer.weight.shape),
+                         "groups": layer.groups, "rank": layer.rank["default"],
+                         "alpha": layer.alpha["default"], "factorization": "kernel", "dropout": 0.0,
+                         "stride": list(layer.stride), "dilation": list(layer.dilation),
+                         "padding": list(layer.padding), "padding_mode": layer.padding_mode}
+        tensors[f"{lname}.lora_A"] = layer.lora_A["default"].detach().contiguous()
+        tensors[f"{lname}.lora_B"] = layer.lora_B["default"].detach().contiguous()
+    tensors["0.bias"] = model[0].bias.detach().clone()
+    bases = {n: lyr.base_weight() for n, lyr in convlora.lora_layers(model).items()}
+    meta = {"format": "convlora.adapter", "format_version": "1", "convlora_version": "0.1.0",
+            "adapter_name": "default", "layers": json.dumps(layers), "bias_keys": json.dumps(["0.bias"]),
+            "base_fingerprint": fingerprint(bases), "base_sketch": json.dumps(sketch(bases)),
+            "user": json.dumps({"from": "v1"})}
+    save_file(tensors, str(path), metadata=meta)
+    return path
+
+
+def test_version_1_files_still_load(tmp_path: Path) -> None:
+    base = _base()
+    model = _trained(base, 1)
+    with torch.no_grad():
+        model[0].bias.add_(0.25)
+    path = _v1_file(model, tmp_path / "v1.safetensors")
+    tensors, meta = convlora.read_adapter(path)
+    assert meta["format_version"] == "1" and meta["bias"] is None and meta["user"] == {"from": "v1"}
+    fresh = copy.deepcopy(base)
+    assert convlora.load_adapter(fresh, path) == "default"
+    assert torch.equal(fresh(X), model(X))
+    merged = convlora.merge_state_dict(base.state_dict(), path)
+    assert torch.equal(merged["0.bias"], model[0].bias.detach())
 
 
 def test_named_adapters_switch_exactly(tmp_path: Path) -> None:
@@ -83,7 +183,7 @@ def test_named_adapters_switch_exactly(tmp_path: Path) -> None:
 
 def test_lora_state_dict_is_the_active_adapter() -> None:
     model = _trained(_base(), 1)
-    convlora.add_adapter(model, "two", convlora.LoRAConfig(rank=1, targets="0"))
+    convlora.inject(model, convlora.LoRAConfig(rank=1, targets="0"), adapter_name="two")
     sd = convlora.lora_state_dict(model)
     assert set(sd) == {"0.lora_A", "0.lora_B"} and sd["0.lora_A"].shape[0] == 1
     assert set(convlora.lora_state_dict(model, "default")) == {f"{n}.lora_{s}" for n in "024" for s in "AB"}
@@ -155,7 +255,8 @@ def test_corrupt_truncated_foreign_and_future_files(tmp_path: Path) -> None:
     header["__metadata__"]["format_version"] = "99"
     new = json.dumps(header).encode()
     (tmp_path / "v99.safetensors").write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n:])
-    with pytest.raises(AdapterFormatError, match="format version '99'; this convlora reads version '1'"):
+    with pytest.raises(AdapterFormatError,
+                       match=f"format version '99'; convlora {convlora.__version__} reads versions '1', '2'"):
         convlora.load_adapter(_base(), tmp_path / "v99.safetensors")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         convlora.load_adapter(_base(), tmp_path / "missing.safetensors")
@@ -166,6 +267,12 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
     convlora.save_adapter(model, tmp_path / "a.safetensors")
     convlora.save_adapter(model, tmp_path / "a.safetensors")
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+    old = os.umask(0o027)
+    try:
+        convlora.save_adapter(model, tmp_path / "a.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.safetensors").stat().st_mode & 0o777 == 0o640  # umask, not mkstemp's 0600
     with pytest.raises(AdapterMismatchError, match="no layer has an adapter named 'nope'"):
         convlora.save_adapter(model, tmp_path / "b.safetensors", name="nope")
 
@@ -180,7 +287,7 @@ def test_summary_table() -> None:
 
 def test_new_adapter_trains_alone_and_mark_only_takes_an_adapter() -> None:
     model = _trained(_base(), 1)
-    convlora.add_adapter(model, "second", convlora.LoRAConfig(rank=1))
+    convlora.inject(model, convlora.LoRAConfig(rank=1), adapter_name="second")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(".second") for n in trainable), trainable
     convlora.mark_only_lora_trainable(model, adapter="default")
@@ -192,7 +299,53 @@ def test_loading_biases_next_to_other_adapters_warns(tmp_path: Path) -> None:
     base = _base()
     model = _trained(base, 1)
     convlora.mark_only_lora_trainable(model, bias="lora_only")
-    path = convlora.save_adapter(model, tmp_path / "a.safetensors")
+    path = convlora.save_adapter(model, tmp_path / "a.safetensors", bias="lora_only")
     other = _trained(base, 2)
     with pytest.warns(UserWarning, match="biases are shared by all adapters"):
         convlora.load_adapter(other, path, name="with_bias")
+
+
+def _rewrite_metadata(path: Path, out: Path, **changes: str) -> Path:
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"].update(changes)
+    new = json.dumps(header).encode()
+    out.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n:])
+    return out
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"bias": "trainable"}, r"bias='trainable' is not one of"),
+    ({"bias_keys": '["0.bias"]'}, r"bias mode 'none' but the file lists biases \['0.bias'\]"),
+    ({"bias": "lora_only", "bias_keys": '["5.bias"]'}, r"'5.bias'\] are not biases of the adapted layers"),
+    ({"layers": "{not json"}, r"metadata field 'layers' is not valid JSON"),
+    ({"adapter_name": "a b"}, r"adapter_name='a b' is not a Python identifier"),
+    ({"base_sketch": '{"0": "x"}'}, r"'base_sketch' must map layers to lists of numbers"),
+])
+def test_bad_metadata_is_a_one_line_format_error(tmp_path: Path, changes: dict, message: str) -> None:
+    path = convlora.save_adapter(_trained(_base(), 1), tmp_path / "a.safetensors")
+    bad = _rewrite_metadata(path, tmp_path / "bad.safetensors", **changes)
+    with pytest.raises(AdapterFormatError, match=message) as info:
+        convlora.read_adapter(bad)
+    assert "\n" not in str(info.value)
+
+
+def test_bad_layer_metadata_changes_nothing(tmp_path: Path) -> None:
+    path = convlora.save_adapter(_trained(_base(), 1), tmp_path / "a.safetensors")
+    _, meta = convlora.read_adapter(path)
+    for field, value in (("rank", 0), ("factorization", "svd"), ("weight_shape", [8, "3"])):
+        layers = copy.deepcopy(meta["layers"])
+        layers["4"][field] = value
+        bad = _rewrite_metadata(path, tmp_path / "bad.safetensors", layers=json.dumps(layers))
+        model = _base()
+        with pytest.raises(AdapterFormatError, match=rf"layer '4': bad or missing \['{field}'\]"):
+            convlora.load_adapter(model, bad)
+        assert not convlora.lora_layers(model)
+    layers = copy.deepcopy(meta["layers"])
+    layers["2"]["groups"] = 1  # the model's conv 2 has groups=2
+    bad = _rewrite_metadata(path, tmp_path / "bad.safetensors", layers=json.dumps(layers))
+    model = _base()
+    with pytest.raises(AdapterMismatchError, match=r"2: groups=2 in the model, 1 in the file"):
+        convlora.load_adapter(model, bad)
+    assert not convlora.lora_layers(model)

@@ -204,12 +204,12 @@ def test_state_dicts_give_the_same_adapter_and_a_file(tmp_path: Path) -> None:
     from_dicts = convlora.extract(base.state_dict(), tuned.state_dict(), rank=2, factorization="loralib",
                                   store_biases=True)
     assert from_dicts.bias_mode == from_modules.bias_mode == "lora_only"
-    ref = convlora.lora_state_dict(from_modules.model)
-    got = convlora.lora_state_dict(from_dicts.model)
+    ref = convlora.lora_state_dict(from_modules.model, bias=from_modules.bias_mode)
+    got = convlora.lora_state_dict(from_dicts.model, bias=from_dicts.bias_mode)
     assert set(ref) == set(got)
     for k in ref:
         assert torch.equal(ref[k], got[k]), k
-    path = convlora.save_adapter(from_dicts.model, tmp_path / "x.safetensors")
+    path = convlora.save_adapter(from_dicts.model, tmp_path / "x.safetensors", bias=from_dicts.bias_mode)
     model = copy.deepcopy(base)
     convlora.load_adapter(model, path)
     x = torch.randn(1, 3, 8, 8)

@@ -68,7 +68,7 @@ def test_disabled_gives_base_output_and_restores_merge_state() -> None:
 def test_switch_while_merged_and_load_into_merged_are_refused(tmp_path) -> None:
     model, x, _ = _model()
     convlora.save_adapter(model, tmp_path / "a.safetensors")
-    convlora.add_adapter(model, "other", convlora.LoRAConfig(rank=1))
+    convlora.inject(model, convlora.LoRAConfig(rank=1), adapter_name="other")
     convlora.merge(model)
     with pytest.raises(MergeStateError, match=r"model is merged; call convlora.unmerge\(\) before switching"):
         convlora.set_adapter(model, "default")

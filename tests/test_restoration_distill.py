@@ -37,7 +37,7 @@ def _pair() -> tuple[torch.nn.Module, torch.nn.Module, list[torch.nn.Parameter]]
     """A 4-layer 8-channel student (rank-1 adapter, base frozen) and a 16-channel teacher."""
     torch.manual_seed(0)
     student, teacher = ResidualCNN(8, 4), ResidualCNN(16, 4)
-    convlora.add_adapter(student, "t", convlora.LoRAConfig(rank=1))
+    convlora.inject(student, convlora.LoRAConfig(rank=1), adapter_name="t")
     return student, teacher, list(convlora.lora_parameters(student, "t"))
 
 

@@ -49,7 +49,7 @@ def run(tmp_path_factory, sampler, pool) -> Path:
                       lr=1e-3, batch=4, generator=torch.Generator().manual_seed(1), log_every=0)
     save_model(model, out / "base.safetensors")
     for i, name in enumerate(TASKS):
-        convlora.add_adapter(model, name, convlora.LoRAConfig(rank=1))
+        convlora.inject(model, convlora.LoRAConfig(rank=1), adapter_name=name)
         params = list(convlora.lora_parameters(model, name))
         train.train_steps(model, params, sampler, get_task(name), pool, steps=5, lr=3e-3, batch=4,
                           generator=torch.Generator().manual_seed(2 + i), log_every=0)
@@ -121,7 +121,7 @@ def test_trained_adapter_lowers_its_task_loss(run: Path, sampler: PatchSampler) 
             return float(F.l1_loss(model(bad), held))
 
     before = loss()
-    convlora.add_adapter(model, "denoise50", convlora.LoRAConfig(rank=1))
+    convlora.inject(model, convlora.LoRAConfig(rank=1), adapter_name="denoise50")
     losses = train.train_steps(model, list(convlora.lora_parameters(model, "denoise50")), sampler, task, None,
                                steps=60, lr=1e-2, batch=4, generator=torch.Generator().manual_seed(5),
                                log_every=0)

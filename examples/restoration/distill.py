@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     lora_cfg = train.adapter_config(cfg)
     student = load_model(base_path)  # type: ignore[arg-type]
     torch.manual_seed(cfg["seed"])  # the probe starts where every arm starts (same init)
-    convlora.add_adapter(student, "probe", lora_cfg)
+    convlora.inject(student, lora_cfg, adapter_name="probe")
     check_pair(student, teacher, taps)
     sampler, gen = train.task_stream(cfg, images, task.name, margin)
     singles = {"rec": Distiller(student, teacher, w_rec=1, w_out=0),
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for arm in args.arms:
         student = load_model(base_path)  # type: ignore[arg-type]
         torch.manual_seed(cfg["seed"])  # every arm starts from the same adapter init
-        convlora.add_adapter(student, task.name, lora_cfg)  # freezes the base
+        convlora.inject(student, lora_cfg, adapter_name=task.name)  # freezes the base
         params = list(convlora.lora_parameters(student, task.name))
         weights = arm_weights(arm, args.w_out, w_aff)
         distiller = Distiller(student, teacher, taps if weights["w_aff"] else None, p=args.p,

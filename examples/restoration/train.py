@@ -8,7 +8,7 @@
         --base runs/restoration_cpu_subset/base.safetensors --tasks deblur_motion --steps 600
 
 Steps: (1) train :class:`~examples.restoration.model.ResidualCNN` on ``base.task`` (all weights);
-(2) for each entry of ``tasks``, add a named adapter (``convlora.add_adapter``), train only its
+(2) for each entry of ``tasks``, add a named adapter (``convlora.inject``, ``adapter_name=``), train only its
 factors with the base frozen, save it (``convlora.save_adapter``); (3) with ``finetune.enabled``,
 fine-tune a copy of the *whole* base for the same steps on the same data stream, for comparison.
 Patches are degraded on the fly (:mod:`examples.restoration.degrade`); blur tasks draw a kernel per
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # (2) one named adapter per task on the frozen base; (3) full fine-tuning for comparison
     steps, lora_cfg = cfg["adapter"]["steps"], adapter_config(cfg)
     for task in tasks:
-        convlora.add_adapter(model, task.name, lora_cfg)  # freezes the base, activates the adapter
+        convlora.inject(model, lora_cfg, adapter_name=task.name)  # freezes the base, activates the adapter
         params = list(convlora.lora_parameters(model, task.name))
         pool = pools.get(task.kernels or "")
         margin = blur_margin(cfg, task, pool)
