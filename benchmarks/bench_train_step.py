@@ -75,7 +75,7 @@ def build_cases(base: nn.Module, rank: int, x: torch.Tensor, y: torch.Tensor
     try:
         import peft
     except ImportError:
-        notes.append("peft is not installed (pip install -e '.[bench]'); PEFT row omitted.")
+        notes.append("peft is not installed (pip install -e '.[test]'); PEFT row omitted.")
     else:
         config = peft.LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0,
                                  target_modules=conv_names(base))

@@ -31,6 +31,7 @@ from .management import (
     summary,
 )
 from .merge import disabled, is_merged, merge, merged, unmerge
+from .peft import load_peft_adapter, save_peft_adapter
 from .state_dict import load_state_dict, merge_state_dict, save_state_dict
 from .surgery import find_targets, inject, lora_layers, unload
 from .trainable import mark_only_lora_trainable
@@ -60,6 +61,7 @@ __all__ = [
     "is_merged",
     "list_adapters",
     "load_adapter",
+    "load_peft_adapter",
     "load_state_dict",
     "lora_layers",
     "lora_parameters",
@@ -70,6 +72,7 @@ __all__ = [
     "merged",
     "read_adapter",
     "save_adapter",
+    "save_peft_adapter",
     "save_state_dict",
     "set_adapter",
     "summary",
