@@ -366,3 +366,82 @@ def test_loads_beside_other_adapters(peft_folder: Path) -> None:
     with pytest.raises(AdapterMismatchError, match="already has an adapter 'peft'"):
         convlora.load_peft_adapter(model, peft_folder, name="peft")
     assert keys_and_shapes(model)
+
+
+def test_modules_to_save_are_exported_whole(tmp_path: Path) -> None:
+    base = _timm("resnet18")
+    model = copy.deepcopy(base)
+    convlora.inject(model, rank=2, targets=["layer4.*.conv1"])
+    randomize_adapters(model, seed=6, std=0.3)
+    with torch.no_grad():
+        model.fc.weight.mul_(-2.0)  # a retrained head
+    folder = convlora.save_peft_adapter(model, tmp_path / "p", modules_to_save=["fc"])
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+    _close(pm(X), model(X), base(X))
+    back = copy.deepcopy(base)
+    convlora.load_peft_adapter(back, folder)
+    assert torch.equal(back.fc.weight, model.fc.weight) and torch.equal(back(X), model(X))
+    with pytest.raises(ConvLoRAError, match="contains LoRA layers"):
+        convlora.save_peft_adapter(model, tmp_path / "q", modules_to_save=["layer4"])
+    with pytest.raises(ConvLoRAError, match="would also select"):  # PEFT matches name suffixes
+        convlora.save_peft_adapter(model, tmp_path / "q", modules_to_save=["bn1"])
+    assert not (tmp_path / "q").exists()
+
+
+@pytest.mark.parametrize("conv", [nn.Conv1d, nn.Conv3d])
+def test_conv1d_and_conv3d(conv: type[nn.Module], tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = nn.Sequential(conv(3, 6, 3, padding=1), nn.ReLU(), conv(6, 4, 3, stride=2, padding="valid"))
+    x = torch.randn((1, 3) + (6,) * (1 if conv is nn.Conv1d else 3))
+    model = copy.deepcopy(base)
+    convlora.inject(model, rank=2, alpha=3.0)
+    randomize_adapters(model, seed=7, std=0.3)
+    folder = convlora.save_peft_adapter(model, tmp_path / "p")
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
+    _close(pm(x), model(x), base(x))
+    back = copy.deepcopy(base)
+    convlora.load_peft_adapter(back, folder)
+    _same_adapters(model, back)
+
+
+def test_grouped_import_with_block_diagonal_lora_a_is_exact(tmp_path: Path) -> None:
+    """A PEFT adapter on a grouped conv whose lora_A has zeros off the group blocks (different
+    blocks per group) is a weight delta: convlora holds it at rank r with a block-diagonal B."""
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(6, 6, 1))
+    pm = _peft_model(base, r=4, lora_alpha=2, target_modules=["0"])
+    with torch.no_grad():
+        a = pm.base_model.model[0].lora_A["default"].weight
+        a[:2, 2:] = 0
+        a[2:, :2] = 0
+    pm.save_pretrained(tmp_path / "p")
+    x = torch.randn(2, 4, 7, 7)
+    model = copy.deepcopy(base)
+    convlora.load_peft_adapter(model, tmp_path / "p")
+    assert convlora.lora_layers(model)["0"].rank["default"] == 4
+    _close(model(x), pm(x), base(x))
+    weights = tmp_path / "p" / "adapter_model.safetensors"  # one off-block entry: refused
+    tensors = load_file(str(weights))
+    tensors["base_model.model.0.lora_A.weight"][0, 3, 1, 1] = 1e-3
+    save_file(tensors, str(weights))
+    with pytest.raises(UnsupportedLayerError, match="'0' is a grouped conv"):
+        convlora.load_peft_adapter(copy.deepcopy(base), tmp_path / "p")
+
+
+def test_broken_weights_are_refused(peft_folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+    weights = peft_folder / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    lora_b = tensors.pop("base_model.model.2.lora_B.weight")
+    save_file(tensors, str(weights))
+    with pytest.raises(AdapterFormatError, match=r"2\.lora_B\.weight is missing"):
+        convlora.load_peft_adapter(_small(), peft_folder)
+    tensors["base_model.model.2.lora_B.weight"] = lora_b
+    tensors["base_model.model.4.weight"] = torch.zeros(4, 8, 1, 1)
+    save_file(tensors, str(weights))
+    with pytest.raises(AdapterFormatError, match=r"unexpected tensor '4\.weight'"):
+        convlora.load_peft_adapter(_small(), peft_folder)
+    weights.write_bytes(weights.read_bytes()[:-7])
+    with pytest.raises(AdapterFormatError, match="could not be read as safetensors"):
+        convlora.load_peft_adapter(_small(), peft_folder)
