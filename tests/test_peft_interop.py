@@ -445,3 +445,20 @@ def test_broken_weights_are_refused(peft_folder: Path) -> None:
     weights.write_bytes(weights.read_bytes()[:-7])
     with pytest.raises(AdapterFormatError, match="could not be read as safetensors"):
         convlora.load_peft_adapter(_small(), peft_folder)
+
+
+@pytest.mark.parametrize("mode", ["reflect", "circular"])
+def test_peft_itself_is_not_a_weight_delta_on_padded_or_dilated_convs(mode: str) -> None:
+    """Why those layers are refused: PEFT's side path pads with zeros (its unmerged output is not
+    its own merged output) and ignores dilation (its side path has another output size)."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    pm = _peft_model(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, padding_mode=mode)), r=2,
+                     target_modules=["0"])
+    unmerged = pm(x)
+    merged = pm.merge_and_unload()(x)
+    assert (unmerged - merged).abs().max() > 1e-3
+    dilated = _peft_model(nn.Sequential(nn.Conv2d(3, 4, 3, padding=2, dilation=2)), r=2,
+                          target_modules=["0"])
+    with pytest.raises(RuntimeError, match="size"):
+        dilated(x)
