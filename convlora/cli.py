@@ -1,8 +1,10 @@
-"""Command line: ``convlora inspect ADAPTER`` and ``convlora merge --adapter A --base W --out O``.
+"""Command line: ``convlora inspect ADAPTER``, ``convlora merge --adapter A --base W --out O`` and
+``convlora convert --to peft|convlora --adapter IN --out OUT [--base W]``.
 
 This module only parses arguments and prints; the work is done by [read_adapter][convlora.read_adapter],
-[load_state_dict][convlora.load_state_dict], [merge_state_dict][convlora.merge_state_dict] and
-[save_state_dict][convlora.save_state_dict].
+[load_state_dict][convlora.load_state_dict], [merge_state_dict][convlora.merge_state_dict],
+[save_state_dict][convlora.save_state_dict] and, for ``convert``,
+[convlora_to_peft][convlora.peft.convlora_to_peft] / [peft_to_convlora][convlora.peft.peft_to_convlora].
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import json
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from .adapters import read_adapter
 from .errors import ConvLoRAError
+from .peft import convlora_to_peft, peft_to_convlora
 from .state_dict import load_state_dict, merge_state_dict, save_state_dict
 
 __all__ = ["main"]
@@ -59,10 +63,28 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _convert(args: argparse.Namespace) -> int:
+    if args.to == "peft":
+        if args.base is not None or args.key is not None:
+            raise ConvLoRAError("--to peft reads everything from the adapter file; drop --base/--key.")
+        out = convlora_to_peft(args.adapter, args.out)
+    else:
+        if args.base is None:
+            raise ConvLoRAError("--to convlora needs --base: the base model's state dict (the adapter "
+                                "file records a fingerprint of the base weights it fits).")
+        if Path(args.out).resolve() == Path(args.base).resolve():
+            raise ConvLoRAError(f"--out {args.out} is the --base input; choose another output.")
+        out = peft_to_convlora(args.adapter, load_state_dict(args.base, key=args.key), args.out,
+                               name=args.name)
+    print(f"wrote {out}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``convlora`` command; returns the exit status (2 on bad input)."""
     parser = argparse.ArgumentParser(
-        prog="convlora", description="Inspect adapter files; merge them into state-dict files.")
+        prog="convlora", description="Inspect adapter files; merge them into state-dict files; "
+        "convert them to and from PEFT folders.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="show an adapter's layers, ranks, metadata and fingerprint")
     p.add_argument("adapter")
@@ -78,6 +100,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                    help="output file; its suffix picks the format: .safetensors or .pth/.pt/.bin")
     p.add_argument("--force", action="store_true", help="merge despite a fingerprint mismatch")
     p.set_defaults(func=_merge)
+    p = sub.add_parser("convert", help="convert an adapter to a PEFT folder or a PEFT folder to an "
+                       "adapter file (never overwrites its inputs, leaves no partial output)")
+    p.add_argument("--to", required=True, choices=("peft", "convlora"))
+    p.add_argument("--adapter", required=True,
+                   help="the input: a convlora .safetensors file (--to peft) or a PEFT folder")
+    p.add_argument("--out", required=True,
+                   help="the output: a new (or empty) folder (--to peft) or a .safetensors file")
+    p.add_argument("--base", default=None,
+                   help="--to convlora only: the base model's state dict (.safetensors, or "
+                        ".pth/.pt/.bin/.ckpt read with weights_only)")
+    p.add_argument("--key", default=None, help="--to convlora only: checkpoint entry of --base")
+    p.add_argument("--name", default="default", help="--to convlora only: adapter name in the file")
+    p.set_defaults(func=_convert)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -55,6 +55,7 @@ from .errors import (
 )
 from .layer import LoRALayer, unsupported_reason
 from .surgery import lora_layers, replace_module
+from .trainable import BIAS_MODES, BiasMode, bias_names, check_bias_mode
 
 __all__ = [
     "PEFT_CONFIG",
@@ -69,7 +70,6 @@ __all__ = [
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
-_BIAS_MODES = ("none", "lora_only", "all")
 _CONV_TYPES = {"Conv1d": 1, "Conv2d": 2, "Conv3d": 3}
 
 # Fields that only shape how PEFT initialises or trains an adapter, or name the base it came
@@ -206,8 +206,8 @@ def _parse_config(raw: object, where: Path) -> dict[str, Any]:
         raise _bad(where, "use_rslora", use_rslora, "must be true or false")
     cfg["use_rslora"] = use_rslora
     bias = raw.get("bias", "none")
-    if bias not in _BIAS_MODES:
-        raise _bad(where, "bias", bias, f"is not one of {_BIAS_MODES}")
+    if bias not in BIAS_MODES:
+        raise _bad(where, "bias", bias, f"is not one of {BIAS_MODES}")
     cfg["bias"] = bias
     mts = raw.get("modules_to_save")
     if not (mts is None or _str_list(mts)):
@@ -497,20 +497,13 @@ def _write_peft(folder: Path, config: dict[str, Any], tensors: dict[str, Tensor]
     return _new_folder(folder, write)
 
 
-def _bias_names(model: nn.Module, bias: str, carriers: set[str]) -> list[str]:
-    if bias == "none":
-        return []
-    return [p for p, _ in model.named_parameters() if p.rpartition(".")[2] == "bias"
-            and (bias == "all" or p.rpartition(".")[0] in carriers)]
-
-
 def _peft_bias_key(pname: str, lora_names: set[str]) -> str:
     owner = pname.rpartition(".")[0]
     return f"{owner}.base_layer.bias" if owner in lora_names else pname
 
 
 def save_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], *, name: str = "default",
-                      bias: str = "none", modules_to_save: Sequence[str] | None = None) -> Path:
+                      bias: BiasMode = "none", modules_to_save: Sequence[str] | None = None) -> Path:
     """Write adapter ``name`` of ``model`` as a PEFT LoRA folder that PEFT loads with the same outputs.
 
     The folder is new (or empty) and is written through a temporary folder and one rename, so
@@ -520,8 +513,9 @@ def save_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], *, name:
         model: A model with LoRA layers.
         folder: The folder to create.
         name: Which adapter to write.
-        bias: PEFT's bias mode, which also says which biases go into the folder: ``"none"``,
-            ``"lora_only"`` (biases of the layers carrying the adapter) or ``"all"``.
+        bias: Which biases go into the folder, recorded as PEFT's bias mode: ``"none"``,
+            ``"lora_only"`` (biases of the layers carrying the adapter) or ``"all"`` (every bias
+            of the model), as in [save_adapter][convlora.save_adapter].
         modules_to_save: Qualified names of modules copied whole (e.g. a new classifier head),
             as PEFT's ``modules_to_save``. Each must be named unambiguously for PEFT, which
             matches entries as name suffixes, and must not contain adapted layers.
@@ -533,8 +527,7 @@ def save_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], *, name:
         UnsupportedLayerError: a layer uses the ``"loralib"`` factorization, non-zero
             ``padding_mode`` with padding, or dilation (PEFT computes those differently).
     """
-    if bias not in _BIAS_MODES:
-        raise ConvLoRAError(f"save_peft_adapter(): bias={bias!r} is not one of {_BIAS_MODES}.")
+    check_bias_mode(bias, "save_peft_adapter()")
     all_lora = lora_layers(model)
     layers = {n: lyr for n, lyr in all_lora.items() if name in lyr.rank}
     if not layers:
@@ -560,7 +553,7 @@ def save_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], *, name:
                                 "PEFT does not adapt layers inside modules it copies whole.")
         extra.update({f"{m}.{k}": v for k, v in modules[m].state_dict().items()})
     params = dict(model.named_parameters())
-    for pname in _bias_names(model, bias, set(layers)):
+    for pname in bias_names(model, bias, name):
         key = _peft_bias_key(pname, set(all_lora))
         extra.setdefault(key, params[pname])
     factors = {n: (lyr.lora_A[name], lyr.lora_B[name]) for n, lyr in layers.items()}
@@ -819,16 +812,6 @@ def peft_to_convlora(folder: str | os.PathLike[str], base: Mapping[str, Tensor],
                    "load_peft_adapter(model, folder) to copy these modules into a model")
     model = _skeleton(tensors, base, folder)
     load_peft_adapter(model, folder, name=name)
-    biases = {k for k in (_bias_param(k) for k in tensors) if k}
-    for pname, p in model.named_parameters():
-        p.requires_grad_(pname in biases or ".lora_" in pname)
     user = {"converted_from": "peft", "conv_settings": "not recorded: a PEFT folder and a state dict "
             "do not hold stride, padding or dilation; the values recorded are placeholders"}
-    return save_adapter(model, out, name=name, metadata=user)
-
-
-def _bias_param(key: str) -> str | None:
-    owner, _, leaf = key.rpartition(".")
-    if leaf != "bias" or owner.endswith(".lora_B"):
-        return None
-    return f"{owner.removesuffix('.base_layer')}.bias"
+    return save_adapter(model, out, name=name, bias=cfg["bias"], metadata=user)

@@ -205,7 +205,7 @@ def test_file_conversion_round_trip_is_bit_exact(tmp_path: Path) -> None:
     convlora.mark_only_lora_trainable(model, bias="lora_only")
     with torch.no_grad():
         model.fc.bias.add_(0.5)
-    src = convlora.save_adapter(model, tmp_path / "a.safetensors")
+    src = convlora.save_adapter(model, tmp_path / "a.safetensors", bias="lora_only")
     folder = convlora.peft.convlora_to_peft(src, tmp_path / "peft")
     pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), folder).eval()
     _close(pm(X), model(X), base(X))
@@ -216,7 +216,8 @@ def test_file_conversion_round_trip_is_bit_exact(tmp_path: Path) -> None:
     for n, lm in m1["layers"].items():
         for field in ("rank", "alpha", "weight_shape", "groups", "factorization"):
             assert m2["layers"][n][field] == lm[field], (n, field)
-    assert m2["base_fingerprint"] == m1["base_fingerprint"]
+    assert m2["base_fingerprint"] == m1["base_fingerprint"] and m2["bias"] == m1["bias"] == "lora_only"
+    assert m2["bias_keys"] == m1["bias_keys"] == ["fc.bias"]
     fresh = copy.deepcopy(base)
     convlora.load_adapter(fresh, out)
     assert torch.equal(fresh(X), model(X))
@@ -462,3 +463,52 @@ def test_peft_itself_is_not_a_weight_delta_on_padded_or_dilated_convs(mode: str)
                           target_modules=["0"])
     with pytest.raises(RuntimeError, match="size"):
         dilated(x)
+
+
+def test_cli_convert_both_ways(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from safetensors.torch import save_file
+
+    from convlora.cli import main
+    base = _timm("mobilenetv3_small_050")
+    model = copy.deepcopy(base)
+    convlora.inject(model, rank=2, alpha=1.5, targets=["blocks.*.conv_pw*", "blocks.0.0.conv_dw"])
+    randomize_adapters(model, seed=8, std=0.3)
+    src = convlora.save_adapter(model, tmp_path / "a.safetensors")
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    src_bytes = src.read_bytes()
+    assert main(["convert", "--to", "peft", "--adapter", str(src), "--out", str(tmp_path / "p")]) == 0
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "p").eval()
+    _close(pm(X), model(X), base(X))
+    out = tmp_path / "b.safetensors"
+    assert main(["convert", "--to", "convlora", "--adapter", str(tmp_path / "p"), "--base",
+                 str(tmp_path / "base.safetensors"), "--out", str(out)]) == 0
+    t1, m1 = convlora.read_adapter(src)
+    t2, m2 = convlora.read_adapter(out)
+    assert set(t1) == set(t2) and all(torch.equal(t1[k], t2[k]) for k in t1)
+    assert {n: (lm["rank"], lm["alpha"]) for n, lm in m1["layers"].items()} == \
+        {n: (lm["rank"], lm["alpha"]) for n, lm in m2["layers"].items()}
+    assert src.read_bytes() == src_bytes
+    capsys.readouterr()
+    peft_files = {p.name: p.read_bytes() for p in (tmp_path / "p").iterdir()}
+    refusals = [
+        (["--to", "peft", "--adapter", str(src), "--out", str(tmp_path / "p")], "already exists"),
+        (["--to", "peft", "--adapter", str(src), "--out", str(src)], "already exists"),
+        (["--to", "convlora", "--adapter", str(tmp_path / "p"), "--out", str(out)], "needs --base"),
+        (["--to", "convlora", "--adapter", str(tmp_path / "p"), "--base", str(tmp_path / "base.safetensors"),
+          "--out", str(tmp_path / "base.safetensors")], "is the --base input"),
+        (["--to", "convlora", "--adapter", str(tmp_path / "p"), "--base", str(tmp_path / "base.safetensors"),
+          "--out", str(tmp_path / "p" / "adapter_model.safetensors")], "is one of the input files"),
+    ]
+    for args, match in refusals:
+        assert main(["convert", *args]) == 2
+        assert match in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "p").iterdir()} == peft_files
+    assert src.read_bytes() == src_bytes
+    loralib = copy.deepcopy(base)
+    convlora.inject(loralib, rank=2, factorization="loralib", targets=["conv_stem"])
+    convlora.save_adapter(loralib, tmp_path / "l.safetensors")
+    assert main(["convert", "--to", "peft", "--adapter", str(tmp_path / "l.safetensors"),
+                 "--out", str(tmp_path / "lp")]) == 2
+    assert "'loralib' factorization" in capsys.readouterr().err
+    assert not (tmp_path / "lp").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
