@@ -19,7 +19,7 @@ from .errors import (
     TargetError,
     UnsupportedLayerError,
 )
-from .extraction import Extraction, KeyDifference, LayerExtraction, extract
+from .extraction import Extraction, KeyDifference, LayerExtraction, extract, extract_file
 from .layer import LoRALayer
 from .management import (
     active_adapter,
@@ -56,6 +56,7 @@ __all__ = [
     "disabled",
     "distill",
     "extract",
+    "extract_file",
     "find_targets",
     "inject",
     "is_merged",

@@ -1,10 +1,12 @@
-"""Command line: ``convlora inspect ADAPTER``, ``convlora merge --adapter A --base W --out O`` and
-``convlora convert --to peft|convlora --adapter IN --out OUT [--base W]``.
+"""Command line: ``convlora inspect ADAPTER``, ``convlora merge --adapter A --base W --out O``,
+``convlora convert --to peft|convlora --adapter IN --out OUT [--base W]`` and
+``convlora extract --base B --tuned T --rank 8 --out adapter.safetensors``.
 
 This module only parses arguments and prints; the work is done by [read_adapter][convlora.read_adapter],
 [load_state_dict][convlora.load_state_dict], [merge_state_dict][convlora.merge_state_dict],
-[save_state_dict][convlora.save_state_dict] and, for ``convert``,
-[convlora_to_peft][convlora.peft.convlora_to_peft] / [peft_to_convlora][convlora.peft.peft_to_convlora].
+[save_state_dict][convlora.save_state_dict], for ``convert``
+[convlora_to_peft][convlora.peft.convlora_to_peft] / [peft_to_convlora][convlora.peft.peft_to_convlora],
+and for ``extract`` [extract_file][convlora.extract_file].
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from pathlib import Path
 
 from .adapters import read_adapter
 from .errors import ConvLoRAError
+from .extraction import extract_file
+from .functional import FACTORIZATIONS
 from .peft import convlora_to_peft, peft_to_convlora
 from .state_dict import load_state_dict, merge_state_dict, save_state_dict
 
@@ -80,11 +84,45 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rank_pattern(text: str) -> dict[str, int]:
+    """``'conv_2=8,upsampler.0=8'`` -> ``{"conv_2": 8, "upsampler.0": 8}``."""
+    out: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        pattern, sep, value = item.rpartition("=")
+        if not sep or not pattern or not value.strip().isdigit():
+            raise argparse.ArgumentTypeError(f"{item!r} is not PATTERN=RANK (e.g. 'conv_2=8,upsampler.0=8')")
+        out[pattern.strip()] = int(value)
+    return out
+
+
+def _patterns(values: list[str] | None) -> list[str] | None:
+    """``--targets a,b c`` -> ``["a", "b", "c"]``."""
+    if values is None:
+        return None
+    return [p for v in values for p in (s.strip() for s in v.split(",")) if p]
+
+
+def _extract(args: argparse.Namespace) -> int:
+    pattern: dict[str, int] = {}
+    for part in args.rank_pattern or []:
+        pattern.update(part)
+    ex = extract_file(args.base, args.tuned, args.out, rank=args.rank, energy=args.energy,
+                      factorization=args.factorization, targets=_patterns(args.targets),
+                      exclude=_patterns(args.exclude), rank_pattern=pattern or None,
+                      store_biases=args.store_biases, tol=args.tol, adapter_name=args.name, key=args.key,
+                      require_exact=args.require_exact)
+    print(ex.summary())
+    for line in ex.leftovers()[:20]:
+        print(f"  left over: {line}")
+    print(f"wrote {args.out} ({len(ex.layers)} layers, bias mode {ex.bias_mode!r})")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``convlora`` command; returns the exit status (2 on bad input)."""
     parser = argparse.ArgumentParser(
         prog="convlora", description="Inspect adapter files; merge them into state-dict files; "
-        "convert them to and from PEFT folders.")
+        "convert them to and from PEFT folders; extract them from fine-tuned weights.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="show an adapter's layers, ranks, metadata and fingerprint")
     p.add_argument("adapter")
@@ -113,6 +151,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--key", default=None, help="--to convlora only: checkpoint entry of --base")
     p.add_argument("--name", default="default", help="--to convlora only: adapter name in the file")
     p.set_defaults(func=_convert)
+    p = sub.add_parser("extract", help="extract an adapter from a base and a fine-tuned state dict "
+                                       "(truncated SVD of the weight difference)")
+    p.add_argument("--base", required=True, help="base state dict (.safetensors or .pth/.pt/.bin/.ckpt)")
+    p.add_argument("--tuned", required=True, help="fine-tuned state dict of the same architecture")
+    p.add_argument("--out", required=True, help="adapter file to write (.safetensors); never an input")
+    p.add_argument("--rank", type=int, default=None, help="rank of every adapter (default: full rank)")
+    p.add_argument("--energy", type=float, default=None,
+                   help="instead, per layer the smallest rank keeping this fraction of ||dW||^2")
+    p.add_argument("--rank-pattern", type=_rank_pattern, action="append", metavar="PATTERN=RANK,...",
+                   help="per-layer ranks, e.g. 'conv_2=8,upsampler.0=8' (first matching glob wins)")
+    p.add_argument("--factorization", choices=FACTORIZATIONS, default="kernel")
+    p.add_argument("--targets", nargs="+", default=None,
+                   help="glob patterns of layers to adapt (default: every conv weight that differs)")
+    p.add_argument("--exclude", nargs="+", default=None, help="glob patterns of layers to leave out")
+    p.add_argument("--store-biases", action="store_true", help="carry the changed biases in the adapter")
+    p.add_argument("--tol", type=float, default=None,
+                   help="relative tolerance of the exactness check (default: 10 eps of the dtype)")
+    p.add_argument("--require-exact", action="store_true",
+                   help="fail (and write nothing) unless base + adapter reproduces the tuned weights")
+    p.add_argument("--name", default="default", help="adapter name stored in the file")
+    p.add_argument("--key", default=None, help="checkpoint entry holding the weights, for both files")
+    p.set_defaults(func=_extract)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args))

@@ -21,13 +21,16 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from .adapters import save_adapter
 from .config import PIXEL_SHUFFLE, Target, match_pattern, pattern_lookup
 from .errors import ConvLoRAError, TargetError, UnsupportedLayerError
 from .functional import (
@@ -39,9 +42,11 @@ from .functional import (
     merged_weight,
 )
 from .layer import LoRALayer
+from .state_dict import load_state_dict
 from .surgery import find_targets, lora_layers, replace_module
+from .trainable import BiasMode
 
-__all__ = ["Extraction", "KeyDifference", "LayerExtraction", "extract"]
+__all__ = ["Extraction", "KeyDifference", "LayerExtraction", "extract", "extract_file"]
 
 _CONV_BY_NDIM: dict[int, type[nn.Module]] = {3: nn.Conv1d, 4: nn.Conv2d, 5: nn.Conv3d}
 
@@ -126,7 +131,7 @@ class Extraction:
     layers: dict[str, LayerExtraction]
     differences: list[KeyDifference]
     unchanged: list[str]
-    bias_mode: str
+    bias_mode: BiasMode
     output_error: dict[str, float] | None = field(default=None)
 
     def leftovers(self) -> list[str]:
@@ -446,7 +451,7 @@ def extract(
     params = dict(base_mod.named_parameters()) if base_mod is not None else sd_b
     changed_biases = {d.key for d in differences if d.key.endswith(".bias") and d.key in params
                       and math.isfinite(d.rel_diff)}
-    bias_mode = "none"
+    bias_mode: BiasMode = "none"
     if store_biases and changed_biases:
         owners = {k.rpartition(".")[0] for k in changed_biases}
         bias_mode = "lora_only" if owners <= adapted else "all"
@@ -522,3 +527,73 @@ def _output_error(base: nn.Module, tuned: nn.Module | Mapping[str, Tensor], sd_t
     err = float((y.double() - y_t.double()).norm())
     return {"rel_to_tuned": err / max(float(y_t.double().norm()), 1e-300),
             "rel_to_change": err / change if change > 0 else (0.0 if err == 0 else math.inf)}
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.exists() and b.exists():
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def extract_file(
+    base: str | os.PathLike[str],
+    tuned: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    factorization: str = "kernel",
+    targets: Target | None = None,
+    exclude: Target | None = None,
+    rank_pattern: Mapping[str, int] | None = None,
+    store_biases: bool = False,
+    tol: float | None = None,
+    adapter_name: str = "default",
+    key: str | None = None,
+    require_exact: bool = False,
+) -> Extraction:
+    """[`extract`][convlora.extract] between two state-dict files and write the adapter file.
+
+    The files are read with [`load_state_dict`][convlora.load_state_dict] (``.safetensors``
+    through safetensors, torch checkpoints with ``weights_only=True``); the adapter is written
+    atomically with [`save_adapter`][convlora.save_adapter] in the bias mode the extraction
+    chose. ``out`` may not be one of the inputs; nothing is written when an error is raised.
+
+    Args:
+        base: The base weights file.
+        tuned: The fine-tuned weights file.
+        out: The adapter file to write (``.safetensors``).
+        rank: See [`extract`][convlora.extract], as are the other extraction arguments.
+        energy: Fraction of ``||delta W||_F^2`` to keep per layer.
+        factorization: ``"kernel"`` or ``"loralib"``.
+        targets: Glob patterns on layer names (default: every conv weight that differs).
+        exclude: Glob patterns of layers to leave out.
+        rank_pattern: ``{pattern: rank}`` per-layer ranks.
+        store_biases: Carry the changed biases in the file.
+        tol: Tolerance of the exactness check.
+        adapter_name: The adapter's name in the file.
+        key: Checkpoint entry holding the weights, for both files (default: unwrapped as
+            [`load_state_dict`][convlora.load_state_dict] does).
+        require_exact: Raise (and write nothing) unless base + adapter reproduces the tuned file.
+
+    Returns:
+        The [`Extraction`][convlora.Extraction] (its ``model`` is a stand-in; see there).
+    """
+    out_path = Path(out)
+    if out_path.suffix.lower() != ".safetensors":
+        raise ConvLoRAError(f"{out_path}: an adapter file is written as safetensors; give the output a "
+                            ".safetensors suffix.")
+    for role, src in (("base", base), ("tuned", tuned)):
+        if _same_file(out_path, Path(src)):
+            raise ConvLoRAError(f"the output {str(out_path)!r} is the {role} input; choose another --out "
+                                "(extraction never overwrites an input).")
+    ex = extract(load_state_dict(base, key=key), load_state_dict(tuned, key=key), rank=rank, energy=energy,
+                 factorization=factorization, targets=targets, exclude=exclude, rank_pattern=rank_pattern,
+                 store_biases=store_biases, tol=tol, adapter_name=adapter_name)
+    if require_exact:
+        ex.check_exact()
+    info = {"base": Path(base).name, "tuned": Path(tuned).name, "exact": ex.exact,
+            "ranks": {n: lyr.rank for n, lyr in ex.layers.items()}}
+    save_adapter(ex.model, out_path, name=adapter_name, bias=ex.bias_mode,
+                 metadata={"extracted_from": info})
+    return ex

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 import convlora
+from convlora.cli import main
 from convlora.functional import lora_shapes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -299,3 +301,66 @@ def test_dsclora_benchmark_script_runs(shared_data: Path, capsys) -> None:
     params = 18 * size((26, 26, 3, 3), 2) + size((26, 26, 3, 3), 8) + size((48, 26, 3, 3), 8)
     assert f"| 2/8 (paper) | 2/8 | {params:,} |" in out
     assert "every conv + biases, full rank: exact=True" in out
+
+
+def _files(tmp_path: Path) -> tuple[nn.Module, nn.Module, Path, Path]:
+    base = _square_net()
+    tuned = _perturb(_perturb(base), only="4.bias", seed=6)
+    torch.save({"params": base.state_dict()}, tmp_path / "base.pth")  # nested, as training checkpoints are
+    save_file(tuned.state_dict(), str(tmp_path / "tuned.safetensors"))
+    return base, tuned, tmp_path / "base.pth", tmp_path / "tuned.safetensors"
+
+
+def test_cli_extract_then_merge_reproduces_tuned(tmp_path: Path, capsys) -> None:
+    base, tuned, b, t = _files(tmp_path)
+    out = tmp_path / "adapter.safetensors"
+    assert main(["extract", "--base", str(b), "--tuned", str(t), "--store-biases", "--require-exact",
+                 "--out", str(out)]) == 0
+    assert "exact: yes" in capsys.readouterr().out
+    tensors, meta = convlora.read_adapter(out)
+    assert meta["bias"] == "lora_only"  # only 4.bias changed; the mode saves every adapted layer's bias
+    assert sorted(meta["bias_keys"]) == sorted(f"{n}.bias" for n in meta["layers"])
+    assert meta["user"]["extracted_from"]["exact"] is True
+    merged_path = tmp_path / "merged.safetensors"
+    assert main(["merge", "--adapter", str(out), "--base", str(b), "--out", str(merged_path)]) == 0
+    merged = load_file(str(merged_path))
+    for k, v in tuned.state_dict().items():
+        torch.testing.assert_close(merged[k], v, rtol=2e-6, atol=1e-7, msg=k)
+    model = copy.deepcopy(base)
+    convlora.load_adapter(model, out)
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(model(x), tuned(x), rtol=1e-5, atol=1e-6)
+
+
+def test_cli_extract_options(tmp_path: Path, capsys) -> None:
+    _, _, b, t = _files(tmp_path)
+    out = tmp_path / "a.safetensors"
+    assert main(["extract", "--base", str(b), "--tuned", str(t), "--rank", "1", "--factorization", "loralib",
+                 "--targets", "2,4", "--rank-pattern", "4=3", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "exact: no" in printed and "left over: 0.weight" in printed and "left over: 4.bias" in printed
+    _, meta = convlora.read_adapter(out)
+    assert {n: (lm["rank"], lm["factorization"]) for n, lm in meta["layers"].items()} == {
+        "2": (1, "loralib"), "4": (3, "loralib")}
+    energy = tmp_path / "e.safetensors"
+    assert main(["extract", "--base", str(b), "--tuned", str(t), "--energy", "0.5", "--exclude", "0",
+                 "--out", str(energy)]) == 0
+    assert set(convlora.read_adapter(energy)[1]["layers"]) == {"2", "4"}
+
+
+def test_cli_extract_never_overwrites_an_input_and_leaves_no_partial_output(tmp_path: Path, capsys) -> None:
+    _, _, b, t = _files(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    same = tmp_path / "sub" / ".." / "tuned.safetensors"  # the tuned input under another spelling
+    for out, msg in [(t, "is the tuned input"), (same, "is the tuned input"), (tmp_path / "x.pth", ".safetensors suffix")]:
+        assert main(["extract", "--base", str(b), "--tuned", str(t), "--out", str(out)]) == 2
+        assert msg in capsys.readouterr().err
+    out = tmp_path / "truncated.safetensors"
+    assert main(["extract", "--base", str(b), "--tuned", str(t), "--rank", "1", "--require-exact",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "does not reproduce the tuned model" in err and "rank 1 of" in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # nothing written, nothing changed
+    with pytest.raises(SystemExit):
+        main(["extract", "--base", str(b), "--tuned", str(t), "--rank-pattern", "conv_2:8", "--out", str(out)])
+    assert "is not PATTERN=RANK" in capsys.readouterr().err
