@@ -27,6 +27,7 @@ from ._version import __version__
 from .errors import (
     AdapterFormatError,
     AdapterMismatchError,
+    ConvLoRAError,
     FingerprintMismatchError,
     MergeStateError,
 )
@@ -82,7 +83,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *, name: str = 
     try:
         user = json.dumps(metadata or {})
     except (TypeError, ValueError) as err:
-        raise AdapterFormatError(f"save_adapter(): metadata is not JSON-serialisable ({err}).") from None
+        raise ConvLoRAError(f"save_adapter(): metadata is not JSON-serialisable ({err}).") from None
     tensors = {k: v.cpu().contiguous() for k, v in lora_state_dict(model, name, bias=bias).items()}
     bias_keys = [k for k in tensors if k.rpartition(".")[2] == "bias"]
     params = dict(model.named_parameters())
@@ -308,6 +309,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, name: str | 
     path = Path(path)
     tensors, meta = read_adapter(path)
     name = name or meta["adapter_name"]
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConvLoRAError(f"load_adapter(): name={name!r} must be a Python identifier.")
     fp_problems = _check(model, tensors, meta, name, path)
     if fp_problems:
         if strict:
@@ -315,7 +318,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, name: str | 
         warnings.warn(fp_problems[0], stacklevel=2)
     others = [a for a in _adapter_names(model) if a != name]
     if meta["bias_keys"] and others:
-        warnings.warn(f"{path} carries trained biases {meta['bias_keys'][:3]}...; biases are shared "
+        warnings.warn(f"{path} carries biases {meta['bias_keys'][:3]}...; biases are shared "
                       f"by all adapters of a model, so loading it changes the base seen by {others}.",
                       stacklevel=2)
     modules = dict(model.named_modules())

@@ -260,6 +260,13 @@ def test_corrupt_truncated_foreign_and_future_files(tmp_path: Path) -> None:
         convlora.load_adapter(_base(), tmp_path / "v99.safetensors")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         convlora.load_adapter(_base(), tmp_path / "missing.safetensors")
+    model = _base()
+    with pytest.raises(convlora.ConvLoRAError, match=r"name='a.b' must be a Python identifier"):
+        convlora.load_adapter(model, path, name="a.b")
+    assert not convlora.lora_layers(model)
+    with pytest.raises(convlora.ConvLoRAError, match="metadata is not JSON-serialisable"):
+        convlora.save_adapter(_trained(_base(), 1), tmp_path / "m.safetensors", metadata={"f": print})
+    assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:

@@ -100,3 +100,16 @@ def test_console_script_runs_as_module(tmp_path: Path) -> None:
     res = subprocess.run([sys.executable, "-m", "convlora.cli", "inspect", str(tmp_path / "nope")],
                          capture_output=True, text=True, check=False)
     assert res.returncode == 2 and "does not exist" in res.stderr
+
+
+def test_merge_key_picks_the_checkpoint_entry(tmp_path: Path) -> None:
+    base, model, path = _setup(tmp_path)
+    other = {k: v + 1 for k, v in base.state_dict().items()}
+    torch.save({"params": base.state_dict(), "params_ema": other}, tmp_path / "ckpt.pth")
+    expected = convlora.unload(copy.deepcopy(model)).state_dict()
+    out = tmp_path / "m.safetensors"
+    args = ["merge", "--adapter", str(path), "--base", str(tmp_path / "ckpt.pth"), "--out", str(out)]
+    assert main(args) == 2  # params_ema is the default entry, and it is another base
+    assert main([*args, "--key", "params"]) == 0
+    merged = load_file(str(out))
+    assert set(merged) == set(expected) and all(torch.equal(merged[k], expected[k]) for k in expected)

@@ -134,3 +134,16 @@ def test_shared_and_view_tensors_are_written(tmp_path: Path) -> None:
     for suffix in (".safetensors", ".pth"):
         back = convlora.load_state_dict(convlora.save_state_dict(state, tmp_path / f"s{suffix}"))
         assert all(torch.equal(back[k], v) for k, v in state.items()), suffix
+
+
+def test_real_checkpoints_flat_and_training_form(shared_data: Path) -> None:
+    """The shared SPAN weights: flat files as they are; the training checkpoint (``params`` and
+    ``params_ema``, saved on CUDA) unwrapped to ``params_ema`` on the CPU, ``key=`` picks ``params``."""
+    weights = shared_data / "weights"
+    flat = convlora.load_state_dict(weights / "span_ch28.pth")
+    assert _equal(flat, torch.load(weights / "span_ch28.pth", map_location="cpu", weights_only=True))
+    path = weights / "span_ch28_ema_trainckpt.pth"
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    ema, params = convlora.load_state_dict(path), convlora.load_state_dict(path, key="params")
+    assert _equal(ema, dict(raw["params_ema"])) and _equal(params, dict(raw["params"]))
+    assert set(ema) == set(flat) and all(t.device.type == "cpu" for t in ema.values())
