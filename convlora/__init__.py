@@ -35,6 +35,7 @@ from .peft import load_peft_adapter, save_peft_adapter
 from .state_dict import load_state_dict, merge_state_dict, save_state_dict
 from .surgery import find_targets, inject, lora_layers, unload
 from .trainable import mark_only_lora_trainable
+from .verification import verify
 
 __all__ = [
     "AdapterFormatError",
@@ -79,4 +80,5 @@ __all__ = [
     "summary",
     "unload",
     "unmerge",
+    "verify",
 ]

@@ -15,7 +15,8 @@ Notation: a base weight ``W`` of shape ``(out, in/groups, *kernel)`` (or ``(out,
   Valid ranks are ``1 .. min(out, in)``.
 
 In both cases ``A`` starts Kaiming-uniform and ``B`` at zero, so a fresh adapter changes nothing.
-The delta is always computed in float32.
+The delta and the merged weight are computed in the precision of the weight and factors, and at
+least in float32 ([`compute_dtype`][convlora.functional.compute_dtype]): fp16/bf16 sum in float32, float64 stays float64.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from torch import Tensor, nn
 __all__ = [
     "FACTORIZATIONS",
     "Factorization",
+    "compute_dtype",
     "delta_weight",
     "factorization_problem",
     "init_lora_",
@@ -82,24 +84,43 @@ def init_lora_(lora_a: Tensor, lora_b: Tensor) -> None:
         nn.init.zeros_(lora_b)
 
 
+def compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """The dtype the delta is computed in: the widest of ``tensors``' dtypes and float32.
+
+    fp16 and bf16 weights are summed in float32 and cast back once; a float64 weight (or factor)
+    keeps float64, so no precision below the weight's own is ever used.
+    """
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def delta_weight(lora_a: Tensor, lora_b: Tensor, weight_shape: tuple[int, ...] | torch.Size,
                  scale: float) -> Tensor:
-    """``scale * (B @ A)`` reshaped to ``weight_shape``, computed in float32.
+    """``scale * (B @ A)`` reshaped to ``weight_shape``, in the factors' compute dtype.
+
+    The compute dtype is [`compute_dtype`][convlora.functional.compute_dtype] of ``A`` and ``B``.
 
     The same function serves both factorisations: only the shapes of ``A`` and ``B`` differ, and
     in both layouts the row-major ``(B @ A)`` viewed as ``weight_shape`` is the delta weight.
     """
-    delta = lora_b.float() @ lora_a.float()
+    dtype = compute_dtype(lora_a, lora_b)
+    delta = lora_b.to(dtype) @ lora_a.to(dtype)
     return (delta * scale).reshape(tuple(weight_shape))
 
 
 def merged_weight(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: float) -> Tensor:
-    """``W + scale * (B @ A)`` summed in float32 and cast back to ``weight``'s dtype.
+    """``W + scale * (B @ A)`` summed in the compute dtype and cast back to ``weight``'s dtype.
+
+    The compute dtype is [`compute_dtype`][convlora.functional.compute_dtype] of ``W``, ``A``, ``B``.
 
     One fused ``addmm`` over the weight viewed as ``(B.rows, A.cols)``, which is a valid view of
     the weight for both factorisations. The unmerged forward, `LoRALayer.merge` and the
-    state-dict merge of the command line all call this function, so they agree bit for bit.
+    state-dict merge of the command line all call this function, so they agree bit for bit. A
+    fresh adapter (``B = 0``) returns a weight equal to ``W`` in every dtype.
     """
-    flat = weight.float().reshape(lora_b.shape[0], lora_a.shape[1])
-    out = torch.addmm(flat, lora_b.float(), lora_a.float(), alpha=scale)
+    dtype = compute_dtype(weight, lora_a, lora_b)
+    flat = weight.to(dtype).reshape(lora_b.shape[0], lora_a.shape[1])
+    out = torch.addmm(flat, lora_b.to(dtype), lora_a.to(dtype), alpha=scale)
     return out.view(weight.shape).to(weight.dtype)

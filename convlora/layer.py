@@ -72,9 +72,15 @@ class LoRALayer(nn.Module):
     computed as *one* convolution through the base layer's own settings (stride, padding
     including ``'same'``/``'valid'``, dilation, groups, padding_mode), so the merged layer
     ``W' = W + \Delta W`` gives the same output. The effective weight is built exactly as
-    `merge` builds it (float32 sum, then cast to the weight's dtype). With dropout ``p > 0``
-    and in training mode, the adapter cannot live in weight space; the forward is then
+    `merge` builds it (summed in the weight's precision, at least float32, then cast to the
+    weight's dtype). With dropout ``p > 0`` and in training mode, the adapter cannot live in
+    weight space; the forward is then
     ``conv(x, W, b) + conv(dropout(x), \Delta W)`` -- two convolutions, equal in expectation.
+
+    The new layer takes the train/eval mode of the layer it wraps. Its state dict holds the
+    *base* weight under ``weight`` whatever the merge state, so a state dict saved while merged
+    loads correctly into an unmerged model and vice versa (a merged layer re-merges after the
+    load).
 
     Args:
         base: The layer to wrap; its ``weight``/``bias`` parameters are reused, not copied.
@@ -115,6 +121,9 @@ class LoRALayer(nn.Module):
             self._reversed_padding_repeated_twice = list(conv._reversed_padding_repeated_twice)
         # The original module, kept outside the module tree (no state-dict keys) for unload().
         self.__dict__["base_layer"] = base
+        self._remerge: str | None = None
+        self.register_load_state_dict_post_hook(_remerge_after_load)
+        self.train(base.training)
 
     def extra_repr(self) -> str:
         shape = "x".join(str(s) for s in self.weight.shape)
@@ -171,7 +180,7 @@ class LoRALayer(nn.Module):
         return self.alpha[name] / self.rank[name]
 
     def delta(self, name: str) -> Tensor:
-        """Float32 delta weight of adapter ``name``."""
+        """Delta weight of adapter ``name`` (in its compute dtype, at least float32)."""
         return delta_weight(self.lora_A[name], self.lora_B[name], self.weight.shape, self.scale(name))
 
     def base_weight(self) -> Tensor:
@@ -179,7 +188,7 @@ class LoRALayer(nn.Module):
         return self.unmerged_weight if self.unmerged_weight is not None else self.weight
 
     def effective_weight(self, name: str) -> Tensor:
-        """``W + delta`` summed in float32 and cast to the weight's dtype, exactly as merged."""
+        """``W + delta`` summed in the compute dtype and cast to the weight's dtype, as merged."""
         return merged_weight(self.weight, self.lora_A[name], self.lora_B[name], self.scale(name))
 
     # -- merge ---------------------------------------------------------------------------------
@@ -206,6 +215,21 @@ class LoRALayer(nn.Module):
         self.unmerged_weight = None
         self.merged_adapter = None
 
+    # -- state dict ----------------------------------------------------------------------------
+    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.merged_adapter is not None:  # the base weight, whatever the merge state
+            base = self.unmerged_weight
+            destination[prefix + "weight"] = base if keep_vars else base.detach()  # type: ignore[union-attr]
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        # The incoming ``weight`` is a base weight: unmerge first, re-merge once the factors
+        # (loaded after this call, in the child ParameterDicts) are in, by _remerge_after_load.
+        if self.merged_adapter is not None:
+            self._remerge = self.merged_adapter
+            self.unmerge()
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     # -- forward -------------------------------------------------------------------------------
     def _base_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         if not self.ndim:
@@ -226,3 +250,15 @@ class LoRALayer(nn.Module):
             return (self._base_forward(x, self.weight, self.bias)
                     + self._base_forward(F.dropout(x, p, True), delta, None))
         return self._base_forward(x, self.effective_weight(name), self.bias)
+
+
+def _remerge_after_load(layer: nn.Module, incompatible_keys: Any) -> None:
+    """Load post-hook of a [`LoRALayer`][convlora.LoRALayer]: merge again if it was merged."""
+    assert isinstance(layer, LoRALayer)
+    name, layer._remerge = layer._remerge, None
+    if name is not None:
+        active, layer.active_adapter = layer.active_adapter, name
+        try:
+            layer.merge()
+        finally:
+            layer.active_adapter = active

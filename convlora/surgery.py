@@ -6,6 +6,7 @@ import difflib
 from fnmatch import fnmatchcase
 from typing import Any, TypeVar
 
+import torch
 import torch.fx
 import torch.nn.functional as F
 from torch import nn
@@ -14,10 +15,26 @@ from .config import PIXEL_SHUFFLE, LoRAConfig, Target, match_pattern
 from .errors import ConvLoRAError, MergeStateError, TargetError, UnsupportedLayerError
 from .layer import LoRALayer, unsupported_reason
 from .trainable import mark_only_lora_trainable
+from .wrappers import refuse_distributed, unwrap
 
 M = TypeVar("M", bound=nn.Module)
 
 __all__ = ["find_targets", "inject", "lora_layers", "pixel_shuffle_convs", "replace_module", "unload"]
+
+# Parents known to read a child's weight without calling the child: an adapter there would be
+# ignored by the unmerged forward (and get no gradient) but applied by merge().
+_READ_BY_PARENT: list[tuple[type[nn.Module], tuple[str, ...], str]] = [
+    (nn.MultiheadAttention, ("out_proj",),
+     "nn.MultiheadAttention passes out_proj.weight to F.multi_head_attention_forward and never "
+     "calls out_proj"),
+    (nn.TransformerEncoderLayer, ("linear1", "linear2"),
+     "nn.TransformerEncoderLayer's inference fast path (eval mode) passes linear1.weight and "
+     "linear2.weight to torch._transformer_encoder_layer_fwd without calling the layers"),
+]
+if hasattr(nn, "LinearCrossEntropyLoss"):  # torch >= 2.14
+    _READ_BY_PARENT.append((nn.LinearCrossEntropyLoss, ("linear",),
+                            "nn.LinearCrossEntropyLoss passes linear.weight to "
+                            "F.linear_cross_entropy and never calls linear"))
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
@@ -25,13 +42,23 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}
 
 
+def _aliases(model: nn.Module, module: nn.Module) -> list[str]:
+    """Every qualified name ``module`` is registered under in ``model`` (shared modules have several)."""
+    return [n for n, m in model.named_modules(remove_duplicate=False) if m is module]
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Set the submodule at dotted ``name`` to ``new``."""
+    """Set the submodule at dotted ``name`` to ``new``, under every name it is registered as.
+
+    A module registered twice (``m.a = m.b = conv``) is one layer: both attributes get ``new``.
+    """
     if not name:
         raise ConvLoRAError("cannot replace the root module; wrap the layer in an nn.Sequential.")
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    old = model.get_submodule(name)
+    for alias in _aliases(model, old) or [name]:
+        parent_name, _, child = alias.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new)
 
 
 def _is_conv(m: nn.Module) -> bool:
@@ -86,8 +113,8 @@ def _as_list(target: Target | None) -> list[Any]:
 
 
 def _select(model: nn.Module, target: Target, role: str) -> set[str]:
-    """Candidate layer names selected by one targets/exclude specification."""
-    modules = dict(model.named_modules())
+    """Candidate layer names (every alias of shared modules) selected by targets/exclude."""
+    modules = dict(model.named_modules(remove_duplicate=False))
     names = [n for n in modules if n]
     selected: set[str] = set()
     for item in _as_list(target):
@@ -114,29 +141,95 @@ def _select(model: nn.Module, target: Target, role: str) -> set[str]:
     return selected
 
 
+def _read_by_parent(model: nn.Module, names: list[str]) -> str | None:
+    """Why one of the names is a child whose parent reads its weight without calling it."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        for cls, children, why in _READ_BY_PARENT:
+            if isinstance(parent, cls) and child in children:
+                where = f"its parent {parent_name!r}" if parent_name else "the model itself"
+                return f"{why} ({where} is a {type(parent).__name__})"
+    return None
+
+
+_Place = tuple[str, nn.Module, int, int]  # qualified name, owning module, first and end byte
+
+
+def _extent(t: torch.Tensor) -> tuple[tuple[str, int], int, int] | None:
+    """``(storage key, first byte, end byte)`` of the memory ``t`` covers (``None``: no memory)."""
+    if t.device.type == "meta" or t.numel() == 0:
+        return None
+    storage = t.untyped_storage()
+    first = int(t.storage_offset()) * t.element_size()
+    span = 1 + sum((int(n) - 1) * abs(int(st)) for n, st in zip(t.shape, t.stride()))
+    return (str(t.device), storage.data_ptr()), first, first + span * t.element_size()
+
+
+def _tensor_places(model: nn.Module) -> dict[tuple[str, int], list[_Place]]:
+    """Every parameter and buffer of ``model`` (all aliases) grouped by the storage it lives in."""
+    places: dict[tuple[str, int], list[_Place]] = {}
+    for mname, module in model.named_modules(remove_duplicate=False):
+        for tname, t in [*module._parameters.items(), *module._buffers.items()]:
+            ext = None if t is None else _extent(t)
+            if ext is not None:
+                key, lo, hi = ext
+                places.setdefault(key, []).append((f"{mname}.{tname}" if mname else tname, module, lo, hi))
+    return places
+
+
+def _shared_weight(name: str, module: nn.Module, places: dict[tuple[str, int], list[_Place]]) -> str | None:
+    """Why ``module.weight`` cannot be changed alone: other modules' tensors overlap its memory."""
+    w = module.weight
+    ext = _extent(w) if isinstance(w, torch.Tensor) else None
+    if ext is None:
+        return None
+    key, lo, hi = ext
+    others = sorted({p for p, owner, a, b in places.get(key, []) if owner is not module and a < hi and lo < b})
+    if not others:
+        return None
+    return (f"its weight is shared with {others[:4]} (tied or aliased weights), so merge() would "
+            f"change them too. Untie them first (give it its own copy: layer = model.get_submodule("
+            f"{name!r}); layer.weight = nn.Parameter(layer.weight.detach().clone()))")
+
+
 def find_targets(model: nn.Module, targets: Target | None = None,
                  exclude: Target | None = None) -> list[str]:
     """Qualified names of the layers ``targets`` selects minus those ``exclude`` selects.
 
-    ``targets=None`` selects every convolution. Raises [`TargetError`][convlora.errors.TargetError] when nothing is
-    selected and [`UnsupportedLayerError`][convlora.errors.UnsupportedLayerError] for a selected layer that cannot be adapted.
+    ``targets=None`` selects every convolution. A module registered under several names is one
+    layer, named by its first name; ``exclude`` naming any of its names leaves it out.
+    ``torch.compile`` / ``nn.DataParallel`` wrappers are looked through.
+
+    Raises:
+        TargetError: nothing is selected.
+        UnsupportedLayerError: a selected layer cannot be adapted exactly: an unsupported type,
+            a weight shared with another module or tensor, or a parent known to read the
+            layer's weight without calling it (``nn.MultiheadAttention.out_proj``, ...).
     """
+    model = unwrap(model)
+    all_modules = dict(model.named_modules(remove_duplicate=False))
     if targets is None:
-        chosen = {n for n, m in model.named_modules() if n and _is_conv(m)}
+        chosen = {n for n, m in all_modules.items() if n and _is_conv(m)}
     else:
         chosen = _select(model, targets, "targets")
-    if exclude is not None:
-        chosen -= _select(model, exclude, "exclude")
+    dropped = {id(all_modules[n]) for n in _select(model, exclude, "exclude")} if exclude is not None else set()
+    first = {id(m): n for n, m in model.named_modules()}
+    chosen = {first[id(all_modules[n])] for n in chosen if id(all_modules[n]) not in dropped}
     if not chosen:
         convs = [n for n, m in model.named_modules() if n and _is_candidate(m)][:8]
         raise TargetError(f"no target layer matched (targets={targets!r}, exclude={exclude!r}); "
                           f"some conv/linear layers of this model: {convs}.")
     modules = dict(model.named_modules())
+    places = _tensor_places(model)
     for name in sorted(chosen):
         m = modules[name]
+        names = _aliases(model, m)
         reason = None if isinstance(m, LoRALayer) else unsupported_reason(m)
+        reason = reason or _read_by_parent(model, names) or _shared_weight(name, m, places)
         if reason:
-            raise UnsupportedLayerError(f"layer {name!r} cannot take a LoRA adapter: {reason}. "
+            alias = f" (also registered as {names[1:]})" if len(names) > 1 else ""
+            raise UnsupportedLayerError(f"layer {name!r}{alias} cannot take a LoRA adapter: {reason}. "
                                         f"Leave it out with exclude=[{name!r}].")
     return [n for n in modules if n in chosen]
 
@@ -153,12 +246,24 @@ def inject(model: nn.Module, rank: int | LoRAConfig = 4, alpha: float | None = N
     ``adapter_name`` (this is how a model gets several named adapters). The new adapter becomes
     the active one. With ``freeze=True`` (the default) only the new adapter's factors train:
     [mark_only_lora_trainable][convlora.mark_only_lora_trainable] is called with ``bias="none"``;
-    call it again with another bias mode to train biases too. Everything is validated before the
-    model is touched: on error the model is unchanged.
+    call it again with another bias mode to train biases too. New LoRA layers take the
+    train/eval mode of the layers they replace. Everything is validated before the model is
+    touched: on error the model is unchanged.
+
+    ``inject`` sees the module tree, not the code that runs it: code that reads a layer's
+    ``weight`` instead of calling the layer would ignore the adapter until it is merged. The
+    known cases are refused (see [find_targets][convlora.find_targets]); run
+    [verify][convlora.verify] once on an example input to check a model for the others.
+
+    A model wrapped by ``torch.compile`` or ``nn.DataParallel`` is adapted inside the wrapper
+    (the names returned are the unwrapped model's). ``DistributedDataParallel``/FSDP are
+    refused: inject before wrapping.
 
     Returns:
         The qualified names of the adapted layers, in module order.
     """
+    refuse_distributed(model, "inject")
+    model = unwrap(model)
     if isinstance(rank, LoRAConfig):
         config = rank
     else:
@@ -204,7 +309,8 @@ def unload(model: M, merge: bool = True) -> M:
     Returns:
         ``model``, now made of the original layer types with the original state-dict keys.
     """
-    for name, layer in lora_layers(model).items():
+    inner = unwrap(model)
+    for name, layer in lora_layers(inner).items():
         if merge and layer.merged_adapter is None:
             layer.merge()
         elif not merge:
@@ -213,6 +319,6 @@ def unload(model: M, merge: bool = True) -> M:
         base.weight = layer.weight
         if layer.bias is not None:
             base.bias = layer.bias
-        replace_module(model, name, base)
+        replace_module(inner, name, base)
     return model
 
