@@ -49,6 +49,13 @@ for name, c in CASES.items():
     got = fast(x)
     out[name] = {"shape_ok": got.shape == ref.shape, "dtype": str(got.dtype),
                  "diff": float((got - ref).abs().max()), "scale": float(ref.abs().max())}
+from examples.span_sr.upscale import SPAN_RF_RADIUS, upscale_tensor
+m = _model(8)
+x = torch.rand(1, 3, 56, 4, generator=torch.Generator().manual_seed(2))  # taller than tile + 2 pads
+fast = fast_span(m, backend="triton")
+full = fast(x)
+tiled = upscale_tensor(fast, x, tile=8, pad=SPAN_RF_RADIUS)
+out["tiled"] = {"diff": float((tiled - full).abs().max()), "scale": float(full.abs().max())}
 print("RESULT" + json.dumps(out))
 """
 
@@ -89,6 +96,13 @@ def test_triton_fp16_within_a_level(interpreted: dict[str, dict]) -> None:
     r = interpreted["w26_fp16"]  # fp16 storage, fp32 accumulation, float32 output
     assert r["shape_ok"] and r["dtype"] == "torch.float32"
     assert r["diff"] < 1 / 255
+
+
+def test_triton_tiles_agree_with_the_whole_image(interpreted: dict[str, dict]) -> None:
+    """``--fast --tile``: tiles with a margin of the receptive-field radius give the untiled
+    output up to float32 reordering (the tiling guarantee of upscale.py)."""
+    r = interpreted["tiled"]
+    assert r["diff"] <= 1e-5 * max(1.0, r["scale"])
 
 
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -159,3 +173,15 @@ def test_inductor_matches_eager_for_new_shapes() -> None:
         with torch.no_grad():
             ref = m(x)
         assert float((fast(x) - ref).abs().max()) <= 1e-4 * max(1.0, float(ref.abs().max()))
+
+
+@pytest.mark.slow
+def test_inductor_tiles_agree_with_the_whole_image() -> None:
+    from examples.span_sr.upscale import SPAN_RF_RADIUS, upscale_tensor
+
+    m = _model(8)
+    x = torch.rand(1, 3, 60, 12)
+    fast = fast_span(m)
+    full = fast(x)
+    tiled = upscale_tensor(fast, x, tile=16, pad=SPAN_RF_RADIUS)
+    assert float((tiled - full).abs().max()) <= 1e-5 * max(1.0, float(full.abs().max()))
