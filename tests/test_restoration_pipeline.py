@@ -232,3 +232,19 @@ def test_restore_with_a_known_kernel_deconvolves_first(tmp_path: Path, run: Path
         restore.main(["--weights", str(run / "base.safetensors"), "--kernel", str(tmp_path / "psf.npy"),
                       "--simulate", "noise50", "--input", str(tmp_path / "blurred.png"),
                       "--output", str(tmp_path / "p.png")])
+
+
+def test_missing_data_is_one_line_and_leaves_no_run_folder(tmp_path: Path) -> None:
+    """A config whose data folders are absent stops before the run folder is made, naming the
+    missing paths and docs/data.md; evaluate.py does the same for its test set."""
+    cfg = {"out": str(tmp_path / "run"), "data": {"source": "folders", "folders": [str(tmp_path / "nope")],
+                                                   "kernels12": str(tmp_path / "k12.mat")}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit, match=r"missing data: data\.folders=.*nope, data\.kernels12=.*docs/data\.md"):
+        train.main(["--config", str(tmp_path / "c.yaml")])
+    assert not (tmp_path / "run").exists()
+    run = tmp_path / "evalrun"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"eval": {"source": "folder", "folder": str(tmp_path / "none")}}))
+    with pytest.raises(SystemExit, match=r"missing data: eval\.folder=.*none.*docs/data\.md"):
+        evaluate.main(["--run", str(run)])

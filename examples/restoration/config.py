@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DEFAULTS", "REPO", "apply_overrides", "load_config", "resolve_path"]
+__all__ = ["DEFAULTS", "REPO", "apply_overrides", "load_config", "missing_data", "resolve_path"]
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -59,6 +59,28 @@ def resolve_path(path: str | os.PathLike[str] | None) -> Path | None:
         return None
     p = Path(path).expanduser()
     return p if p.is_absolute() else REPO / p
+
+
+def missing_data(cfg: dict[str, Any], part: str) -> str | None:
+    """A one-line message naming the configured data paths of ``part`` (``"train"`` or ``"eval"``)
+    that do not exist, and where the data sets come from; ``None`` when every one is there."""
+    if part == "train":
+        data = cfg["data"]
+        paths = [("data.folders", f) for f in data["folders"]] if data["source"] == "folders" else []
+        paths.append(("data.kernels12", data["kernels12"]))
+    elif part == "eval":
+        ev = cfg["eval"]
+        paths = [("eval.folder", ev["folder"])] if ev["source"] != "sample" else []
+        paths.append(("eval.levin", ev["levin"]))
+    else:
+        raise ValueError(f"missing_data(part={part!r}): use 'train' or 'eval'.")
+    gone = [f"{key}={value}" for key, value in paths
+            if value is not None and not resolve_path(value).exists()]  # type: ignore[union-attr]
+    if not gone:
+        return None
+    return (f"missing data: {', '.join(gone)} (relative to {REPO}). Where these files come from and "
+            "the layout the scripts expect: docs/data.md. The demo needs none: "
+            "python examples/restoration/train.py")
 
 
 def load_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:

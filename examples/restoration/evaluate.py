@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 import convlora
-from examples.restoration.config import load_config, resolve_path
+from examples.restoration.config import load_config, missing_data, resolve_path
 from examples.restoration.data import SAMPLE_TEST, center_crop, eval_images, sample_photos
 from examples.restoration.degrade import Task, degrade, get_task, seeded_generator
 from examples.restoration.kernels import (
@@ -172,6 +172,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     run = Path(args.run)
     cfg = load_config(run / "config.yaml")
+    problem = missing_data(cfg, "eval")
+    if problem:
+        raise SystemExit(problem)
     ev = cfg["eval"]
     torch.set_num_threads(cfg["threads"])
     device = pick_device(cfg["device"])
@@ -213,4 +216,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FileNotFoundError as err:  # a missing run folder, weights or image file: one line
+        raise SystemExit(f"error: {err}") from None

@@ -101,4 +101,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FileNotFoundError as err:  # a missing run folder, weights or image file: one line
+        raise SystemExit(f"error: {err}") from None

@@ -37,7 +37,7 @@ import yaml
 from torch import Tensor, nn
 
 import convlora
-from examples.restoration.config import apply_overrides, load_config, resolve_path
+from examples.restoration.config import apply_overrides, load_config, missing_data, resolve_path
 from examples.restoration.data import SAMPLE_TRAIN, PatchSampler, folder_images, sample_photos
 from examples.restoration.degrade import Task, degrade, get_task, seeded_generator
 from examples.restoration.kernels import kernel_pool
@@ -179,6 +179,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         base_path = Path(args.base)
         if not base_path.is_file():
             raise SystemExit(f"--base {args.base!r} is not a file; pass the base.safetensors of an earlier run")
+    problem = missing_data(cfg, "train")
+    if problem:  # before the run folder is made: a failed start leaves nothing behind
+        raise SystemExit(problem)
     out = Path(resolve_path(cfg["out"]) or ".")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -250,4 +253,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FileNotFoundError as err:  # a missing run folder, weights or image file: one line
+        raise SystemExit(f"error: {err}") from None
