@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 import convlora  # noqa: E402
 from convlora.distill import Distiller, FeatureTaps  # noqa: E402
 from examples.span_sr.arch import SPAN, load_span  # noqa: E402
-from examples.span_sr.lora_config import build_dsclora  # noqa: E402
+from examples.span_sr.dsclora import build_student  # noqa: E402
 
 WEIGHTS = REPO.parent / "shared" / "data" / "weights"
 TAPS = [f"block_{i}" for i in range(1, 7)] + ["conv_2"]
@@ -52,7 +52,7 @@ def _models(device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
         base, teacher = load_span(WEIGHTS / "span_tiny_ch26.pth"), load_span(WEIGHTS / "span_ch28.pth")
     else:
         base, teacher = SPAN(feature_channels=26), SPAN(feature_channels=28)
-    student = build_dsclora(base)
+    student = build_student(base)
     convlora.mark_only_lora_trainable(student)
     return student.to(device), teacher.to(device).requires_grad_(False)
 

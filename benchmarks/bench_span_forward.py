@@ -51,7 +51,7 @@ SAFE_DB = 0.01
 # ---------------------------------------------------------------- data: pack here, load there
 def pack(out: Path, weights: Path) -> None:
     """Store Set14 (modcropped HR, MATLAB LR) and the checkpoint's tensors in one npz."""
-    from examples.span_sr.image_io import list_images, read_image
+    from examples.span_sr.images import list_images, read_image
 
     arrays: dict[str, np.ndarray] = {}
     for f in list_images(SHARED / "sr_bench" / "Set14" / "HR"):
@@ -72,7 +72,7 @@ def load_data(path: Path | None, weights: Path) -> tuple[SPAN, dict[str, tuple[n
             names = sorted(k[3:] for k in z.files if k.startswith("hr/"))
             pairs = {n: (z[f"hr/{n}"], z[f"lr/{n}"]) for n in names}
         return load_span(state), pairs
-    from examples.span_sr.image_io import list_images, read_image
+    from examples.span_sr.images import list_images, read_image
 
     pairs = {}
     for f in list_images(SHARED / "sr_bench" / "Set14" / "HR"):

@@ -27,7 +27,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from examples.span_sr.data import list_images, load_packed, read_image, save_packed  # noqa: E402
+from examples.span_sr.data import image_refs  # noqa: E402
+from examples.span_sr.images import load_packed, read_image, save_packed  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     for folder in args.sets:
         dest = out / "sr_train" / Path(folder).name
         dest.mkdir(parents=True, exist_ok=True)
-        refs = list_images([folder])
+        refs = image_refs([folder])
         for ref in refs:
             target = dest / (Path(ref).stem + ".u8.xz")
             if target.exists():

@@ -15,7 +15,7 @@ import yaml
 
 import convlora
 from examples.restoration import evaluate, restore, train
-from examples.restoration.config import apply_overrides, load_config
+from examples.restoration.config import apply_options, load_config
 from examples.restoration.data import SAMPLE_TRAIN, PatchSampler, sample_photos
 from examples.restoration.degrade import degrade, get_task, seeded_generator
 from examples.restoration.kernels import kernel_pool
@@ -163,7 +163,7 @@ def test_scripts_end_to_end(tmp_path: Path, model: dict[str, Any] | None, capsys
         for name in TASKS:  # same cases, fewer pixels: other numbers
             assert inner["tasks"][name]["input"]["per_case"] != res["tasks"][name]["input"]["per_case"]
     img = tmp_path / "in.png"
-    from examples.span_sr.image_io import write_image
+    from examples.span_sr.images import write_image
 
     write_image(img, (sample_photos(["chelsea"])["chelsea"][:, :40, :40].permute(1, 2, 0).numpy()))
     written = restore.main(["--weights", str(run / "base.safetensors"), "--adapter",
@@ -198,15 +198,18 @@ def test_blur_crop_trains_on_the_inside_of_larger_blurred_patches(pool: torch.Te
     assert seen == [(2, 3, 16, 16)] * 2 and len(losses) == 2
 
 
-def test_overrides_parse_yaml_values_and_name_bad_keys() -> None:
-    cfg = apply_overrides(load_config(None), ["train.blur_crop=true", "train.patch=96", "tasks=[noise15]"])
+def test_overrides_use_the_span_sr_dialect_and_name_bad_keys() -> None:
+    cfg = apply_options(load_config(None), ["--train.blur_crop", "true", "--train.patch", "96", "--tasks", "noise15"])
     assert cfg["train"]["blur_crop"] is True and cfg["train"]["patch"] == 96 and cfg["tasks"] == ["noise15"]
-    with pytest.raises(ValueError, match="unknown key 'pach'"):
-        apply_overrides(cfg, ["train.pach=96"])
-    with pytest.raises(ValueError, match="not a config section"):
-        apply_overrides(cfg, ["seed.x=1"])
-    with pytest.raises(ValueError, match="must look like"):
-        apply_overrides(cfg, ["train.patch"])
+    with pytest.raises(ValueError, match="unknown option --train.pach"):
+        apply_options(cfg, ["--train.pach", "96"])
+    with pytest.raises(ValueError, match="ambiguous; write one of --adapter.steps, --base.steps"):
+        apply_options(cfg, ["--steps", "5"])
+    with pytest.raises(ValueError, match=r"--set was replaced.*write --train.blur_crop true --train.patch 96"):
+        apply_options(cfg, ["--set", "train.blur_crop=true", "--set=train.patch=96"])
+    assert cfg["train"]["patch"] == 96  # a failed call changes nothing
+    with pytest.raises(SystemExit, match="--set was replaced"):
+        train.main(["--set", "train.patch=96"])
 
 
 def test_restore_with_a_known_kernel_deconvolves_first(tmp_path: Path, run: Path) -> None:
@@ -214,7 +217,7 @@ def test_restore_with_a_known_kernel_deconvolves_first(tmp_path: Path, run: Path
 
     from examples.restoration.degrade import circular_blur, wiener_deconv
     from examples.restoration.kernels import gaussian_kernel
-    from examples.span_sr.image_io import read_image, write_image
+    from examples.span_sr.images import read_image, write_image
 
     k = gaussian_kernel(1.5, 1.5, size=9)
     np.save(tmp_path / "psf.npy", (3 * k).numpy())  # not normalised: the loader normalises

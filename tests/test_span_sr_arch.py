@@ -3,8 +3,6 @@ reparameterisation is exact, and loader errors are explicit."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from conftest import requires_shared
 
 from examples.span_sr.arch import SPAN, Conv3XC, load_span, span_config_from_state_dict
 from examples.span_sr.degrade import imresize_matlab, modcrop
-from examples.span_sr.image_io import read_image
+from examples.span_sr.images import read_image
 
 REPO = Path(__file__).resolve().parents[1]
 WEIGHTS = {
@@ -133,20 +131,6 @@ def test_config_from_shapes_reads_scale_and_conv_cat_width():
     assert loaded.form == "train" and loaded.conv_1.conv[0].out_channels == 6
 
 
-def test_span_io_imports_first_and_arch_reexports_the_same_loaders():
-    # span_io imports SPAN lazily because arch re-exports it: a fresh interpreter importing
-    # span_io first must work, and both paths must give the same objects.
-    code = ("from examples.span_sr.span_io import load_span, span_config_from_state_dict\n"
-            "from examples.span_sr import arch\n"
-            "assert arch.load_span is load_span\n"
-            "assert arch.span_config_from_state_dict is span_config_from_state_dict\n"
-            "print(load_span(arch.SPAN(feature_channels=4, upscale=2).state_dict()).upscale)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.strip() == "2"
-
-
 def _randomize(model: torch.nn.Module, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -215,11 +199,11 @@ def test_bad_form_is_rejected():
 
 def test_dsclora_student_placement_and_trainable_count():
     import convlora
-    from examples.span_sr.lora_config import build_dsclora, dsclora_config
+    from examples.span_sr.dsclora import build_student, load_lora_config
 
     base = SPAN(feature_channels=26)
     base_keys, n_base = set(base.state_dict()), sum(p.numel() for p in base.parameters())
-    student = build_dsclora(base)
+    student = build_student(base)
     layers = convlora.lora_layers(student)
     blocks = {f"block_{i}.c{j}_r.eval_conv" for i in range(1, 7) for j in (1, 2, 3)}
     assert set(layers) == blocks | {"conv_2.eval_conv", "upsampler.0"}
@@ -230,7 +214,7 @@ def test_dsclora_student_placement_and_trainable_count():
     trainable = {n: p for n, p in student.named_parameters() if p.requires_grad}
     assert sum(p.numel() for p in trainable.values()) == 25_920
     assert all(".lora_A." in n or ".lora_B." in n for n in trainable)  # biases frozen too
-    assert dsclora_config().targets == ("block_*", "conv_2", "pixel_shuffle")
+    assert load_lora_config().targets == ("block_*", "conv_2", "pixel_shuffle")
 
     x = torch.rand(1, 3, 12, 12)
     with torch.no_grad():
@@ -249,18 +233,18 @@ def test_dsclora_student_placement_and_trainable_count():
 @requires_shared
 def test_dsclora_on_span_tiny_checkpoint(shared_data, tmp_path):
     import convlora
-    from examples.span_sr.lora_config import build_dsclora, load_lora_config
+    from examples.span_sr.dsclora import build_student, load_lora_config
 
     path = shared_data / "weights" / "span_tiny_ch26.pth"
-    student = build_dsclora(load_span(path))
+    student = build_student(load_span(path))
     assert sum(p.numel() for p in student.parameters() if p.requires_grad) == 25_920
     plain = convlora.unload(student, merge=True)  # zero-init B: merging changes nothing
     torch.testing.assert_close(plain.state_dict(), load_span(path).state_dict(), rtol=0, atol=0)
     with pytest.raises(ValueError, match="deploy-form"):
-        build_dsclora(SPAN(feature_channels=8, form="train"))
+        build_student(SPAN(feature_channels=8, form="train"))
     with pytest.raises(ValueError, match="unknown LoRA config fields"):
         load_lora_config({"rank": 2, "ranks": 3})
     custom = tmp_path / "c.yaml"
     custom.write_text("rank: 4\ntargets: [conv_2]\nfactorization: loralib\n")
-    one = build_dsclora(load_span(path), custom)
+    one = build_student(load_span(path), custom)
     assert list(convlora.lora_layers(one)) == ["conv_2.eval_conv"]

@@ -10,17 +10,9 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from examples.span_sr.data import (
-    ImageSet,
-    PatchDataset,
-    list_images,
-    load_packed,
-    rank_batches,
-    read_image,
-    save_packed,
-    split_holdout,
-)
+from examples.span_sr.data import ImageSet, PatchDataset, image_refs, rank_batches, split_holdout
 from examples.span_sr.degrade import imresize_matlab
+from examples.span_sr.images import load_packed, read_image, save_packed
 
 
 @pytest.fixture()
@@ -45,18 +37,18 @@ def test_packed_round_trip_is_lossless_and_smaller(tmp_path: Path) -> None:
         save_packed(tmp_path / "bad.u8.xz", img.astype(np.float32))
 
 
-def test_list_images_errors(folder: Path, tmp_path: Path) -> None:
-    assert [Path(r).name for r in list_images([str(folder)])] == [f"img{i}.png" for i in range(4)]
+def test_image_refs_errors(folder: Path, tmp_path: Path) -> None:
+    assert [Path(r).name for r in image_refs([str(folder)])] == [f"img{i}.png" for i in range(4)]
     (folder / ".hidden").write_text("ignored")
-    assert len(list_images([str(folder)])) == 4
+    assert len(image_refs([str(folder)])) == 4
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        list_images([str(tmp_path / "nope")])
+        image_refs([str(tmp_path / "nope")])
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no images"):
-        list_images([str(tmp_path / "empty")])
+        image_refs([str(tmp_path / "empty")])
     (folder / "notes.txt").write_text("not an image")
-    with pytest.raises(ValueError, match="non-image file"):
-        list_images([str(folder)])
+    with pytest.raises(ValueError, match="not images"):
+        image_refs([str(folder)])
 
 
 def test_corrupt_image_is_named(tmp_path: Path) -> None:
@@ -84,7 +76,7 @@ def test_holdout_split_is_stable_and_disjoint() -> None:
 
 
 def test_small_images_skipped_with_warning_or_error(folder: Path) -> None:
-    refs = list_images([str(folder)])
+    refs = image_refs([str(folder)])
     with pytest.warns(UserWarning, match="img3.png"):
         images = ImageSet.load(refs, 4, min_hr=64)
     assert [Path(r).name for r in images.refs] == ["img0.png", "img1.png", "img2.png"]
@@ -93,7 +85,7 @@ def test_small_images_skipped_with_warning_or_error(folder: Path) -> None:
 
 
 def test_cached_lr_is_matlab_bicubic_of_modcropped_hr(folder: Path, tmp_path: Path) -> None:
-    refs = list_images([str(folder)])[:2]
+    refs = image_refs([str(folder)])[:2]
     first = ImageSet.load(refs, 4, cache_dir=tmp_path / "cache")
     assert len(list((tmp_path / "cache").glob("*.npy"))) == 4  # HR + LR per image
     again = ImageSet.load(refs, 4, cache_dir=tmp_path / "cache")  # read back from the cache
@@ -104,7 +96,7 @@ def test_cached_lr_is_matlab_bicubic_of_modcropped_hr(folder: Path, tmp_path: Pa
 
 
 def test_patches_are_a_pure_function_of_seed_and_index(folder: Path) -> None:
-    images = ImageSet.load(list_images([str(folder)]), 4, min_hr=32, small="skip")
+    images = ImageSet.load(image_refs([str(folder)]), 4, min_hr=32, small="skip")
     ds = PatchDataset(images, 8, seed=3)
     lr, hr = ds[17]
     assert lr.shape == (3, 8, 8) and hr.shape == (3, 32, 32) and lr.dtype == hr.dtype == torch.uint8
@@ -123,7 +115,7 @@ def test_patches_are_a_pure_function_of_seed_and_index(folder: Path) -> None:
 
 
 def test_float_mode_makes_lr_on_the_fly(folder: Path) -> None:
-    images = ImageSet.load(list_images([str(folder)])[:3], 4, lr_mode="float")
+    images = ImageSet.load(image_refs([str(folder)])[:3], 4, lr_mode="float")
     assert images.lr == [None, None, None]
     lr, hr = PatchDataset(images, 8, seed=0)[5]
     assert lr.dtype == torch.float32 and lr.shape == (3, 8, 8) and lr.min() >= 0 and lr.max() <= 1

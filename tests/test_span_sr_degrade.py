@@ -9,7 +9,7 @@ import torch
 from conftest import requires_shared
 
 from examples.span_sr.degrade import imresize_matlab, imresize_torch, modcrop, resize_weights
-from examples.span_sr.image_io import list_images, read_image
+from examples.span_sr.images import list_images, read_image
 
 
 @requires_shared

@@ -11,6 +11,7 @@ from conftest import requires_shared
 
 import convlora
 from examples.span_sr.arch import SPAN, load_span
+from examples.span_sr.dsclora import build_student
 from examples.span_sr.efficiency import (
     complexity,
     count_convs,
@@ -18,7 +19,6 @@ from examples.span_sr.efficiency import (
     measure_runtime,
     runtime_inputs,
 )
-from examples.span_sr.lora_config import build_dsclora
 
 
 def _macs_by_hand(width: int, cat: int, hw: int = 256 * 256) -> int:
@@ -37,7 +37,7 @@ def test_dsclora_ch26_figures_and_merged_student_is_identical(shared_data):
     # have 26 channels, the upsampler conv 48
     assert released["activations"] == 256 * 256 * (21 * 26 + 48)
 
-    student = build_dsclora(load_span(shared_data / "weights" / "span_tiny_ch26.pth"))
+    student = build_student(load_span(shared_data / "weights" / "span_tiny_ch26.pth"))
     with torch.no_grad():
         for p in convlora.lora_parameters(student):
             p.normal_(0, 0.01)

@@ -13,9 +13,9 @@ from conftest import REPO, requires_shared
 
 import convlora
 from examples.span_sr.arch import SPAN, load_span
-from examples.span_sr.evaluate import dataset_dirs, evaluate_folder, load_model, main
-from examples.span_sr.image_io import write_image
-from examples.span_sr.lora_config import build_dsclora
+from examples.span_sr.dsclora import build_student, load_deployed
+from examples.span_sr.evaluate import dataset_dirs, evaluate_folder, main
+from examples.span_sr.images import write_image
 
 # MANIFEST.md: Y-PSNR, MATLAB-uint8 bicubic LR from the HR, border 4, SR rounded to uint8
 REFERENCE = {
@@ -74,7 +74,7 @@ def test_cli_with_lora_adapter_writes_json(tmp_path):
     torch.manual_seed(0)
     base = SPAN(feature_channels=8)
     torch.save(base.state_dict(), tmp_path / "base.pth")
-    student = build_dsclora(load_span(tmp_path / "base.pth"))
+    student = build_student(load_span(tmp_path / "base.pth"))
     with torch.no_grad():
         for p in convlora.lora_parameters(student):
             p.normal_(0, 0.05)
@@ -89,7 +89,7 @@ def test_cli_with_lora_adapter_writes_json(tmp_path):
     expected = evaluate_folder(merged, data / "HR")
     assert out["sets"]["toy"]["mean"] == pytest.approx(expected["mean"], abs=1e-9)
     assert [r["name"] for r in out["sets"]["toy"]["images"]] == ["im0", "im1"]
-    plain = evaluate_folder(load_model(tmp_path / "base.pth"), data / "HR")
+    plain = evaluate_folder(load_deployed(tmp_path / "base.pth"), data / "HR")
     assert plain["mean"]["psnr_y"] != pytest.approx(expected["mean"]["psnr_y"], abs=1e-6)
 
 
@@ -108,5 +108,7 @@ def test_script_runs_from_the_command_line(tmp_path):
 def test_dataset_dirs_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no HR/ folder"):
         dataset_dirs([tmp_path])
+    with pytest.raises(FileNotFoundError, match="does not exist.*docs/data.md"):
+        dataset_dirs([tmp_path / "missing"])
     _tiny_dataset(tmp_path / "a", n=1)
     assert dataset_dirs([tmp_path]) == [tmp_path / "a"]

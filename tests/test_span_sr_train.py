@@ -19,7 +19,7 @@ import pytest
 import torch
 
 import convlora
-from examples.span_sr import train
+from examples.span_sr import dsclora, train
 from examples.span_sr.arch import SPAN, load_span
 from examples.span_sr.checkpoint import load_checkpoint
 from examples.span_sr.config import load_config
@@ -100,7 +100,7 @@ def test_run_folder_contents(reference: Path, tiny: dict[str, Path]) -> None:
     assert prov["torch"] == torch.__version__ and prov["seed"] == 0
     assert len(prov["weights"]["base"]["sha256"]) == 64 and prov["data"]["train"]["images"] == 6
     results = json.loads((reference / "results.json").read_text())["y_psnr_db"]
-    assert set(results["val"]) == {"base", "teacher", "student"}
+    assert set(results["val"]) == {"bicubic", "base", "teacher", "student"}
     assert all(np.isfinite(v) for v in results["val"].values())
     for png in ("curves.png", "comparison.png"):
         assert (reference / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -151,7 +151,7 @@ class _Sabotaged:
     bad_from = 4
     action = "nan"
 
-    inner: train.Distiller
+    inner: dsclora.Distiller
 
     def __call__(self, lr: torch.Tensor, hr: torch.Tensor, step: int | None = None):
         type(self).calls += 1
@@ -165,7 +165,7 @@ class _Sabotaged:
 
 
 def _patch_distiller(monkeypatch: pytest.MonkeyPatch, action: str) -> None:
-    real = train.Distiller
+    real = dsclora.Distiller
 
     class Patched(_Sabotaged):
         def __init__(self, *args: object, **kwargs: object) -> None:
@@ -173,7 +173,7 @@ def _patch_distiller(monkeypatch: pytest.MonkeyPatch, action: str) -> None:
             type(self).calls = 0
 
     Patched.action = action
-    monkeypatch.setattr(train, "Distiller", Patched)
+    monkeypatch.setattr(dsclora, "Distiller", Patched)
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny: dict[str, Path], tmp_path: Path,
@@ -216,7 +216,8 @@ def test_bad_inputs_fail_before_training(tiny: dict[str, Path], tmp_path: Path) 
         train.main(_args(tiny, tmp_path / "e", "--teacher", str(x2)))
     with pytest.raises(ValueError, match="smaller than"):
         train.main(_args(tiny, tmp_path / "f", "--data.patch", "32"))
-    assert not any((tmp_path / n / "checkpoint.pt").exists() for n in "abcdef")
+    assert not any((tmp_path / n).exists() for n in "abcde")  # no run folder is left behind
+    assert not (tmp_path / "f" / "checkpoint.pt").exists()
 
 
 def test_affinity_normalisation_bounds_the_term_by_w_aff(tiny: dict[str, Path], tmp_path: Path) -> None:

@@ -11,8 +11,8 @@ from conftest import requires_shared
 
 import convlora
 from examples.span_sr.arch import SPAN, load_span
-from examples.span_sr.image_io import read_image, write_image
-from examples.span_sr.lora_config import build_dsclora
+from examples.span_sr.dsclora import build_student
+from examples.span_sr.images import read_image, write_image
 from examples.span_sr.metrics import to_uint8
 from examples.span_sr.upscale import (
     SPAN_RF_RADIUS,
@@ -123,7 +123,7 @@ def test_tiling_guarantee_on_set5_and_set14(shared_data):
 
 
 def test_cli_folder_and_onnx(tmp_path):
-    model = build_dsclora(SPAN(feature_channels=8))
+    model = build_student(SPAN(feature_channels=8))
     with torch.no_grad():  # non-zero adapters, so the export must merge them
         for p in convlora.lora_parameters(model):
             p.normal_(0, 0.05)
@@ -149,7 +149,7 @@ def test_cli_folder_and_onnx(tmp_path):
 
 
 def test_onnx_export_merges_lora(tmp_path):
-    model = build_dsclora(SPAN(feature_channels=8))
+    model = build_student(SPAN(feature_channels=8))
     with torch.no_grad():
         for p in convlora.lora_parameters(model):
             p.normal_(0, 0.05)

@@ -1,19 +1,25 @@
-"""Run configuration: YAML files in ``configs/`` merged over :data:`DEFAULTS`.
+"""Run configuration: YAML files in ``configs/`` merged over :data:`DEFAULTS`, command-line overrides.
 
 Relative paths inside a config (data folders, kernel files, ``out``) are resolved against the
-repository root, so ``../shared/data/...`` works from any working directory.
+repository root, so ``../shared/data/...`` works from any working directory. Any value can be
+overridden on the command line in the dialect of ``examples/span_sr`` (the same code,
+:func:`examples.span_sr.config.apply_overrides`): ``--train.blur_crop true --train.patch 96``,
+``--tasks deblur_motion noise50`` for a list, ``--adapter.alpha null``.
 """
 
 from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["DEFAULTS", "REPO", "apply_overrides", "load_config", "missing_data", "resolve_path"]
+from examples.span_sr.config import apply_overrides, split_options
+
+__all__ = ["DEFAULTS", "REPO", "apply_options", "load_config", "missing_data", "resolve_path"]
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -103,26 +109,18 @@ def load_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:
     return _merge(DEFAULTS, raw)
 
 
-def apply_overrides(cfg: dict[str, Any], items: list[str]) -> dict[str, Any]:
-    """``cfg`` with ``KEY.PATH=VALUE`` overrides applied (values parsed as YAML), in place.
-
-    Example: ``["train.blur_crop=true", "train.patch=96"]``.
+def apply_options(cfg: dict[str, Any], argv: Sequence[str]) -> dict[str, Any]:
+    """``cfg`` with the ``--section.key VALUE`` options of ``argv`` applied, in place.
 
     Raises:
-        ValueError: an item has no ``=`` or names a key the config does not have.
+        ValueError: an unknown or ambiguous key, a value of the wrong shape, or the older
+            ``--set section.key=value`` form (the message shows the new one); ``cfg`` is unchanged then.
     """
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"override {item!r} must look like section.key=value, e.g. train.patch=96.")
-        *parents, leaf = key.split(".")
-        node = cfg
-        for part in parents:
-            if not isinstance(node.get(part), dict):
-                raise ValueError(f"override {item!r}: {part!r} is not a config section; sections: "
-                                 f"{sorted(k for k, v in node.items() if isinstance(v, dict))}.")
-            node = node[part]
-        if leaf not in node:
-            raise ValueError(f"override {item!r}: unknown key {leaf!r}; known keys here: {sorted(node)}.")
-        node[leaf] = yaml.safe_load(raw)
+    argv = list(argv)
+    old = [argv[i + 1] if a == "--set" and i + 1 < len(argv) else a.removeprefix("--set=")
+           for i, a in enumerate(argv) if a == "--set" or a.startswith("--set=")]
+    if old:
+        new = " ".join(f"--{k} {v}" if sep else f"--{k}" for k, sep, v in (o.partition("=") for o in old))
+        raise ValueError(f"--set was replaced by the span_sr dialect: write {new} (lists as --tasks a b)")
+    apply_overrides(cfg, split_options(argv))
     return cfg

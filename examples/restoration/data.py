@@ -1,7 +1,7 @@
 """Clean images for training and testing: packaged sample photos, image folders, random patches.
 
 Images are kept in memory as ``uint8`` ``(3, H, W)`` tensors and turned into float [0, 1] batches
-only when sampled. Reading and writing files goes through :mod:`examples.span_sr.image_io`.
+only when sampled. Reading and writing files goes through :mod:`examples.span_sr.images`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from examples.span_sr.image_io import list_images, read_image
+from examples.span_sr.images import list_images, read_image
 
 __all__ = [
     "SAMPLE_TEST",

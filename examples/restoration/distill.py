@@ -31,7 +31,7 @@ from torch import Tensor, nn
 import convlora
 from convlora.distill import Distiller, FeatureTaps
 from examples.restoration import data, train
-from examples.restoration.config import load_config, resolve_path
+from examples.restoration.config import apply_options, load_config, resolve_path
 from examples.restoration.degrade import Task, get_task
 from examples.restoration.evaluate import Case, degraded_cases, eval_kernels, eval_set, score
 from examples.restoration.model import ResidualCNN, load_model, save_model
@@ -130,7 +130,8 @@ def markdown(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command-line entry point; returns the results (also written to ``--out``)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--config", default="configs/cpu_subset.yaml", help="data, adapter and eval settings")
     ap.add_argument("--base", default="runs/restoration_cpu_subset/base.safetensors", help="frozen base")
     ap.add_argument("--teacher", default=None, help="reuse this teacher instead of training one")
@@ -145,8 +146,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--p", type=int, default=2, choices=(1, 2), help="affinity exponent (1: FAKD)")
     ap.add_argument("--w-out", type=float, default=0.5)
     ap.add_argument("--w-aff", default="auto", help="affinity weight, or 'auto' (gradient-norm balance)")
-    args = ap.parse_args(argv)
-    wall, cfg = time.perf_counter(), load_config(args.config)
+    ap.epilog = "Any config value: --section.key VALUE, e.g. --adapter.rank 2 (the span_sr dialect)."
+    args, rest = ap.parse_known_args(argv)
+    try:
+        wall, cfg = time.perf_counter(), apply_options(load_config(args.config), rest)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"distill.py: {err}") from None
     torch.set_num_threads(cfg["threads"])
     out, task, tr = Path(resolve_path(args.out) or "."), get_task(args.task), cfg["train"]
     out.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ import torch
 from torch import Tensor
 
 import convlora
-from examples.restoration.config import load_config, missing_data, resolve_path
+from examples.restoration.config import apply_options, load_config, missing_data, resolve_path
 from examples.restoration.data import SAMPLE_TEST, center_crop, eval_images, sample_photos
 from examples.restoration.degrade import Task, degrade, get_task, seeded_generator
 from examples.restoration.kernels import (
@@ -164,14 +164,19 @@ def markdown(results: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command-line entry point; returns the results."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--run", required=True, help="run folder written by train.py")
     ap.add_argument("--count", type=int, default=None, help="override eval.count (test images)")
     ap.add_argument("--crop", type=int, default=None, help="override eval.crop (centre crop, px)")
     ap.add_argument("--border", type=int, default=0, help="score only pixels this far from the edges")
-    args = ap.parse_args(argv)
+    ap.epilog = "Any config value: --section.key VALUE, e.g. --eval.seed 1 (the span_sr dialect)."
+    args, rest = ap.parse_known_args(argv)
     run = Path(args.run)
-    cfg = load_config(run / "config.yaml")
+    try:
+        cfg = apply_options(load_config(run / "config.yaml"), rest)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"evaluate.py: {err}") from None
     problem = missing_data(cfg, "eval")
     if problem:
         raise SystemExit(problem)

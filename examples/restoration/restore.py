@@ -33,7 +33,7 @@ import convlora
 from examples.restoration.degrade import degrade, get_task, seeded_generator, wiener_deconv
 from examples.restoration.kernels import GAUSSIAN_TEST, gaussian_kernel, load_kernel, load_levin
 from examples.restoration.model import load_model
-from examples.span_sr.image_io import list_images, read_image, write_image
+from examples.span_sr.images import list_images, read_image, write_image
 from examples.span_sr.metrics import to_uint8
 
 __all__ = ["build", "main"]

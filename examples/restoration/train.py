@@ -37,7 +37,7 @@ import yaml
 from torch import Tensor, nn
 
 import convlora
-from examples.restoration.config import apply_overrides, load_config, missing_data, resolve_path
+from examples.restoration.config import apply_options, load_config, missing_data, resolve_path
 from examples.restoration.data import SAMPLE_TRAIN, PatchSampler, folder_images, sample_photos
 from examples.restoration.degrade import Task, degrade, get_task, seeded_generator
 from examples.restoration.kernels import kernel_pool
@@ -156,17 +156,20 @@ def _record(losses: list[float], seconds: float, trained: int) -> dict[str, Any]
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command-line entry point; returns the training log."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 allow_abbrev=False)
     ap.add_argument("--config", default=None, help="YAML config (default: configs/demo.yaml)")
     ap.add_argument("--out", default=None, help="run folder (default: the config's 'out')")
     ap.add_argument("--base", default=None, help="reuse this base.safetensors instead of training a base")
     ap.add_argument("--tasks", nargs="+", default=None, help="override 'tasks' (adapter tasks to train)")
     ap.add_argument("--steps", type=int, default=None, help="override adapter.steps (also full fine-tuning)")
     ap.add_argument("--threads", type=int, default=None, help="override 'threads' (torch CPU threads)")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="override any config value, e.g. --set train.blur_crop=true (repeatable)")
-    args = ap.parse_args(argv)
-    cfg = apply_overrides(load_config(args.config), args.set)
+    ap.epilog = "Any other config value: --section.key VALUE, e.g. --train.blur_crop true --train.patch 96."
+    args, rest = ap.parse_known_args(argv)
+    try:
+        cfg = apply_options(load_config(args.config), rest)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"train.py: {err}") from None
     if args.out:
         cfg["out"] = args.out
     if args.tasks:

@@ -1,23 +1,24 @@
-"""What a DSCLoRA run saves to resume and to reproduce: checkpoints (atomic), provenance, exports.
+"""The run folder of a DSCLoRA run: resume state (atomic), provenance, and its checks.
 
-Checkpoints hold only tensors and plain containers (``torch.load(..., weights_only=True)``
-reads them): the trainable parameters, optimizer and scheduler state, RNG states, the step,
-the EMA and the best validation adapter. They are written to a temporary file in the run folder
-and renamed over ``checkpoint.pt``, so an interrupted write never leaves a broken checkpoint.
-Logs and pictures (``MetricsLog``, ``plot_curves``, ...) are in :mod:`examples.span_sr.run_report`
-and re-exported here.
+A checkpoint holds only tensors and plain containers (``torch.load(..., weights_only=True)``
+reads it): the step, the trainable parameters, the optimizer, scheduler and RNG states, the
+state of the EMA model (``torch.optim.swa_utils.AveragedModel``) when EMA is on, and the best
+validation adapter. It is written to a temporary file in the run folder and renamed over
+``checkpoint.pt``, so an interrupted write never leaves a broken checkpoint. ``layout`` names
+the shape of this state; a folder written by an earlier layout of the example is refused with a
+one-line message rather than resumed wrongly.
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
+import json
 import os
 import platform
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,62 +26,53 @@ import numpy as np
 import torch
 from torch import nn
 
-from examples.span_sr.run_report import (
-    MetricsLog,
-    comparison_strip,
-    dump_json,
-    plot_curves,
-    write_png,
-)
+import convlora
 
 __all__ = [
-    "MetricsLog",
-    "comparison_strip",
-    "dump_json",
-    "export_merged",
+    "LAYOUT",
+    "RUN_MARKERS",
+    "earlier_run",
     "file_sha256",
     "load_checkpoint",
-    "prepare_run_dir",
+    "load_trainable_state",
     "provenance",
     "restore_rng",
     "rng_state",
     "save_checkpoint",
     "trainable_state",
-    "load_trainable_state",
-    "plot_curves",
-    "write_png",
+    "write_atomically",
+    "write_json",
 ]
 
+LAYOUT = 2
+"""Version of the checkpoint's content (1: the layout before the redesign, which had no ``layout`` key)."""
 
-def _atomic_torch_save(obj: Any, path: Path) -> None:
+RUN_MARKERS = ("checkpoint.pt", "adapter.safetensors", "metrics.jsonl")
+"""Files whose presence means a folder already holds a training run."""
+
+
+def write_atomically(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
 
 
-RUN_MARKERS = ("checkpoint.pt", "adapter.safetensors", "metrics.jsonl")
-"""Files whose presence means a folder already holds a training run."""
+def write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON."""
+    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
 
 
-def prepare_run_dir(run: Path, resume: object, say: Any = print) -> None:
-    """Create the run folder; say so when a fresh run is about to overwrite an earlier one there.
-
-    Args:
-        run: The run folder (``--out``).
-        resume: Truthy when the run continues the one in ``run`` (nothing is overwritten then).
-        say: Where the warning goes (``print`` on rank 0).
-    """
-    found = [name for name in RUN_MARKERS if (run / name).exists()]
-    if found and not resume:
-        say(f"note: {run} already holds a run ({', '.join(found)}); this fresh run replaces its files. "
-            f"Pass --out NEW_FOLDER to keep it, or --resume {run} to continue it.")
-    run.mkdir(parents=True, exist_ok=True)
+def earlier_run(run: Path) -> list[str]:
+    """The :data:`RUN_MARKERS` files already in ``run`` (a fresh run there replaces them)."""
+    return [name for name in RUN_MARKERS if (run / name).exists()]
 
 
 def rng_state() -> dict[str, Any]:
@@ -115,8 +107,8 @@ def load_trainable_state(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
 
 
 def save_checkpoint(path: str | Path, **state: Any) -> None:
-    """Atomically ``torch.save`` ``state`` (tensors and plain containers only) to ``path``."""
-    _atomic_torch_save(state, Path(path))
+    """Atomically ``torch.save`` ``state`` (tensors and plain containers only) with the current :data:`LAYOUT`."""
+    write_atomically(path, lambda tmp: torch.save({"layout": LAYOUT, **state}, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -124,15 +116,21 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: no checkpoint there (nothing to resume).
-        ValueError: the file is not a readable checkpoint.
+        ValueError: the file is not a readable checkpoint, or an earlier layout wrote it.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {str(path)!r}; --resume needs a run folder with checkpoint.pt.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch raises several types for corrupt files
         raise ValueError(f"cannot read checkpoint {str(path)!r}: {err}") from err
+    if not isinstance(state, dict) or state.get("layout") != LAYOUT:
+        raise ValueError(f"{path.parent} was made by an older layout of examples/span_sr (checkpoint layout "
+                         f"{state.get('layout', 1) if isinstance(state, dict) else '?'}, this code reads {LAYOUT}); "
+                         "it cannot be resumed here: start a new run with --out NEW_FOLDER, or resume it at the "
+                         "git_commit named in its provenance.json.")
+    return state
 
 
 def file_sha256(path: str | Path) -> str:
@@ -155,8 +153,6 @@ def _list_hash(refs: Iterable[str]) -> str:
 def provenance(*, seed: int, data: Mapping[str, list[str]], weights: Mapping[str, str],
                extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Versions, git commit, seed, hashes of the data lists (names + sizes) and weight files."""
-    import convlora
-
     repo = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True,
@@ -173,23 +169,3 @@ def provenance(*, seed: int, data: Mapping[str, list[str]], weights: Mapping[str
         "weights": {k: {"path": v, "sha256": file_sha256(v)} for k, v in weights.items() if v and os.path.isfile(v)},
         **(dict(extra) if extra else {}),
     }
-
-
-def export_merged(student: nn.Module, out_dir: Path) -> nn.Module:
-    """Merge and unload a copy of ``student``; write ``merged.safetensors`` and ``merged.pth``.
-
-    The result is the plain deploy SPAN with the official key layout (``torch.save`` of a dict of
-    plain tensors), loadable by ``evaluate.py``/``upscale.py`` and the official code.
-    """
-    import convlora
-
-    plain = convlora.unload(copy.deepcopy(student).cpu().float(), merge=True)
-    state = {k: v.detach().contiguous().clone() for k, v in plain.state_dict().items()}
-    try:
-        from safetensors.torch import save_file
-    except ImportError:
-        print("safetensors is not installed: merged.safetensors skipped (merged.pth written)")
-    else:
-        save_file(state, str(out_dir / "merged.safetensors"))
-    _atomic_torch_save(state, out_dir / "merged.pth")
-    return plain

@@ -1,31 +1,34 @@
-"""Configuration of a DSCLoRA training run: dataclasses, YAML files, dotted command-line overrides.
+"""Configuration of a run: dataclasses, YAML files (PyYAML), dotted command-line overrides.
 
-A run is described by one :class:`Config` (sections ``data``, ``model``, ``loss``, ``train``,
-``demo``). It is read from a YAML file, then every key can be overridden on the command line::
+A DSCLoRA run is one :class:`Config` (sections ``data``, ``model``, ``loss``, ``train``,
+``demo``), read from a YAML file; then every key can be overridden on the command line::
 
     python examples/span_sr/train.py --config examples/span_sr/configs/dsclora_x4.yaml \\
         --data.train ../shared/data/train/sr/BSD200 ../shared/data/train/sr/T91 \\
         --teacher span_ch28 --train.steps 2000 --train.lr 5e-5
 
-A key whose last part is unique across sections may be given without its section
-(``--teacher`` is ``--model.teacher``, ``--steps`` is ``--train.steps``). List keys take every
-value up to the next ``--option``; ``none``/``null`` clears an optional key. The resolved config
-is written into the run folder as ``config.yaml`` (:func:`dump_yaml`) and read back on resume.
-
-The YAML reader/writer lives in ``yaml_io.py`` (PyYAML when installed, else a built-in reader of
-the subset these configs use); argument parsing and typed overrides live in ``config_cli.py``.
-``dump_yaml`` and ``parse_args`` are re-exported here.
+The dialect, shared with ``examples/restoration`` (whose configs are nested dicts):
+``--section.key VALUE`` sets one key, ``--key=VALUE`` works too; a key whose last part is unique
+across sections may be given without its section (``--teacher`` is ``--model.teacher``); list
+keys take every value up to the next ``--option``; ``none``/``null`` clears an optional key; a
+bare ``--flag`` is ``true``. Values arrive as strings and are typed by the dataclass field they
+set (for a dict config: read as a number, bool or null when they look like one; a list key takes
+a list). The resolved config is written
+into the run folder as ``config.yaml`` (:func:`dump_yaml`) and read back on resume.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import types
+import typing
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from examples.span_sr.config_cli import apply_mapping, apply_overrides, parse_args
-from examples.span_sr.yaml_io import dump_yaml, read_yaml
+import yaml
 
 __all__ = [
     "Config",
@@ -34,9 +37,11 @@ __all__ = [
     "LossConfig",
     "ModelConfig",
     "TrainConfig",
+    "apply_overrides",
     "dump_yaml",
     "load_config",
     "parse_args",
+    "split_options",
 ]
 
 DEFAULT_TAPS = [f"block_{i}" for i in range(1, 7)] + ["conv_2"]
@@ -47,7 +52,7 @@ class DataConfig:
     """Training and validation data.
 
     Sources are folders of images (``.png``/``.jpg``/``.bmp``/``.tif``/``.webp``, or pre-decoded
-    uint8 ``.npy``/``.npz`` arrays) or ``skimage:NAME`` for an image bundled with scikit-image.
+    uint8 ``.npy``/``.u8.xz`` arrays) or ``skimage:NAME`` for an image bundled with scikit-image.
     """
 
     train: list[str] = field(default_factory=list)
@@ -71,12 +76,14 @@ class ModelConfig:
     ``base``/``teacher`` are a file path or a name looked up as ``<weights_dir>/<name>.pth``.
     ``teacher: base`` distils from the student's own base weights. An empty ``base`` or
     ``teacher`` is only allowed with ``demo.enabled``: the demo then trains a small substitute.
+    ``lora`` is a YAML file of ``convlora.LoRAConfig`` fields; a relative path is looked up in the
+    working directory, then in ``examples/span_sr/`` (the default is the paper's placement).
     """
 
     base: str = "span_tiny_ch26"
     teacher: str = "span_ch28"
     weights_dir: str = "../shared/data/weights"  # relative paths are relative to the repo root
-    lora: str = "dsclora"  # "dsclora" (the paper's placement) or a YAML LoRA config file
+    lora: str = "configs/dsclora_lora.yaml"
 
 
 @dataclass
@@ -120,7 +127,7 @@ class TrainConfig:
     ckpt_every: int = 500
     stop_after: int = 0  # interrupt (checkpoint + exit) after this many steps of this process
     time_limit: float = 0.0  # seconds; when reached, finish early as if `steps` were reached
-    progress: bool = True  # tqdm bar (when installed); otherwise a line per log interval
+    progress: bool = True  # tqdm bar; otherwise a line per log interval
 
 
 @dataclass
@@ -135,6 +142,14 @@ class DemoConfig:
     lr: float = 2e-3
     patch: int = 24
     batch: int = 8
+
+
+_CHOICES = {
+    "data.lr_mode": ("cache", "float"),
+    "data.small": ("skip", "error"),
+    "train.schedule": ("cosine", "multistep", "constant"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
 
 
 @dataclass
@@ -153,7 +168,185 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+def dump_yaml(data: Mapping[str, Any]) -> str:
+    """``data`` as block-style YAML, keys in their order (what ``config.yaml`` holds)."""
+    return yaml.safe_dump(dict(data), sort_keys=False, default_flow_style=False, width=120)
+
+
+def _scalar(text: str) -> Any:
+    """A command-line value: bool, None, int or float when it reads as one (``1e-3`` too), else the string."""
+    low = text.strip().lower()
+    if low in ("true", "yes", "on"):
+        return True
+    if low in ("false", "no", "off"):
+        return False
+    if low in ("none", "null", "~"):
+        return None
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    if text.strip()[:1] in ("[", "{"):
+        return yaml.safe_load(text)
+    return text
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is list:
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "[]")):
+            return []
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(v, args[0], key) for v in items]
+    if isinstance(value, str) and hint is not str:
+        value = _scalar(value)
+    if hint is bool and isinstance(value, bool):
+        return value
+    if hint is int and isinstance(value, (int, float)) and not isinstance(value, bool) and float(value) == int(value):
+        return int(value)
+    if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and not isinstance(value, (list, dict)):
+        return "" if value is None else str(value)
+    raise ValueError(f"config key {key!r}: {value!r} is not a valid {getattr(hint, '__name__', hint)}; "
+                     f"give a value of that type (e.g. --{key} ...)")
+
+
+def _apply_mapping(obj: Any, data: Mapping[str, Any], prefix: str = "") -> None:
+    """Set the fields of the dataclass ``obj`` (sections recursively) from ``data``, typed by the field hints."""
+    hints = typing.get_type_hints(type(obj))
+    names = {f.name for f in dataclasses.fields(obj)}
+    for key, value in data.items():
+        full = prefix + key
+        if key not in names:
+            raise ValueError(f"unknown config key {full!r}; valid keys here: {sorted(names)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, Mapping):
+                raise ValueError(f"config key {full!r} is a section; give a mapping, not {value!r}")
+            _apply_mapping(current, value, full + ".")
+            continue
+        value = _coerce(value, hints[key], full)
+        if full in _CHOICES and value not in _CHOICES[full]:
+            raise ValueError(f"config key {full!r}: {value!r} is not one of {list(_CHOICES[full])}")
+        setattr(obj, key, value)
+
+
+def _as_tree(cfg: Any) -> dict[str, Any]:
+    return cfg.to_dict() if dataclasses.is_dataclass(cfg) else cfg
+
+
+def _dotted_keys(tree: Mapping[str, Any]) -> dict[str, str]:
+    """Every dotted key of a two-level tree, and every unique leaf name, mapped to its dotted key."""
+    full: dict[str, str] = {}
+    leaves: dict[str, list[str]] = {}
+    for section, value in tree.items():
+        full[section] = section
+        if isinstance(value, Mapping):
+            for leaf in value:
+                full[f"{section}.{leaf}"] = f"{section}.{leaf}"
+                leaves.setdefault(leaf, []).append(f"{section}.{leaf}")
+    for leaf, owners in leaves.items():
+        if leaf not in full:
+            full[leaf] = owners[0] if len(owners) == 1 else ""
+    return full
+
+
+def _typed_like(current: Any, value: str | list[str], key: str) -> Any:
+    """A dict config's value: YAML-parsed; a list key takes a list, a scalar key one value."""
+    if isinstance(current, list):
+        items = value if isinstance(value, list) else [value]
+        if items == ["[]"] or (len(items) == 1 and items[0].lower() in ("none", "null")):
+            return []
+        return [_scalar(v) for v in items]
+    if isinstance(value, list):
+        raise ValueError(f"config key {key!r} takes one value, got {value}")
+    return _scalar(value)
+
+
+def apply_overrides(cfg: Any, overrides: Mapping[str, str | list[str]]) -> None:
+    """Apply dotted (or unique leaf-name) ``overrides`` to ``cfg`` in place.
+
+    Args:
+        cfg: A :class:`Config` (values typed by its fields) or a nested dict (values parsed as YAML).
+        overrides: From :func:`split_options`: ``{"train.steps": "200", "data.train": ["a", "b"]}``.
+
+    Raises:
+        ValueError: an unknown or ambiguous option (the message lists the valid ones) or a value of
+            the wrong type; ``cfg`` is left unchanged then.
+    """
+    tree = _as_tree(cfg)
+    keys = _dotted_keys(tree)
+    settable = sorted(k for k in keys if "." in k or (k in tree and not isinstance(tree[k], Mapping)))
+    nested: dict[str, Any] = {}
+    for key, value in overrides.items():
+        dotted = keys.get(key)
+        if not dotted:
+            owners = sorted(k for k in keys if k.endswith("." + key))
+            if owners:
+                raise ValueError(f"option --{key} is ambiguous; write one of " + ", ".join(f"--{k}" for k in owners))
+            raise ValueError(f"unknown option --{key}; valid options: " + ", ".join(f"--{k}" for k in settable))
+        *parents, leaf = dotted.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    if dataclasses.is_dataclass(cfg):
+        _apply_mapping(copy.deepcopy(cfg), nested)  # a bad value raises before anything changes
+        _apply_mapping(cfg, nested)
+        return
+    staged: list[tuple[dict[str, Any], str, Any]] = []
+    for section, value in nested.items():
+        if isinstance(value, dict) and isinstance(cfg[section], Mapping):
+            for leaf, raw in value.items():
+                staged.append((cfg[section], leaf, _typed_like(cfg[section][leaf], raw, f"{section}.{leaf}")))
+        else:
+            staged.append((cfg, section, _typed_like(cfg[section], value, section)))
+    for node, leaf, typed in staged:
+        node[leaf] = typed
+
+
+def split_options(argv: Sequence[str]) -> dict[str, str | list[str]]:
+    """``--key value``, ``--key=value``, ``--key v1 v2 ...`` (a list) and bare ``--flag`` (``"true"``) tokens as a dict.
+
+    Raises:
+        ValueError: a token that is not an option (the message shows the form).
+    """
+    options: dict[str, str | list[str]] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if not token.startswith("--") or token == "--":
+            raise ValueError(f"unexpected argument {token!r}; options look like --section.key VALUE")
+        key, eq, inline = token[2:].partition("=")
+        values = [inline] if eq else []
+        i += 1
+        while not eq and i < len(argv) and not (argv[i].startswith("--") and len(argv[i]) > 2):
+            values.append(argv[i])
+            i += 1
+        options[key] = values if len(values) > 1 else (values[0] if values else "true")
+    return options
+
+
+def parse_args(argv: Sequence[str]) -> tuple[str | None, str | None, dict[str, str | list[str]]]:
+    """Split a training command line into ``(config path, resume folder, overrides)``."""
+    options = split_options(argv)
+    paths: dict[str, str | None] = {}
+    for key in ("config", "resume"):
+        value = options.pop(key, None)
+        if isinstance(value, list):
+            raise ValueError(f"--{key} takes one path, got {value}")
+        paths[key] = value
+    return paths["config"], paths["resume"], options
+
+
+def load_config(path: str | Path | None, overrides: Mapping[str, str | list[str]] | None = None) -> Config:
     """Build a :class:`Config` from defaults, a YAML file and dotted ``overrides``.
 
     Raises:
@@ -165,6 +358,9 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} not found; pass --config PATH to an existing YAML file")
-        apply_mapping(cfg, read_yaml(path))
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {str(path)!r} must be a YAML mapping of sections, got {type(data).__name__}")
+        _apply_mapping(cfg, data)
     apply_overrides(cfg, overrides or {})
     return cfg

@@ -1,11 +1,12 @@
-"""Training data for DSCLoRA: HR image folders -> cached (LR, HR) arrays -> random patch batches.
+"""Training data for DSCLoRA: image sources -> cached (LR, HR) arrays -> random patch batches.
 
-* Sources: folders of images, ``.npy``/packed ``.u8.xz`` arrays or ``skimage:NAME`` photos,
-  listed and decoded by :mod:`examples.span_sr.image_sources` (its names are re-exported here).
-* Every image is decoded once, mod-cropped to a multiple of the scale, and its LR made once with
-  the MATLAB-exact bicubic (:func:`degrade.imresize_matlab`, ``lr_mode="cache"``, the default:
-  the test sets' LR are made exactly so, uint8 rounding included, so training sees the test
-  degradation). Both arrays are cached on disk (``.npy``) keyed by file path, size and mtime.
+* Sources (:func:`image_refs`): folders of images (searched recursively), single files, or
+  ``skimage:NAME`` photos; decoded by :func:`examples.span_sr.images.read_image`.
+  :func:`split_holdout` keeps some training images aside for validation, chosen by name.
+* :class:`ImageSet`: every image is decoded once, mod-cropped to a multiple of the scale, and its
+  LR made once with the MATLAB-exact bicubic (:func:`degrade.imresize_matlab`, ``lr_mode="cache"``,
+  the default: the test sets' LR are made exactly so, uint8 rounding included, so training sees the
+  test degradation). Both arrays are cached on disk (``.npy``) keyed by file path, size and mtime.
   ``lr_mode="float"`` instead downsizes each HR patch on the fly with the float variant
   (:func:`degrade.imresize_torch`, no rounding; borders of the patch are mirrored).
 * :class:`PatchDataset` maps a *global sample index* ``k = step * global_batch + j`` to one
@@ -17,7 +18,6 @@
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -26,27 +26,50 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from examples.span_sr.checkpoint import write_atomically
 from examples.span_sr.degrade import imresize_matlab, imresize_torch, modcrop
-from examples.span_sr.image_sources import (
-    IMAGE_EXTS,
-    list_images,
-    load_packed,
-    read_image,
-    save_packed,
-    split_holdout,
-)
+from examples.span_sr.images import list_images, read_image
 
-__all__ = [
-    "IMAGE_EXTS",
-    "ImageSet",
-    "PatchDataset",
-    "list_images",
-    "load_packed",
-    "read_image",
-    "rank_batches",
-    "save_packed",
-    "split_holdout",
-]
+__all__ = ["ImageSet", "PatchDataset", "image_refs", "rank_batches", "split_holdout", "to_float"]
+
+
+def image_refs(sources: Sequence[str]) -> list[str]:
+    """Expand folders (recursively, sorted), image files and ``skimage:NAME`` entries into image references.
+
+    Raises:
+        FileNotFoundError: a source does not exist.
+        ValueError: a folder holds no images, or files that are not images.
+    """
+    refs: list[str] = []
+    for src in sources:
+        if src.startswith("skimage:") or Path(src).is_file():
+            refs.append(src)
+        elif not Path(src).exists():
+            raise FileNotFoundError(f"data folder {src!r} does not exist; check --data.train / --data.val / "
+                                    "--data.test (docs/data.md lists the data sets and where to get them).")
+        else:
+            refs.extend(str(p) for p in list_images(src, recursive=True))
+    return refs
+
+
+def split_holdout(refs: Sequence[str], n: int) -> tuple[list[str], list[str]]:
+    """Split ``refs`` into ``(train, val)`` holding out ``n`` images chosen by a hash of their names.
+
+    The choice depends on file names only (not on the seed or the order), so it is stable across
+    runs and resumes. Raises ValueError if fewer than ``n + 1`` images are given.
+    """
+    if n < 0 or n >= len(refs):
+        raise ValueError(f"cannot hold out {n} of {len(refs)} training images for validation; "
+                         "lower --data.val_holdout or give --data.val folders.")
+    ranked = sorted(refs, key=lambda r: hashlib.sha256(Path(r).name.encode()).hexdigest())
+    val = set(ranked[:n])
+    return [r for r in refs if r not in val], [r for r in refs if r in val]
+
+
+def to_float(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (or float) CHW batch -> float32 in [0, 1] on ``device`` (uint8 travels, floats are made there)."""
+    x = x.to(device, non_blocking=True)
+    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
 
 
 def _cache_key(ref: str, scale: int, lr_mode: str) -> str:
@@ -58,11 +81,12 @@ def _cache_key(ref: str, scale: int, lr_mode: str) -> str:
     return hashlib.sha256(f"v1|{stamp}|x{scale}|{lr_mode}".encode()).hexdigest()[:24]
 
 
-def _atomic_save(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as fh:
-        np.save(fh, arr)
-    os.replace(tmp, path)
+def _save_npy(path: Path, arr: np.ndarray) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as fh:
+            np.save(fh, arr)
+
+    write_atomically(path, write)
 
 
 @dataclass
@@ -107,9 +131,9 @@ class ImageSet:
                     hr = _center_crop(hr, max_side - max_side % scale)
                 lr = imresize_matlab(np.ascontiguousarray(hr), 1.0 / scale) if lr_mode == "cache" else None
                 if hr_file is not None and lr_file is not None:
-                    _atomic_save(hr_file, hr)
+                    _save_npy(hr_file, hr)
                     if lr is not None:
-                        _atomic_save(lr_file, lr)
+                        _save_npy(lr_file, lr)
             if min(hr.shape[:2]) < min_hr:
                 tiny.append(f"{ref} ({hr.shape[1]}x{hr.shape[0]})")
                 continue

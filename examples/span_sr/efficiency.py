@@ -83,7 +83,7 @@ def runtime_inputs(data: str | Path | None, size: tuple[int, int], count: int) -
     if data is None:
         gen = torch.Generator().manual_seed(0)
         return [torch.rand(1, 3, *size, generator=gen) for _ in range(count)]
-    from examples.span_sr.image_io import list_images, read_image
+    from examples.span_sr.images import list_images, read_image
 
     files = list_images(data)
     if not files:

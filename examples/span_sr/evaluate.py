@@ -23,7 +23,7 @@ if __package__ in (None, ""):
 
 import argparse
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -31,28 +31,34 @@ import torch
 from torch import nn
 
 from examples.span_sr.degrade import imresize_matlab, modcrop
-from examples.span_sr.image_io import list_images, read_image
+from examples.span_sr.dsclora import load_deployed
+from examples.span_sr.images import list_images, read_image
 from examples.span_sr.metrics import psnr_rgb, psnr_y, ssim_y
-from examples.span_sr.span_io import load_span
 from examples.span_sr.upscale import upscale_image
 
-__all__ = ["dataset_dirs", "evaluate_folder", "format_table", "load_model", "main", "sr_pairs"]
+__all__ = ["METRICS", "dataset_dirs", "evaluate_folder", "format_table", "main", "score", "sr_pairs"]
 
-METRICS = ("psnr_y", "ssim_y", "psnr_rgb")
+METRICS = {"psnr_y": psnr_y, "ssim_y": ssim_y, "psnr_rgb": psnr_rgb}
+"""The metrics, by name (border-cropped, on uint8 images; see :mod:`examples.span_sr.metrics`)."""
 
 
-def load_model(weights: str | Path, lora_adapter: str | Path | None = None) -> nn.Module:
-    """Load a SPAN checkpoint; with ``lora_adapter``, load that convlora adapter onto it and merge.
+def score(upscale: Callable[[np.ndarray], np.ndarray], pairs: Iterable[tuple[str, np.ndarray, np.ndarray]],
+          border: int, metrics: Sequence[str] = tuple(METRICS)) -> dict[str, Any]:
+    """Score ``upscale`` (uint8 LR -> uint8 SR) on ``(name, hr, lr)`` pairs; training validates with it too.
 
-    The result is a plain deploy-form SPAN (adapters merged and unloaded), in eval mode.
+    Returns:
+        ``{"images": [{"name", metric: value, ...}, ...], "mean": {metric: value}, "count": n}``.
+
+    Raises:
+        ValueError: no pairs.
     """
-    model: nn.Module = load_span(weights)
-    if lora_adapter is not None:
-        import convlora
-
-        convlora.load_adapter(model, lora_adapter)
-        model = convlora.unload(model, merge=True)
-    return model.eval()
+    rows = []
+    for name, hr, lr in pairs:
+        sr = upscale(lr)
+        rows.append({"name": name, **{m: METRICS[m](sr, hr, border) for m in metrics}})
+    if not rows:
+        raise ValueError("no images to score.")
+    return {"images": rows, "mean": {m: float(np.mean([r[m] for r in rows])) for m in metrics}, "count": len(rows)}
 
 
 def _find_lr(lr_dir: Path | None, stem: str, scale: int) -> Path | None:
@@ -103,25 +109,20 @@ def evaluate_folder(model: nn.Module, hr_dir: str | Path, lr_dir: str | Path | N
     """
     scale = int(scale if scale is not None else getattr(model, "upscale", 4))
     border = scale if border is None else border
-    rows = []
-    for name, hr, lr in sr_pairs(hr_dir, lr_dir, scale):
-        sr = upscale_image(model, lr, tile=tile)
-        rows.append({"name": name, "psnr_y": psnr_y(sr, hr, border),
-                     "ssim_y": ssim_y(sr, hr, border), "psnr_rgb": psnr_rgb(sr, hr, border)})
-    if not rows:
-        raise ValueError(f"no images in {hr_dir}.")
-    mean = {m: float(np.mean([r[m] for r in rows])) for m in METRICS}
-    return {"images": rows, "mean": mean, "count": len(rows)}
+    return score(lambda lr: upscale_image(model, lr, tile=tile), sr_pairs(hr_dir, lr_dir, scale), border)
 
 
 def dataset_dirs(paths: Sequence[str | Path]) -> list[Path]:
     """Dataset folders (each with ``HR/``); a folder without ``HR/`` is expanded one level."""
     out: list[Path] = []
     for p in map(Path, paths):
+        if not p.is_dir():
+            raise FileNotFoundError(f"data folder {str(p)!r} does not exist; docs/data.md lists the benchmark sets "
+                                    "and the layout <set>/HR/*.png expected here.")
         if (p / "HR").is_dir():
             out.append(p)
             continue
-        subs = sorted(d for d in p.iterdir() if (d / "HR").is_dir()) if p.is_dir() else []
+        subs = sorted(d for d in p.iterdir() if (d / "HR").is_dir())
         if not subs:
             raise FileNotFoundError(f"{p} has no HR/ folder and no subfolder with one; expected "
                                     "<set>/HR/*.png (optionally <set>/LR_bicubic/X4/).")
@@ -141,7 +142,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", required=True, help="SPAN checkpoint (.pth)")
+    ap.add_argument("--weights", required=True, help="SPAN checkpoint (.pth or .safetensors)")
     ap.add_argument("--lora-adapter", help="convlora adapter (.safetensors) to load and merge")
     ap.add_argument("--data", nargs="+", required=True, help="dataset folder(s) with HR/")
     ap.add_argument("--regenerate-lr", action="store_true", help="ignore LR_bicubic, make LR from HR")
@@ -152,9 +153,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model(args.weights, args.lora_adapter).to(args.device)
+    try:
+        folders = dataset_dirs(args.data)
+        model = load_deployed(args.weights, args.lora_adapter).to(args.device)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"evaluate.py: {err}") from None
     results: dict[str, dict[str, Any]] = {}
-    for d in dataset_dirs(args.data):
+    for d in folders:
         lr_dir = d / "LR_bicubic" / f"X{model.upscale}"
         use_lr = lr_dir if lr_dir.is_dir() and not args.regenerate_lr else None
         results[d.name] = evaluate_folder(model, d / "HR", use_lr, tile=args.tile)

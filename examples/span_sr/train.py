@@ -7,68 +7,92 @@
     python examples/span_sr/train.py --resume runs/dsclora_x4     # continue an interrupted run
     torchrun --nproc_per_node 2 examples/span_sr/train.py --config ...   # DDP: nccl on CUDA, gloo on CPU
 
-Loss (``convlora.distill.Distiller``): ``w_rec * L1(SR, HR) + w_out * L1(SR, SR_teacher)
-+ w_aff * mean over taps of the spatial-affinity loss`` (taps after each SPAB and ``conv_2``).
-Only the adapters train (Adam, warm-up then cosine/multistep, grad clipping); the run folder gets
-``config.yaml``, ``provenance.json``, ``metrics.jsonl``, ``checkpoint.pt``, ``adapter.safetensors``,
-``merged.safetensors``/``merged.pth`` (plain SPAN, official keys), ``results.json``,
-``curves.png`` and ``comparison.png``. Gradients are averaged over ranks by one all-reduce per
-step (what DDP does; the Distiller's hooks stay on the plain student), and each rank takes its
-slice of the global batch, so N processes reproduce the 1-process run.
+The method (student, teacher, taps, loss, deployment) is in ``dsclora.py``; this script is the
+run around it, top to bottom: config, setup and DDP, data, models, loss, optimizer + EMA
+(``AveragedModel``), loop, best-step selection, export. Only the adapters train (Adam, warm-up
+then cosine/multistep, grad clipping). Under ``torchrun`` the student is wrapped in
+``DistributedDataParallel`` and each rank takes its slice of the global batch, so N processes
+reproduce the 1-process run. The run folder gets ``config.yaml``, ``provenance.json``,
+``metrics.jsonl``, ``checkpoint.pt``, ``adapter.safetensors``, ``merged.safetensors``/``merged.pth``
+(plain SPAN, official keys), ``results.json``, ``curves.png`` and ``comparison.png``.
 """
-
-# The script reads top to bottom; reusable pieces live beside it: train_utils.py (device/DDP,
-# schedule, optimizer + EMA, progress), train_models.py (weights, demo substitutes, student,
-# affinity normalisation) and validation.py (Y-PSNR validation, exports, final report).
 
 from __future__ import annotations
 
 import math
+import os
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `examples.span_sr` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
 
-from convlora.distill import Distiller
+import convlora
 from examples.span_sr import checkpoint as ckpt
-from examples.span_sr.config import dump_yaml, load_config, parse_args
-from examples.span_sr.data import ImageSet, PatchDataset, list_images, rank_batches, split_holdout
-from examples.span_sr.train_models import (
-    affinity_tap_weights,
-    build_student,
-    load_pair,
-    prepare_weights,
-)
-from examples.span_sr.train_utils import (
-    LossMeter,
-    Progress,
-    allreduce_mean_grads,
-    build_optimizer,
-    first_tensor,
-    setup_device,
-    sync_flags,
+from examples.span_sr import dsclora, report
+from examples.span_sr.config import TrainConfig, dump_yaml, load_config, parse_args
+from examples.span_sr.data import (
+    ImageSet,
+    PatchDataset,
+    image_refs,
+    rank_batches,
+    split_holdout,
     to_float,
 )
-from examples.span_sr.validation import export_student, final_report, reference_psnr, validate
+from examples.span_sr.degrade import imresize_matlab
+from examples.span_sr.demo import train_substitute
+from examples.span_sr.evaluate import score
+from examples.span_sr.images import write_image
+from examples.span_sr.upscale import upscale_image
 
-__all__ = ["main"]
+__all__ = ["lr_factor", "main"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
 
+def lr_factor(step: int, t: TrainConfig) -> float:
+    """Learning-rate multiplier of ``LambdaLR``: linear warm-up, then cosine to ``min_lr``, multistep or constant."""
+    if t.warmup and step < t.warmup:
+        return (step + 1) / t.warmup
+    if t.schedule == "cosine":
+        progress = (step - t.warmup) / max(1, t.steps - t.warmup)
+        return t.min_lr + (1 - t.min_lr) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if t.schedule == "multistep":
+        return t.gamma ** sum(step >= m for m in t.milestones)
+    return 1.0  # "constant" (config.py admits no other value)
+
+
+def mean_psnr(model: torch.nn.Module, images: ImageSet) -> float:
+    """Mean Y-PSNR (border = scale, SR rounded to uint8) over ``images``, as evaluate.py measures it."""
+    pairs = zip(images.refs, map(np.asarray, images.hr), map(np.array, images.lr))
+    return score(lambda lr: upscale_image(model, lr), pairs, images.scale, ["psnr_y"])["mean"]["psnr_y"]
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run training as configured by ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    """Run training as configured by ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    Bad configs, missing weights, data or a run folder that cannot be resumed end with a one-line
+    message and status 2, before the run folder is created.
+    """
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     threads = torch.get_num_threads()
     try:
         return _run(sys.argv[1:] if argv is None else argv)
+    except (FileNotFoundError, ValueError) as err:
+        if argv is not None:  # called from Python: the caller gets the exception
+            raise
+        print(f"train.py: {err}", file=sys.stderr)
+        return 2
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -76,53 +100,96 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(argv: list[str]) -> int:
-    # ------------------------------------------------------------------ config
+    # ------------------------------------------------------------------ config, checked before anything is written
     if {"-h", "--help"} & set(argv):
         print(__doc__ + "\nOptions (defaults from configs/demo.yaml unless --config is given):\n"
               + dump_yaml(load_config(DEFAULT_CONFIG).to_dict()))
         return 0
     config_path, resume, overrides = parse_args(argv)
-    if resume and config_path is None:
-        config_path = str(Path(resume) / "config.yaml")
+    state = None
+    if resume:
+        state = ckpt.load_checkpoint(Path(resume) / "checkpoint.pt")  # refuses an older layout
+        config_path = config_path or str(Path(resume) / "config.yaml")
     cfg = load_config(config_path or DEFAULT_CONFIG, overrides)
     if resume:
         cfg.out = resume
-    run = Path(cfg.out)
+    run, scale = Path(cfg.out), cfg.data.scale
+    lora = dsclora.load_lora_config(cfg.model.lora)
+    weights: dict[str, str] = {}  # role -> file
+    substitutes = []  # roles left empty in the demo: trained below, once the run folder exists
+    for role in ("teacher", "base"):
+        spec = getattr(cfg.model, role)
+        if spec in ("", "none") and cfg.demo.enabled:
+            weights[role] = str(run / f"demo_{role}.pth")
+            substitutes.append(role)
+        elif spec == "":
+            raise ValueError(f"model.{role} is empty; give weights (--model.{role} NAME_OR_FILE) or enable the "
+                             "demo substitute (--demo.enabled true).")
+        elif not (role == "teacher" and spec == "base"):
+            weights[role] = str(dsclora.resolve_weights(spec, cfg.model.weights_dir))
+    if not substitutes:
+        with torch.random.fork_rng():  # a check only: the models are loaded again below, in the seeded order
+            dsclora.load_pair(weights["base"], weights.get("teacher"), scale)
+    refs = image_refs(cfg.data.train)
+    if not refs:
+        raise ValueError("no training data: set --data.train to one or more HR image folders.")
+    if cfg.data.val:
+        train_refs, val_refs = refs, image_refs(cfg.data.val)
+    else:
+        train_refs, val_refs = split_holdout(refs, cfg.data.val_holdout)
+    tests = {Path(f).name: image_refs([str(Path(f) / "HR") if (Path(f) / "HR").is_dir() else f])
+             for f in cfg.data.test}
 
     # ------------------------------------------------------------------ setup: DDP, device, seed
-    world, rank, device = setup_device(cfg)
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    if cfg.data.batch % world:
+        raise ValueError(f"global batch {cfg.data.batch} is not divisible by {world} processes; "
+                         "choose --data.batch as a multiple of the number of ranks.")
+    want_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if want_cuda else "cpu")
+    if world > 1:
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True  # fixed patch size: let cuDNN pick the fastest kernels
     main_proc = rank == 0
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     torch.manual_seed(cfg.train.seed)
-    say = print if main_proc else (lambda *a, **k: None)
+    say = tqdm.write if main_proc else (lambda line: None)  # through the bar's writer: never glued to it
 
     # ------------------------------------------------------------------ data
-    scale, hr_patch = cfg.data.scale, cfg.data.patch * cfg.data.scale
     cache = cfg.data.cache_dir or str(run.parent / ".cache")
-    refs = list_images(cfg.data.train) if cfg.data.train else []
-    if not refs:
-        raise ValueError("no training data: set --data.train to one or more HR image folders.")
-    if cfg.data.val:
-        train_refs, val_refs = refs, list_images(cfg.data.val)
-    else:
-        train_refs, val_refs = split_holdout(refs, cfg.data.val_holdout)
     if world > 1 and not main_proc:
         dist.barrier()  # rank 0 fills the decode/LR cache first
     train_set = ImageSet.load(train_refs, scale, lr_mode=cfg.data.lr_mode, cache_dir=cache,
-                              min_hr=hr_patch, small=cfg.data.small)
+                              min_hr=cfg.data.patch * scale, small=cfg.data.small)
     val_set = ImageSet.load(val_refs, scale, cache_dir=cache, max_side=cfg.data.val_max_side) if val_refs else None
     if world > 1 and main_proc:
         dist.barrier()
     say(f"data: {len(train_set.hr)} training images, {len(val_refs)} validation images"
         f"{' (held out from the training folders)' if not cfg.data.val else ''}, LR {cfg.data.lr_mode}")
 
-    # ------------------------------------------------------------------ models
-    ckpt.prepare_run_dir(run, resume, say)
-    weights = prepare_weights(cfg, run, train_set, device, main_proc, world, say)
+    # ------------------------------------------------------------------ run folder, demo substitutes, models
+    if main_proc:
+        found = ckpt.earlier_run(run)
+        if found and not resume:
+            say(f"note: {run} already holds a run ({', '.join(found)}); this fresh run replaces its files. "
+                f"Pass --out NEW_FOLDER to keep it, or --resume {run} to continue it.")
+        run.mkdir(parents=True, exist_ok=True)
+    for role in substitutes:
+        path = Path(weights[role])
+        if not path.is_file():
+            if main_proc:
+                seed = cfg.train.seed + (1 if role == "teacher" else 2)
+                model = train_substitute(role, cfg.demo, train_set, device, seed)
+                torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
+            if world > 1:
+                dist.barrier()
     torch.manual_seed(cfg.train.seed)  # same adapter init whether or not demo substitutes just trained
-    base, teacher = load_pair(weights, scale)
-    student = build_student(base, cfg.model.lora).to(device)
+    base, teacher = dsclora.load_pair(weights["base"], weights.get("teacher"), scale)
+    student = dsclora.build_student(base, lora).to(device)
     base, teacher = base.to(device).requires_grad_(False), teacher.to(device).requires_grad_(False)
     if device.type == "cuda" and cfg.train.channels_last:
         student.to(memory_format=torch.channels_last)  # in place (Module.to returns self)
@@ -130,42 +197,57 @@ def _run(argv: list[str]) -> int:
     params = [p for p in student.parameters() if p.requires_grad]
     say(f"student: {sum(p.numel() for p in params):,} trainable adapter parameters; teacher "
         f"{weights.get('teacher', 'base')}; base {weights['base']}")
-    taps = {t: t for t in cfg.loss.taps}
-    tap_weights, w_aff = affinity_tap_weights(base, teacher, taps, train_set, cfg, device, say)
-    distiller = Distiller(student, teacher, taps=taps, w_rec=cfg.loss.w_rec, w_out=cfg.loss.w_out, w_aff=w_aff,
-                          p=cfg.loss.p, pool=cfg.loss.pool or None, tap_weights=tap_weights,
-                          aff_warmup_steps=cfg.loss.aff_warmup, select=first_tensor)
-    forward = torch.compile(distiller.__call__) if cfg.train.compile else distiller
+    # EMA of the weights (validation and export use it); the first update copies the start weights
+    ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema)) if cfg.train.ema else None
+    if ema is not None:
+        ema.update_parameters(student)
+    model = DistributedDataParallel(student, broadcast_buffers=False) if world > 1 else student
 
-    # ------------------------------------------------------------------ optimizer, state, resume
-    opt, sched, ema = build_optimizer(params, cfg)
-    start = 0
-    best: dict[str, Any] = {"psnr": -math.inf, "step": 0, "params": None}
-    if resume:
-        state = ckpt.load_checkpoint(run / "checkpoint.pt")
+    # ------------------------------------------------------------------ loss (dsclora.py)
+    step0 = PatchDataset(train_set, cfg.data.patch, cfg.train.seed)  # step 0's global batch, the same on every rank
+    tap_weights, w_aff, start_aff = dsclora.affinity_tap_weights(
+        base, teacher, cfg.loss, to_float(torch.stack([step0[i][0] for i in range(cfg.data.batch)]), device))
+    if start_aff:
+        say("affinity per tap at the start (base vs teacher): "
+            + ", ".join(f"{k} {v:.3g}" for k, v in start_aff.items()))
+    distiller = dsclora.make_loss(model, teacher, cfg.loss, tap_weights, w_aff)
+    forward = torch.compile(distiller.__call__) if cfg.train.compile else distiller
+    in_use = [k for k, w in (("rec", cfg.loss.w_rec), ("out", cfg.loss.w_out), ("aff", w_aff)) if w]
+
+    # ------------------------------------------------------------------ optimizer, schedule, resume
+    opt = torch.optim.Adam(params, lr=cfg.train.lr, betas=(cfg.train.betas[0], cfg.train.betas[1]),
+                           weight_decay=cfg.train.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.train))
+    start, best = 0, {"psnr": -math.inf, "step": 0, "params": None}
+    if state is not None:
         ckpt.load_trainable_state(student, state["params"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         ckpt.restore_rng(state["rng"])
+        if ema is not None and state["ema"] is not None:
+            ema.load_state_dict(state["ema"])
         start, best = state["step"], state["best"]
-        if ema is not None and state.get("ema") is not None:
-            ema = [t.to(device) for t in state["ema"]]
         say(f"resumed {run} at step {start}")
     if main_proc:
         (run / "config.yaml").write_text(dump_yaml(cfg.to_dict()))
-        ckpt.dump_json(run / "provenance.json", ckpt.provenance(
+        ckpt.write_json(run / "provenance.json", ckpt.provenance(
             seed=cfg.train.seed, data={"train": train_set.refs, "val": val_refs}, weights=weights,
             extra={"args": argv, "world_size": world, "device": str(device), "resumed_from_step": start}))
-    log = ckpt.MetricsLog(run / "metrics.jsonl", truncate_after=start if resume else -1, enabled=main_proc)
+    log = report.MetricsLog(run / "metrics.jsonl", truncate_after=start if resume else -1, enabled=main_proc)
 
     def checkpoint(step: int) -> None:
         if main_proc:
             ckpt.save_checkpoint(run / "checkpoint.pt", step=step, params=ckpt.trainable_state(student),
                                  optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=ckpt.rng_state(),
-                                 ema=[t.cpu() for t in ema] if ema is not None else None, best=best)
+                                 ema=ema.state_dict() if ema is not None else None, best=best)
 
     if val_set is not None and start == 0 and main_proc:
-        reference_psnr(base, teacher, val_set, device, log, say)
+        ref = {"val_bicubic": score(lambda lr: imresize_matlab(lr, scale), zip(
+            val_set.refs, map(np.asarray, val_set.hr), map(np.array, val_set.lr)), scale, ["psnr_y"])["mean"]["psnr_y"],
+            "val_base": mean_psnr(base, val_set), "val_teacher": mean_psnr(teacher, val_set)}
+        log.write({"step": 0, **ref})
+        say(f"validation Y-PSNR: bicubic {ref['val_bicubic']:.3f} dB, base {ref['val_base']:.3f} dB, "
+            f"teacher {ref['val_teacher']:.3f} dB")
 
     # ------------------------------------------------------------------ loop
     stop = {"signal": 0}
@@ -177,8 +259,9 @@ def _run(argv: list[str]) -> int:
         num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if cfg.data.workers else None)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.train.amp)
-    bar = Progress(start, cfg.train.steps, enabled=main_proc, bar=cfg.train.progress)
-    meter, t_start, step, exit_code = LossMeter(), time.time(), start, 0
+    bar = report.Progress(start, cfg.train.steps, enabled=main_proc, bar=cfg.train.progress)
+    sums, count, t_log = torch.zeros(4, device=device), 0, time.time()  # loss, rec, out, aff since the last log
+    t_start, step, exit_code, timeout = time.time(), start, 0, False
     for step, (lr, hr) in enumerate(loader, start + 1):  # `step` counts completed steps
         lr, hr = to_float(lr, device), to_float(hr, device)
         if device.type == "cuda" and cfg.train.channels_last:
@@ -186,65 +269,103 @@ def _run(argv: list[str]) -> int:
         with autocast:
             loss, parts, _ = forward(lr, hr, step=step - 1)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:
-            allreduce_mean_grads(params, world)
+        loss.backward()  # DDP averages the gradients over ranks here
         if cfg.train.clip:
             torch.nn.utils.clip_grad_norm_(params, cfg.train.clip)
         opt.step()
         sched.step()
         if ema is not None:
-            torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - cfg.train.ema)
-        meter.add(loss, parts)
+            ema.update_parameters(student)
+        sums += torch.stack([loss.detach().float()] + [parts[k].detach().float() for k in ("rec", "out", "aff")])
+        count += 1
         bar.update(1)
         last = step == cfg.train.steps
-        timeout = cfg.train.time_limit and time.time() - t_start > cfg.train.time_limit
+        timeout = bool(cfg.train.time_limit and time.time() - t_start > cfg.train.time_limit)
         do_val = val_set is not None and ((cfg.train.val_every and step % cfg.train.val_every == 0) or last or timeout)
         do_ckpt = (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0) or last
-        interrupted = stop["signal"] or (cfg.train.stop_after and step - start >= cfg.train.stop_after)
-        interrupted, timeout = sync_flags(interrupted, timeout, world, device)  # every rank stops at the same step
+        interrupted = bool(stop["signal"] or (cfg.train.stop_after and step - start >= cfg.train.stop_after))
+        if world > 1:  # every rank stops at the same step
+            flags = torch.tensor([float(interrupted), float(timeout)], device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            interrupted, timeout = bool(flags[0]), bool(flags[1])
         if step % cfg.train.log_every == 0 or last or do_val or do_ckpt or interrupted or timeout:
-            mean = meter.mean(world)  # the global batch's mean, as one process would log it
-            if not all(math.isfinite(v) for v in mean):
-                say(f"step {step}: loss is {mean[0]} (rec {mean[1]}, out {mean[2]}, aff {mean[3]}): stopping. "
-                    f"The last good checkpoint is kept in {run / 'checkpoint.pt'}; lower --train.lr or check the data.")
+            if world > 1:
+                dist.all_reduce(sums)
+                sums /= world
+            mean = dict(zip(("loss", "rec", "out", "aff"), (sums / count).tolist()))  # the global batch's mean
+            if not all(math.isfinite(v) for v in mean.values()):
+                say(f"step {step}: loss is {mean['loss']} (" + ", ".join(f"{k} {mean[k]}" for k in in_use)
+                    + f"): stopping. The last good checkpoint is kept in {run / 'checkpoint.pt'}; lower --train.lr "
+                    "or check the data.")
                 exit_code = 3
                 break
-            log.write({"step": step, "loss": mean[0], "rec": mean[1], "out": mean[2], "aff": mean[3],
-                       "lr": sched.get_last_lr()[0], "it_s": meter.rate()})
-            bar.set_postfix(loss=f"{mean[0]:.4f}", rec=f"{mean[1]:.4f}", out=f"{mean[2]:.4f}",
-                            aff=f"{mean[3]:.2e}", lr=f"{sched.get_last_lr()[0]:.1e}")
-            meter.reset()
+            log.write({"step": step, **mean, "lr": sched.get_last_lr()[0], "it_s": count / (time.time() - t_log)})
+            bar.show(loss=f"{mean['loss']:.4f}", **{k: f"{mean[k]:.2e}" if k == "aff" else f"{mean[k]:.4f}"
+                                                    for k in in_use}, lr=f"{sched.get_last_lr()[0]:.1e}")
+            sums, count, t_log = torch.zeros(4, device=device), 0, time.time()
         if do_val and main_proc:
             assert val_set is not None  # do_val implies a validation set
-            validate(student, params, ema, val_set, device, best, step, log, say)
+            value = mean_psnr(ema.module if ema is not None else student, val_set)
+            if value > best["psnr"]:
+                best = {"psnr": value, "step": step, "params": ckpt.trainable_state(
+                    ema.module if ema is not None else student)}
+            log.write({"step": step, "val_psnr": value, "best_psnr": best["psnr"], "best_step": best["step"]})
+            bar.write(f"step {step}: validation Y-PSNR {value:.3f} dB (best {best['psnr']:.3f} at step {best['step']})")
         if do_ckpt or interrupted:
             checkpoint(step)
         if interrupted:
             why = f"signal {stop['signal']}" if stop["signal"] else f"train.stop_after={cfg.train.stop_after}"
-            say(f"\nstopped at step {step} ({why}); checkpoint written. Continue with: "
-                f"python examples/span_sr/train.py --resume {run}")
+            bar.write(f"stopped at step {step} ({why}); checkpoint written. Continue with: "
+                      f"python examples/span_sr/train.py --resume {run}")
             exit_code = 128 + stop["signal"] if stop["signal"] else 0
             break
         if timeout:
-            say(f"\ntime limit {cfg.train.time_limit:.0f}s reached at step {step}; finishing the run there")
+            bar.write(f"time limit {cfg.train.time_limit:.0f}s reached at step {step}; finishing the run there")
             checkpoint(step)
             break
     bar.close()
-    if exit_code or (step < cfg.train.steps and not timeout):
-        if world > 1:
-            dist.destroy_process_group()
-        return exit_code
+    finished = not exit_code and (step >= cfg.train.steps or timeout)
 
-    # ------------------------------------------------------------------ exports and report
-    if main_proc:
-        merged = export_student(student, params, ema, best, cfg, run, say).to(device)
-        final_report({"base": base, "teacher": teacher, "student": merged}, val_set, cfg, run, cache,
-                     best["step"], step, log, device, say)
-    if world > 1:  # the other ranks wait for rank 0's exports: a rank leaving early can abort in gloo
-        dist.barrier()
+    # ------------------------------------------------------------------ best step, export, report (rank 0)
+    if finished and main_proc:
+        final = ema.module if ema is not None else student
+        if best["params"] is not None:
+            ckpt.load_trainable_state(student, best["params"])
+            final = student
+            say(f"using the best validation adapter: step {best['step']}, {best['psnr']:.3f} dB")
+        final = final.to(memory_format=torch.contiguous_format)
+        convlora.save_adapter(final, run / "adapter.safetensors",
+                              metadata={"best_step": best["step"], "config": cfg.to_dict()})
+        merged = dsclora.deploy(final)
+        plain = {k: v.detach().contiguous().clone() for k, v in merged.state_dict().items()}
+        ckpt.write_atomically(run / "merged.safetensors", lambda tmp: save_file(plain, tmp))
+        ckpt.write_atomically(run / "merged.pth", lambda tmp: torch.save(plain, tmp))
+        models = {"base": base, "teacher": teacher, "student": merged.to(device)}
+        sets = {"val (held out)" if not cfg.data.val else "val": val_set} if val_set is not None else {}
+        sets.update({name: ImageSet.load(found, scale, cache_dir=cache) for name, found in tests.items()})
+        results = {}
+        for name, images in sets.items():
+            assert images is not None
+            bicubic = score(lambda lr: imresize_matlab(lr, scale), zip(
+                images.refs, map(np.asarray, images.hr), map(np.array, images.lr)), scale, ["psnr_y"])
+            results[name] = {"bicubic": bicubic["mean"]["psnr_y"], **{n: mean_psnr(m, images) for n, m in models.items()}}
+        ckpt.write_json(run / "results.json", {"y_psnr_db": results, "best_step": best["step"], "steps": step})
+        say("\n" + report.results_table(results, scale))
+        report.plot_curves(log.read(), run / "curves.png")
+        if val_set is not None:
+            strip = report.comparison_strip(np.array(val_set.lr[0]), np.asarray(val_set.hr[0]),
+                                            {"base": base, "student": models["student"], "teacher": teacher})
+            write_image(run / "comparison.png", strip)
+        say(f"\noutputs in {run}/: " + ", ".join(sorted(p.name for p in run.iterdir() if p.is_file()))
+            + f"\nmerged.pth is a plain SPAN with the official keys; try it:\n  python examples/span_sr/upscale.py "
+            f"--weights {run / 'merged.pth'} --input IMAGE --output OUT_DIR")
+
+    # ------------------------------------------------------------------ teardown
+    if world > 1:
+        dist.barrier()  # the other ranks wait for rank 0's exports
+        del forward, distiller, model  # the DDP reducer holds the process group: free it before destroying that
         dist.destroy_process_group()
-    return 0
+    return exit_code
 
 
 if __name__ == "__main__":

@@ -5,20 +5,9 @@
     python examples/span_sr/upscale.py --weights W --input photo.png --output out/ --tile 128
     python examples/span_sr/upscale.py --weights W --onnx span.onnx   # checked with onnxruntime
 
-Exact tiling. The output at LR position ``p`` depends only on LR inputs within the receptive
-field radius ``R`` of ``p``. For SPAN, ``R`` is the number of 3x3 convs on the longest path:
-``conv_1`` (1) + six SPABs x three 3x3 convs (18) + ``conv_2`` (1) + the upsampler's 3x3 conv
-(1) = 21; ``conv_cat`` is 1x1, the attention, activations and the pixel shuffle are pointwise
-(the shuffle maps LR position ``p`` to the output block ``4p..4p+3``), and the skip paths are
-shorter. Zero padding of a tile's *artificial* edge corrupts one more row per 3x3 conv, i.e. the
-outermost ``R`` rows; a tile's *true* image edges are padded exactly as in the full image. So
-each tile is cut with a context margin of ``R`` LR pixels on every interior side and only its
-core is kept: tiled and untiled outputs are equal up to floating-point reordering of the
-convolution sums (about 1e-6), and the ``uint8`` images are identical in practice. (The long
-paths through the attention contribute little: in float64 with the span_tiny_ch26 weights a
-20-pixel margin is off by ~5e-10 and a 16-pixel one by ~5e-7; 21 is exact.)
-Memory is bounded by one tile (``(tile + 2R)^2`` LR pixels of activations) plus the ``uint8``
-output: a 4K output image upscaled with ``--tile 256`` needs a few hundred MB on CPU.
+Tiling: each tile is cut with a margin of the receptive-field radius (21 LR pixels for SPAN) and
+only its core is kept, so tiled and untiled outputs agree to float round-off (docs/span_sr.md
+derives the radius). Memory is bounded by one tile plus the uint8 output.
 """
 
 from __future__ import annotations
@@ -30,7 +19,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import argparse
-import copy
 import warnings
 from collections.abc import Iterator
 
@@ -38,13 +26,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from examples.span_sr.image_io import list_images, read_image, write_image
+from examples.span_sr.dsclora import deploy, load_deployed
+from examples.span_sr.images import list_images, read_image, write_image
 from examples.span_sr.metrics import to_uint8
 
-__all__ = ["SPAN_RF_RADIUS", "check_onnx", "export_onnx", "deploy_copy", "main", "tiles",
-           "upscale_image", "upscale_tensor"]
+__all__ = ["SPAN_RF_RADIUS", "check_onnx", "export_onnx", "main", "tiles", "upscale_image", "upscale_tensor"]
 
 SPAN_RF_RADIUS = 21
+"""Receptive-field radius of SPAN in LR pixels: the 3x3 convs on its longest path (docs/span_sr.md)."""
 
 
 def tiles(h: int, w: int, tile: int, pad: int) -> Iterator[tuple[slice, slice, slice, slice]]:
@@ -68,8 +57,15 @@ def _scale_of(model: nn.Module) -> int:
     return scale
 
 
-def _param(model: nn.Module) -> torch.Tensor:
-    return next(model.parameters())
+def _cores(model: nn.Module, x: torch.Tensor, tile: int, pad: int
+           ) -> Iterator[tuple[tuple[slice, slice], torch.Tensor]]:
+    """The one tiled forward: ``(output rows and columns, output core)`` of each tile cut with a ``pad`` margin."""
+    s = _scale_of(model)
+    for rows, cols, core_r, core_c in tiles(*x.shape[-2:], tile, pad):
+        y = model(x[..., rows, cols])
+        y = y[..., core_r.start * s: core_r.stop * s, core_c.start * s: core_c.stop * s]
+        r0, c0 = (rows.start + core_r.start) * s, (cols.start + core_c.start) * s
+        yield (slice(r0, r0 + y.shape[-2]), slice(c0, c0 + y.shape[-1])), y
 
 
 @torch.no_grad()
@@ -85,11 +81,8 @@ def upscale_tensor(model: nn.Module, x: torch.Tensor, tile: int | None = None,
         return model(x)
     s = _scale_of(model)
     out = x.new_empty(*x.shape[:-2], h * s, w * s)
-    for rows, cols, core_r, core_c in tiles(h, w, tile, pad):
-        y = model(x[..., rows, cols])
-        y = y[..., core_r.start * s: core_r.stop * s, core_c.start * s: core_c.stop * s]
-        r0, c0 = (rows.start + core_r.start) * s, (cols.start + core_c.start) * s
-        out[..., r0: r0 + y.shape[-2], c0: c0 + y.shape[-1]] = y
+    for (rows, cols), y in _cores(model, x, tile, pad):
+        out[..., rows, cols] = y
     return out
 
 
@@ -103,33 +96,17 @@ def upscale_image(model: nn.Module, img: np.ndarray, tile: int | None = None,
     """
     if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"upscale_image needs a uint8 HxWx3 array, got {getattr(img, 'dtype', img)} "
-                         f"{getattr(img, 'shape', '')}; read files with image_io.read_image.")
-    p = _param(model)
-    x = torch.tensor(img).permute(2, 0, 1)[None]  # copies: PIL arrays are read-only
+                         f"{getattr(img, 'shape', '')}; read files with images.read_image.")
+    p = next(model.parameters())
+    x = torch.tensor(img).permute(2, 0, 1)[None].to(p.device, p.dtype) / 255.0  # copies: PIL arrays are read-only
     h, w = img.shape[:2]
     if tile is None or (h <= tile and w <= tile):
-        return to_uint8(model(x.to(p.device, p.dtype) / 255.0))
+        return to_uint8(model(x))
     s = _scale_of(model)
     out = np.empty((h * s, w * s, 3), np.uint8)
-    for rows, cols, core_r, core_c in tiles(h, w, tile, pad):
-        y = model(x[..., rows, cols].to(p.device, p.dtype) / 255.0)
-        y = y[..., core_r.start * s: core_r.stop * s, core_c.start * s: core_c.stop * s]
-        r0, c0 = (rows.start + core_r.start) * s, (cols.start + core_c.start) * s
-        out[r0: r0 + y.shape[-2], c0: c0 + y.shape[-1]] = to_uint8(y)
+    for (rows, cols), y in _cores(model, x, tile, pad):
+        out[rows, cols] = to_uint8(y)
     return out
-
-
-def deploy_copy(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with LoRA adapters merged and unloaded and train-form convs fused."""
-    import convlora
-
-    model = copy.deepcopy(model)
-    if convlora.lora_layers(model):
-        model = convlora.unload(model, merge=True)
-    reparameterize = getattr(model, "reparameterize", None)
-    if callable(reparameterize):
-        reparameterize()
-    return model.eval()
 
 
 def export_onnx(model: nn.Module, path: str | Path, opset: int = 17) -> Path:
@@ -137,7 +114,7 @@ def export_onnx(model: nn.Module, path: str | Path, opset: int = 17) -> Path:
 
     Uses the TorchScript exporter (``dynamo=False``), which needs no ``onnxscript``.
     """
-    net = deploy_copy(model).float().cpu()
+    net = deploy(model)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     x = torch.rand(1, 3, 32, 32)
@@ -157,13 +134,13 @@ def check_onnx(path: str | Path, model: nn.Module, x: torch.Tensor) -> float:
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"lr": x.float().cpu().numpy()})[0]
     with torch.no_grad():
-        ref = deploy_copy(model).float().cpu()(x.float().cpu()).numpy()
+        ref = deploy(model)(x.float().cpu()).numpy()
     return float(np.abs(got - ref).max())
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--weights", required=True, help="SPAN checkpoint (.pth)")
+    ap.add_argument("--weights", required=True, help="SPAN checkpoint (.pth or .safetensors)")
     ap.add_argument("--lora-adapter", help="convlora adapter (.safetensors) to apply and merge")
     ap.add_argument("--input", help="image file or folder of images")
     ap.add_argument("--output", help="output folder (same file names, PNG)")
@@ -172,9 +149,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--half", action="store_true", help="fp16 inference (CUDA)")
     ap.add_argument("--onnx", help="export the merged deploy model to this .onnx file")
     args = ap.parse_args(argv)
-    from examples.span_sr.evaluate import load_model
-
-    model = load_model(args.weights, args.lora_adapter)
+    src = Path(args.input) if args.input is not None else None
+    if src is None and not args.onnx:
+        ap.error("give --input/--output, or --onnx")
+    if src is not None and args.output is None:
+        ap.error("--output is required with --input")
+    try:
+        files = (list_images(src) if src.is_dir() else [src]) if src is not None else []
+        for f in files:
+            if not f.is_file():
+                raise FileNotFoundError(f"input image {str(f)!r} does not exist.")
+        model = load_deployed(args.weights, args.lora_adapter)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"upscale.py: {err}") from None
     if args.onnx:
         path = export_onnx(model, args.onnx)
         # smooth, image-like input: white noise drives SPAN far outside its training range
@@ -182,16 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         x = torch.nn.functional.interpolate(torch.rand(1, 3, 7, 6), size=(48, 40), mode="bilinear")
         diff = check_onnx(path, model, x)
         print(f"wrote {path}; onnxruntime vs PyTorch max |diff| = {diff:.2e} on a smooth 48x40 input")
-    if args.input is None:
-        if not args.onnx:
-            ap.error("give --input/--output, or --onnx")
-        return 0
-    if args.output is None:
-        ap.error("--output is required with --input")
-    src = Path(args.input)
-    files = list_images(src) if src.is_dir() else [src]
     if not files:
-        raise SystemExit(f"no images found in {src}")
+        return 0
     model = model.to(args.device)
     if args.half:
         model = model.half()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from examples.span_sr.image_io import list_images, read_image, write_image
+from examples.span_sr.images import list_images, read_image, write_image
 
 
 def _write_png16(path, arr: np.ndarray) -> None:
@@ -75,7 +75,18 @@ def test_non_images_are_rejected_clearly(tmp_path):
         write_image(tmp_path / "x.png", np.zeros((4, 4, 3), np.float32))
 
 
-def test_list_images_filters_and_sorts(tmp_path):
-    for name in ("b.png", "a.JPG", ".hidden.png", "c.txt"):
+def test_list_images_sorts_skips_hidden_and_names_other_files(tmp_path):
+    for name in ("b.png", "a.JPG", ".hidden.png", "x.npy"):
         (tmp_path / name).write_bytes(b"")
-    assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png"]
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "c.png").write_bytes(b"")
+    assert [p.name for p in list_images(tmp_path)] == ["a.JPG", "b.png", "x.npy"]
+    assert [p.name for p in list_images(tmp_path, recursive=True)] == ["a.JPG", "b.png", "c.png", "x.npy"]
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="notes.txt"):
+        list_images(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_images(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        list_images(tmp_path / "empty")
