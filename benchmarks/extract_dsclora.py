@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 import convlora
+from examples.span_sr.arch import load_span
 from examples.span_sr.evaluate import sr_pairs
 from examples.span_sr.metrics import psnr_y
-from examples.span_sr.span_io import load_span
 from examples.span_sr.upscale import upscale_image
 
 REPO = Path(__file__).resolve().parents[1]

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from examples.span_sr.arch import load_span  # noqa: E402
-from examples.span_sr.image_io import read_image  # noqa: E402
+from examples.span_sr.images import read_image  # noqa: E402
 from examples.span_sr.metrics import to_uint8  # noqa: E402
 from examples.span_sr.upscale import upscale_tensor  # noqa: E402
 

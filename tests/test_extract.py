@@ -270,7 +270,7 @@ def test_timm_resnet18_full_rank() -> None:
 
 
 def test_dsclora_full_rank_reproduces_the_adapted_layers(shared_data: Path) -> None:
-    from examples.span_sr.span_io import load_span
+    from examples.span_sr.arch import load_span
 
     base = load_span(shared_data / "weights" / "span_tiny_ch26.pth")
     tuned = load_span(shared_data / "weights" / "dsclora_ch26.pth")

@@ -62,5 +62,6 @@ def test_runtime_on_cpu_and_cli(tmp_path):
                  "--runtime-count", "1", "--json", str(tmp_path / "r.json")]) == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["convs"] == 22 and report["runtime"][0]["n"] == 1
-    with pytest.raises(FileNotFoundError, match="no images"):
-        runtime_inputs(tmp_path, (8, 8), 1)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no images"):
+        runtime_inputs(tmp_path / "empty", (8, 8), 1)

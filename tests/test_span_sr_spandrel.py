@@ -16,8 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import convlora
 from examples.span_sr.arch import SPAN, load_span
-from examples.span_sr.checkpoint import export_merged
-from examples.span_sr.lora_config import build_dsclora
+from examples.span_sr.dsclora import build_student, deploy
 from examples.span_sr.spandrel_format import (
     CONV3XC_PREFIXES,
     from_spandrel,
@@ -121,13 +120,13 @@ def test_official_dsclora_runs_exactly_in_spandrel(shared_data, tmp_path, suffix
 
 
 def test_demo_merged_student_runs_exactly_in_spandrel(tmp_path):
-    """The demo's export: a DSCLoRA student with non-zero adapters, merged by export_merged into
-    merged.safetensors (plain deploy SPAN), then written for spandrel."""
-    student = build_dsclora(_random_span(8))
+    """The demo's export: a DSCLoRA student with non-zero adapters, merged by dsclora.deploy and
+    written as merged.safetensors (plain deploy SPAN), as train.py does, then written for spandrel."""
+    student = build_student(_random_span(8))
     with torch.no_grad():
         for p in convlora.lora_parameters(student):
             p.normal_(0, 0.05)
-    export_merged(student, tmp_path)
+    convlora.save_state_dict(deploy(student).state_dict(), tmp_path / "merged.safetensors")
     merged = load_file(str(tmp_path / "merged.safetensors"))
     ours = SPAN(feature_channels=8).eval()
     ours.load_state_dict(merged)

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import convlora
+
 __all__ = ["RGB_MEAN", "SPAB", "SPAN", "Conv3XC", "Form", "fuse_conv3xc", "load_span", "span_config_from_state_dict"]
 
 Form = Literal["train", "deploy"]
@@ -211,43 +213,6 @@ class SPAN(nn.Module):
         return self
 
 
-_NESTING_KEYS = ("params_ema", "params", "state_dict", "model")
-
-
-def _read(path: Path) -> object:
-    if not path.is_file():
-        raise FileNotFoundError(f"weights file {str(path)!r} does not exist; docs/data.md lists the released "
-                                "checkpoints and where to get them.")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for files that are not checkpoints
-        raise ValueError(f"{str(path)!r} is not a readable checkpoint ({type(err).__name__}: "
-                         f"{str(err).splitlines()[0][:200]})") from err
-
-
-def _unwrap(obj: object, prefer: str) -> dict[str, torch.Tensor]:
-    """Return the flat tensor dict inside a checkpoint, following known nesting keys."""
-    for _ in range(4):
-        if not isinstance(obj, Mapping):
-            break
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return {k.removeprefix("module."): v for k, v in obj.items()}
-        order = [prefer] + [k for k in _NESTING_KEYS if k != prefer]
-        found = next((k for k in order if k in obj), None)
-        if found is None:
-            break
-        obj = obj[found]
-    kind = type(obj).__name__ if not isinstance(obj, Mapping) else f"keys {sorted(obj)[:8]}"
-    raise ValueError(
-        f"checkpoint holds no flat tensor state dict ({kind}); expected a dict of tensors, "
-        f"possibly nested under one of {_NESTING_KEYS}."
-    )
-
-
 def span_config_from_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, object]:
     """Read SPAN's constructor arguments from tensor shapes (``feature_channels`` etc.).
 
@@ -287,28 +252,37 @@ def span_config_from_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, 
     }
 
 
-def load_span(
-    src: str | Path | Mapping[str, object], *, prefer: str = "params_ema", strict: bool = True
-) -> SPAN:
-    """Build a SPAN from a checkpoint path or (possibly nested) state dict and load it.
+def load_span(src: str | Path | Mapping[str, torch.Tensor], *, key: str | None = None, strict: bool = True) -> SPAN:
+    """Build a SPAN from a checkpoint file or a flat state dict and load it.
 
-    Width, ``conv_cat`` width, scale and form are read from the tensor shapes. Nested
-    checkpoints (``params_ema``/``params``/``state_dict``) are unwrapped, preferring ``prefer``.
-    Files are read with ``torch.load(map_location="cpu", weights_only=True)``.
+    Width, ``conv_cat`` width, scale and form are read from the tensor shapes. Files
+    (``.pth`` or ``.safetensors``) are read by ``convlora.load_state_dict``, which unwraps nested
+    training checkpoints (``params_ema`` first, then ``params``, ``state_dict``, ``model``).
 
     Args:
-        src: A checkpoint file or an already loaded (possibly nested) state dict.
-        prefer: Nesting key tried first when the checkpoint holds several.
+        src: A checkpoint file or a flat ``{name: tensor}`` state dict.
+        key: The entry of a nested checkpoint to read (e.g. ``"params"`` for the raw weights
+            next to ``params_ema``).
         strict: Passed to ``load_state_dict``; with False, missing/extra keys are ignored.
 
     Returns:
         The SPAN with the weights loaded, in eval mode.
 
     Raises:
-        ValueError: naming missing, unexpected and mis-shaped keys when the weights do not fit.
+        FileNotFoundError: no such file (the message points to docs/data.md).
+        ValueError: the file is not readable, or the weights do not fit (naming missing,
+            unexpected and mis-shaped keys).
     """
-    raw = _read(Path(src)) if isinstance(src, (str, Path)) else src
-    state = _unwrap(raw, prefer)
+    if isinstance(src, (str, Path)):
+        if not Path(src).is_file():
+            raise FileNotFoundError(f"weights file {str(src)!r} does not exist; docs/data.md lists the released "
+                                    "checkpoints and where to get them.")
+        state = convlora.load_state_dict(src, key=key)  # its errors are ValueErrors naming the file
+    else:
+        state = dict(src)
+        if not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ValueError("load_span takes a flat {name: tensor} state dict; pass a nested training "
+                             "checkpoint by its file path (convlora.load_state_dict unwraps it).")
     model = SPAN(**span_config_from_state_dict(state))  # type: ignore[arg-type]
     own = model.state_dict()
     missing = sorted(set(own) - set(state))

@@ -36,6 +36,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from examples.span_sr.dsclora import load_deployed
+
 __all__ = ["complexity", "count_convs", "count_params", "main", "measure_runtime", "runtime_inputs"]
 
 
@@ -86,8 +88,6 @@ def runtime_inputs(data: str | Path | None, size: tuple[int, int], count: int) -
     from examples.span_sr.images import list_images, read_image
 
     files = list_images(data)
-    if not files:
-        raise FileNotFoundError(f"no images in runtime data folder {data}.")
     return [torch.tensor(read_image(f)).permute(2, 0, 1)[None].float() / 255 for f in files]
 
 
@@ -152,9 +152,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from examples.span_sr.evaluate import load_model
-
-    model = load_model(args.weights, args.lora_adapter).to(args.device)
+    try:
+        model = load_deployed(args.weights, args.lora_adapter).to(args.device)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"efficiency.py: {err}") from None
     report: dict[str, Any] = {"weights": args.weights, "device": args.device, **complexity(model)}
     print(f"params      {report['params'] / 1e6:.3f} M ({report['params']:,})")
     print(f"FLOPs       {report['flops'] / 1e9:.2f} G (MACs at 1x3x256x256)")

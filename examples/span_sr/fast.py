@@ -70,7 +70,7 @@ def check_deploy(model: nn.Module) -> SPAN:
 
     if not isinstance(model, SPAN):
         raise TypeError(f"fast_span needs a SPAN (examples.span_sr.arch), got {type(model).__name__}; "
-                        "load checkpoints with examples.span_sr.span_io.load_span.")
+                        "load checkpoints with examples.span_sr.arch.load_span.")
     lora = list(convlora.lora_layers(model))
     if lora:
         raise ValueError(f"fast_span needs a merged model, but {len(lora)} LoRA layer(s) remain "

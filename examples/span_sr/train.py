@@ -32,7 +32,6 @@ if __package__ in (None, ""):  # run as a script: make `examples.span_sr` import
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors.torch import save_file
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
@@ -337,9 +336,8 @@ def _run(argv: list[str]) -> int:
         convlora.save_adapter(final, run / "adapter.safetensors",
                               metadata={"best_step": best["step"], "config": cfg.to_dict()})
         merged = dsclora.deploy(final)
-        plain = {k: v.detach().contiguous().clone() for k, v in merged.state_dict().items()}
-        ckpt.write_atomically(run / "merged.safetensors", lambda tmp: save_file(plain, tmp))
-        ckpt.write_atomically(run / "merged.pth", lambda tmp: torch.save(plain, tmp))
+        for name in ("merged.safetensors", "merged.pth"):  # plain SPAN, official keys (atomic writes)
+            convlora.save_state_dict(merged.state_dict(), run / name)
         models = {"base": base, "teacher": teacher, "student": merged.to(device)}
         sets = {"val (held out)" if not cfg.data.val else "val": val_set} if val_set is not None else {}
         sets.update({name: ImageSet.load(found, scale, cache_dir=cache) for name, found in tests.items()})
