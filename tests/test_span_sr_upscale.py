@@ -1,7 +1,9 @@
-"""upscale.py: the receptive-field radius behind exact tiling, tiled == untiled, the CLI and
-the ONNX export checked with onnxruntime."""
+"""upscale.py: the receptive-field radius behind tiling, the tiling guarantee (tiled vs untiled),
+the CLI and the ONNX export checked with onnxruntime."""
 
 from __future__ import annotations
+
+import sys
 
 import numpy as np
 import onnx
@@ -175,3 +177,12 @@ def test_onnx_of_released_checkpoint_on_a_real_image(shared_data, tmp_path):
     lr = read_image(shared_data / "sr_bench" / "Set5" / "LR_bicubic" / "X4" / "butterflyx4.png")
     x = torch.from_numpy(lr.copy()).permute(2, 0, 1)[None].float() / 255
     assert check_onnx(path, model, x) < 5e-5  # measured 4.8e-6
+
+
+def test_onnx_without_onnx_installed_is_one_line(tmp_path, monkeypatch):
+    """--onnx without the [onnx] extra names the extra, before anything is loaded or written."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # makes `import onnxruntime` fail
+    with pytest.raises(SystemExit, match=r"--onnx needs onnx and onnxruntime \(onnxruntime is missing\): "
+                                         r'pip install -e "\.\[onnx\]"'):
+        main(["--weights", str(tmp_path / "absent.pth"), "--onnx", str(tmp_path / "m.onnx")])
+    assert not (tmp_path / "m.onnx").exists()
