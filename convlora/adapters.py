@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from ._atomic import write_atomically
 from ._version import __version__
+from .config import alpha_problem
 from .errors import (
     AdapterFormatError,
     AdapterMismatchError,
@@ -31,12 +32,13 @@ from .errors import (
     FingerprintMismatchError,
     MergeStateError,
 )
-from .fingerprint import base_mismatch, fingerprint, sketch
-from .functional import FACTORIZATIONS, factorization_problem, lora_shapes, max_rank
-from .layer import LoRALayer, unsupported_reason
+from .fingerprint import base_mismatch, dtype_name, fingerprint, sketch
+from .functional import FACTORIZATIONS, delta_weight, factorization_problem, lora_shapes, max_rank
+from .layer import LoRALayer
 from .management import lora_state_dict
-from .surgery import lora_layers, replace_module
+from .surgery import adapt_problems, lora_layers, replace_module
 from .trainable import BIAS_MODES, BiasMode, bias_names, check_bias_mode
+from .wrappers import WRAPPER_PREFIXES, refuse_distributed, unwrap
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "load_adapter", "read_adapter",
            "save_adapter"]
@@ -50,7 +52,8 @@ def _layer_meta(layer: LoRALayer, name: str) -> dict[str, Any]:
     meta: dict[str, Any] = {"type": layer.base_type, "weight_shape": list(layer.weight.shape),
                             "groups": layer.groups, "rank": layer.rank[name],
                             "alpha": layer.alpha[name], "factorization": layer.factorization[name],
-                            "dropout": layer.dropout[name]}
+                            "dropout": layer.dropout[name],
+                            "base_dtype": dtype_name(layer.base_weight().dtype)}
     if layer.ndim:
         meta.update(stride=list(layer.stride), dilation=list(layer.dilation),
                     padding=layer.padding if isinstance(layer.padding, str) else list(layer.padding),
@@ -63,7 +66,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *, name: str = 
     """Write adapter ``name`` of ``model`` to a ``.safetensors`` file (atomically).
 
     Args:
-        model: A model with LoRA layers.
+        model: A model with LoRA layers (a ``torch.compile``/``nn.DataParallel`` wrapper is
+            looked through: the file names the unwrapped model's layers).
         path: Destination file.
         name: Which adapter to save.
         bias: Which biases go into the file, recorded in it: ``"none"`` (the default: the
@@ -77,6 +81,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *, name: str = 
         ``path`` as a ``Path``.
     """
     check_bias_mode(bias, "save_adapter()")
+    model = unwrap(model)  # files name the unwrapped model's layers (no _orig_mod./module.)
     layers = {n: lyr for n, lyr in lora_layers(model).items() if name in lyr.rank}
     if not layers:
         raise AdapterMismatchError(f"save_adapter(): no layer has an adapter named {name!r}.")
@@ -100,6 +105,19 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *, name: str = 
     return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
 
+def _short(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_int(x: object, low: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
 def _header(path: Path) -> dict[str, Any]:
     """Parse and check the safetensors header; catches non-safetensors and truncated files."""
     size = path.stat().st_size
@@ -113,38 +131,75 @@ def _header(path: Path) -> dict[str, Any]:
                                      f"(header length {n} for a file of {size} bytes).")
         try:
             header = json.loads(fh.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise AdapterFormatError(f"{path} is not a safetensors file: bad header ({err}).") from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise AdapterFormatError(f"{path} is not a safetensors file: bad header ({reason}).") from None
     if not isinstance(header, dict):
         raise AdapterFormatError(f"{path} is not a safetensors file: header is not a JSON object.")
-    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    end = 0
+    for key, entry in header.items():
+        if key == "__metadata__":
+            if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
+                raise AdapterFormatError(f"{path}: the header's __metadata__ must map names to strings, "
+                                         f"found {_short(entry)}.")
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise AdapterFormatError(f"{path}: tensor {key!r} has no valid data_offsets in the header "
+                                     f"(found {_short(entry)}).")
+        end = max(end, offsets[1])
     if 8 + n + end != size:
         raise AdapterFormatError(f"{path} is truncated or corrupt: its header describes "
                                  f"{8 + n + end} bytes but the file has {size}.")
     return header
 
 
-def _is_int(x: object, low: int = 0) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= low
+_TYPES = {"Conv1d": 1, "Conv2d": 2, "Conv3d": 3, "Linear": 0}
+_DTYPES = ("float64", "float32", "float16", "bfloat16")
+_PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
+
+
+def _ints(value: object, n: int, low: int) -> bool:
+    return isinstance(value, list) and len(value) == n and all(_is_int(v, low) for v in value)
 
 
 def _layer_problem(lm: object) -> str | None:
-    """What is wrong with one layer's metadata entry, or ``None``."""
+    """What is wrong with one layer's metadata entry (naming the fields and values), or ``None``."""
     if not isinstance(lm, dict):
-        return "not a JSON object"
-    shape = lm.get("weight_shape")
+        return f"not a JSON object ({_short(lm)})"
+    kind, shape, groups = lm.get("type"), lm.get("weight_shape"), lm.get("groups")
+    ndim = _TYPES.get(kind) if isinstance(kind, str) else None
+    shape_ok = isinstance(shape, list) and all(_is_int(d, 1) for d in shape) and (
+        len(shape) == ndim + 2 if ndim is not None else len(shape) >= 2)
     checks = {
-        "type": isinstance(lm.get("type"), str),
-        "weight_shape": isinstance(shape, list) and len(shape) >= 2 and all(_is_int(d, 1) for d in shape),
-        "groups": _is_int(lm.get("groups"), 1),
+        "type": ndim is not None,
+        "weight_shape": shape_ok,
+        "groups": _is_int(groups, 1) and (ndim != 0 or groups == 1)
+        and (not shape_ok or shape[0] % groups == 0),  # type: ignore[index, operator]
         "rank": _is_int(lm.get("rank"), 1),
-        "alpha": isinstance(lm.get("alpha"), (int, float)) and not isinstance(lm.get("alpha"), bool)
-        and math.isfinite(lm["alpha"]),
+        "alpha": alpha_problem(lm.get("alpha")) is None,
         "factorization": lm.get("factorization") in FACTORIZATIONS,
-        "dropout": isinstance(lm.get("dropout", 0.0), (int, float)) and 0 <= lm.get("dropout", 0.0) < 1,
+        "dropout": _is_number(lm.get("dropout", 0.0)) and 0 <= lm.get("dropout", 0.0) < 1,
+        "base_dtype": lm.get("base_dtype", "float32") in _DTYPES,
     }
+    if ndim:  # conv settings: optional, but well-formed when present
+        pad = lm.get("padding", [0] * ndim)
+        checks.update({
+            "stride": _ints(lm.get("stride", [1] * ndim), ndim, 1),
+            "dilation": _ints(lm.get("dilation", [1] * ndim), ndim, 1),
+            "padding": pad in ("same", "valid") or _ints(pad, ndim, 0),
+            "padding_mode": lm.get("padding_mode", "zeros") in _PADDING_MODES,
+        })
     bad = [k for k, ok in checks.items() if not ok]
-    return f"bad or missing {bad}" if bad else None
+    if not bad:
+        return None
+    values = ", ".join(f"{k}={_short(lm.get(k, '<missing>'), 40)}" for k in bad)
+    return f"bad or missing {bad} ({values})"
+
+
+def _layer_name_ok(name: str) -> bool:
+    return bool(name) and all(part for part in name.split("."))
 
 
 def _decode(path: Path, raw: dict[str, str]) -> dict[str, Any]:
@@ -154,33 +209,45 @@ def _decode(path: Path, raw: dict[str, str]) -> dict[str, Any]:
     for key, default in defaults.items():
         try:
             meta[key] = json.loads(raw.get(key, default))
-        except (TypeError, json.JSONDecodeError) as err:
-            raise AdapterFormatError(f"{path}: metadata field {key!r} is not valid JSON ({err}).") from None
+        except (TypeError, json.JSONDecodeError, RecursionError) as err:
+            reason = " ".join(str(err).split()) or type(err).__name__
+            raise AdapterFormatError(f"{path}: metadata field {key!r} is not valid JSON ({reason}).") from None
     name, layers, keys = meta.get("adapter_name"), meta["layers"], meta["bias_keys"]
     if not isinstance(name, str) or not name.isidentifier():
-        raise AdapterFormatError(f"{path}: metadata adapter_name={name!r} is not a Python identifier.")
+        raise AdapterFormatError(f"{path}: metadata adapter_name={_short(name)} is not a Python identifier.")
+    if not isinstance(meta.get("convlora_version"), str):
+        raise AdapterFormatError(f"{path}: metadata lacks the convlora_version string.")
+    if not isinstance(meta["user"], dict):
+        raise AdapterFormatError(f"{path}: metadata 'user' must be a JSON object, found {_short(meta['user'])}.")
     if not isinstance(layers, dict) or not layers:
-        raise AdapterFormatError(f"{path}: metadata 'layers' must be a non-empty JSON object.")
+        raise AdapterFormatError(f"{path}: metadata 'layers' must be a non-empty JSON object, "
+                                 f"found {_short(layers)}.")
     for lname, lm in layers.items():
+        if not _layer_name_ok(lname):
+            raise AdapterFormatError(f"{path}: metadata 'layers' names a layer {lname!r}, which is not "
+                                     "a dotted module name.")
         problem = _layer_problem(lm)
         if problem:
             raise AdapterFormatError(f"{path}: metadata of layer {lname!r}: {problem}.")
-    if not isinstance(keys, list) or not all(isinstance(k, str) and k.rpartition(".")[2] == "bias"
-                                             for k in keys):
-        raise AdapterFormatError(f"{path}: metadata 'bias_keys' must be a list of '<module>.bias' "
-                                 f"names, found {keys!r:.200}.")
+    if not isinstance(keys, list) or not all(
+            isinstance(k, str) and k.rpartition(".")[2] == "bias" and _layer_name_ok(k) for k in keys) \
+            or len(set(keys)) != len(keys):
+        raise AdapterFormatError(f"{path}: metadata 'bias_keys' must be a list of distinct "
+                                 f"'<module>.bias' names, found {_short(keys, 200)}.")
     sk = meta["base_sketch"]
-    if not isinstance(sk, dict) or not all(isinstance(v, list) and all(
-            isinstance(x, (int, float)) for x in v) for v in sk.values()):
-        raise AdapterFormatError(f"{path}: metadata 'base_sketch' must map layers to lists of numbers.")
-    if not isinstance(meta.get("base_fingerprint"), str):
-        raise AdapterFormatError(f"{path}: metadata lacks the base_fingerprint string.")
+    if not isinstance(sk, dict) or set(sk) != set(layers) or not all(
+            isinstance(v, list) and len(v) >= 2 and all(_is_number(x) for x in v) for v in sk.values()):
+        raise AdapterFormatError(f"{path}: metadata 'base_sketch' must map layers to lists of numbers, "
+                                 f"found {_short(sk)}.")
+    fp = meta.get("base_fingerprint")
+    if not isinstance(fp, str) or len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
+        raise AdapterFormatError(f"{path}: metadata base_fingerprint={_short(fp)} is not a SHA-256 hex digest.")
     if meta["format_version"] == "1":
         meta["bias"] = None  # not recorded: version 1 saved the biases that were trainable
         return meta
     bias = meta.get("bias")
     if bias not in BIAS_MODES:
-        raise AdapterFormatError(f"{path}: metadata bias={bias!r} is not one of {BIAS_MODES}.")
+        raise AdapterFormatError(f"{path}: metadata bias={_short(bias)} is not one of {BIAS_MODES}.")
     if bias == "none" and keys:
         raise AdapterFormatError(f"{path}: bias mode 'none' but the file lists biases {keys[:3]}.")
     if bias == "lora_only":
@@ -191,8 +258,48 @@ def _decode(path: Path, raw: dict[str, str]) -> dict[str, Any]:
     return meta
 
 
+def _check_tensors(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+    """The tensors against the file's own metadata: names, shapes, dtypes, finite values and deltas."""
+    layers: dict[str, dict[str, Any]] = meta["layers"]
+    expected = {f"{n}.{s}" for n in layers for s in ("lora_A", "lora_B")} | set(meta["bias_keys"])
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise AdapterFormatError(f"{path}: tensors missing from the file: {missing[:10]}; "
+                                 f"unexpected tensors: {unexpected[:10]}.")
+    for key, t in tensors.items():
+        if not t.is_floating_point():
+            raise AdapterFormatError(f"{path}: tensor {key!r} has dtype {t.dtype}; adapter tensors "
+                                     "are floating point.")
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterFormatError(f"{path}: tensor {key!r} holds NaN or infinite values.")
+    for key in meta["bias_keys"]:
+        if tensors[key].dim() != 1:
+            raise AdapterFormatError(f"{path}: bias {key!r} has shape {tuple(tensors[key].shape)}, not 1-D.")
+    for lname, lm in layers.items():
+        shape = tuple(lm["weight_shape"])
+        problem = factorization_problem(lm["factorization"], shape, lm["groups"])
+        limit = max_rank(lm["factorization"], shape, lm["groups"])
+        if problem is None and lm["rank"] > limit:
+            problem = f"rank={lm['rank']} exceeds {limit} for weight {list(shape)}"
+        if problem:
+            raise AdapterFormatError(f"{path}: metadata of layer {lname!r}: {problem}.")
+        sa, sb = lora_shapes(lm["factorization"], shape, lm["rank"], lm["groups"])
+        a, b = tensors[f"{lname}.lora_A"], tensors[f"{lname}.lora_B"]
+        for key, t, want in ((f"{lname}.lora_A", a, sa), (f"{lname}.lora_B", b, sb)):
+            if tuple(t.shape) != tuple(want):
+                raise AdapterFormatError(f"{path}: {key}: shape {tuple(t.shape)}, expected {tuple(want)} "
+                                         f"from the layer's metadata.")
+        if not bool(torch.isfinite(delta_weight(a, b, shape, lm["alpha"] / lm["rank"])).all()):
+            raise AdapterFormatError(f"{path}: metadata of layer {lname!r}: alpha={lm['alpha']!r} with "
+                                     f"rank={lm['rank']} gives a non-finite delta weight.")
+
+
 def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Read and validate an adapter file; returns ``(tensors, metadata)`` with JSON decoded.
+
+    Everything in the file is checked before it is returned: the header, every metadata field
+    (types and ranges, as [inject][convlora.inject] checks its arguments), and the tensors
+    against the metadata (names, shapes, floating dtypes, finite values, a finite delta).
 
     The metadata's ``bias`` is the file's bias mode, or ``None`` for a version-1 file (which
     recorded none: it holds the biases that were trainable when it was saved).
@@ -200,45 +307,65 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[
     Raises:
         FileNotFoundError: ``path`` does not exist.
         AdapterFormatError: not safetensors, truncated, not an adapter, a format version this
-            convlora cannot read, or invalid metadata.
+            convlora cannot read, or invalid metadata or tensors (the message names the field
+            and its value).
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"adapter file {str(path)!r} does not exist.")
     raw = _header(path).get("__metadata__") or {}
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        found = raw.get("format") if isinstance(raw, dict) else None
+    if raw.get("format") != FORMAT:
         raise AdapterFormatError(f"{path} is a safetensors file but not a convlora adapter "
-                                 f"(format={found!r}, expected {FORMAT!r}).")
+                                 f"(format={_short(raw.get('format'))}, expected {FORMAT!r}).")
     version = raw.get("format_version")
     if version not in READABLE_VERSIONS:
-        raise AdapterFormatError(f"{path} has adapter format version {version!r}; convlora "
+        raise AdapterFormatError(f"{path} has adapter format version {_short(version)}; convlora "
                                  f"{__version__} reads versions {', '.join(map(repr, READABLE_VERSIONS))}. "
                                  "Upgrade convlora.")
     meta = _decode(path, raw)
     try:
         tensors = load_file(str(path))
     except Exception as err:  # noqa: BLE001 - surface any reader failure as a format error
-        raise AdapterFormatError(f"{path} could not be read as safetensors: {err}") from None
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise AdapterFormatError(f"{path} could not be read as safetensors: {reason}") from None
+    _check_tensors(path, tensors, meta)
     return tensors, meta
+
+
+def _unprefixed(model: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any]
+                ) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A file saved through a wrapper by an older convlora names ``_orig_mod.x`` / ``module.x``:
+    strip those prefixes when that, and only that, makes every layer name fit ``model``."""
+    modules = dict(model.named_modules())
+    names = list(meta["layers"])
+    prefix = ""
+    while not all(n[len(prefix):] in modules for n in names):
+        nxt = next((p for p in WRAPPER_PREFIXES if all(n[len(prefix):].startswith(p) for n in names)), None)
+        if nxt is None:
+            return tensors, meta
+        prefix += nxt
+    if not prefix or not all(k.startswith(prefix) for k in [*tensors, *meta["bias_keys"]]):
+        return tensors, meta
+    meta = dict(meta)
+    meta["layers"] = {n[len(prefix):]: v for n, v in meta["layers"].items()}
+    meta["base_sketch"] = {n[len(prefix):]: v for n, v in meta["base_sketch"].items()}
+    meta["bias_keys"] = [k[len(prefix):] for k in meta["bias_keys"]]
+    return {k[len(prefix):]: v for k, v in tensors.items()}, meta
 
 
 def _check(model: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any], name: str,
            path: Path) -> list[str]:
-    """Validate everything before touching the model; returns problems that are fingerprint-only."""
+    """Validate everything against the model before touching it; returns fingerprint problems."""
     modules = dict(model.named_modules())
     layers: dict[str, dict[str, Any]] = meta["layers"]
     missing_mod = [n for n in layers if n not in modules]
     if missing_mod:
         raise AdapterMismatchError(f"{path}: adapter layers not found in the model: {missing_mod[:10]}"
                                    " (is this adapter for another model?).")
-    expected = {f"{n}.{s}" for n in layers for s in ("lora_A", "lora_B")} | set(meta["bias_keys"])
-    missing = sorted(expected - set(tensors))
-    unexpected = sorted(set(tensors) - expected)
-    if missing or unexpected:
-        raise AdapterMismatchError(f"{path}: tensors missing from the file: {missing[:10]}; "
-                                   f"unexpected tensors: {unexpected[:10]}.")
     problems: list[str] = []
+    plain = [n for n in layers if not isinstance(modules[n], LoRALayer)
+             and isinstance(getattr(modules[n], "weight", None), Tensor)]
+    refused = adapt_problems(model, plain)
     for lname, lm in layers.items():
         mod = modules[lname]
         if isinstance(mod, LoRALayer):
@@ -247,39 +374,34 @@ def _check(model: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any], n
             if name in mod.rank:
                 raise AdapterMismatchError(f"layer {lname!r} already has an adapter {name!r}; "
                                            "load it under another name= or delete_adapter() first.")
+        kind = mod.base_type if isinstance(mod, LoRALayer) else type(mod).__name__
         weight = getattr(mod, "weight", None)
-        if weight is None or list(weight.shape) != lm["weight_shape"] or type(mod).__name__ not in (
-                lm["type"], "LoRALayer"):
-            got = None if weight is None else list(weight.shape)
+        if not isinstance(weight, Tensor) or list(weight.shape) != lm["weight_shape"] or kind != lm["type"]:
+            got = list(weight.shape) if isinstance(weight, Tensor) else None
             problems.append(f"{lname}: the adapter expects a {lm['type']} of weight {lm['weight_shape']}, "
-                            f"the model has {type(mod).__name__} of weight {got}")
+                            f"the model has {kind} of weight {got}")
             continue
-        shape, groups = tuple(lm["weight_shape"]), int(getattr(mod, "groups", 1))
-        reason = None if isinstance(mod, LoRALayer) else unsupported_reason(mod)
+        groups = int(getattr(mod, "groups", 1))
+        reason = refused.get(lname)
         if reason is None and groups != lm["groups"]:
             reason = f"groups={groups} in the model, {lm['groups']} in the file"
-        if reason is None:
-            reason = factorization_problem(lm["factorization"], shape, groups)
-        if reason is None and lm["rank"] > max_rank(lm["factorization"], shape, groups):
-            reason = f"rank {lm['rank']} exceeds {max_rank(lm['factorization'], shape, groups)}"
         if reason:
             problems.append(f"{lname}: {reason}")
-            continue
-        sa, sb = lora_shapes(lm["factorization"], shape, lm["rank"], lm["groups"])
-        for key, shape in ((f"{lname}.lora_A", sa), (f"{lname}.lora_B", sb)):
-            if tuple(tensors[key].shape) != tuple(shape):
-                problems.append(f"{key}: shape {tuple(tensors[key].shape)}, expected {tuple(shape)}")
     for key in meta["bias_keys"]:
-        owner = modules.get(key.rpartition(".")[0])
-        b = getattr(owner, "bias", None)
-        if b is None or b.shape != tensors[key].shape:
-            problems.append(f"{key}: the model has no bias of shape {tuple(tensors[key].shape)}")
+        owner = modules.get(key.rpartition(".")[0]) if "." in key else model
+        b = owner._parameters.get("bias") if owner is not None else None
+        if b is None:
+            problems.append(f"{key}: not a bias parameter of this model")
+        elif b.shape != tensors[key].shape:
+            problems.append(f"{key}: the model's bias has shape {tuple(b.shape)}, the file's "
+                            f"{tuple(tensors[key].shape)}")
     if problems:
         more = f" (and {len(problems) - 10} more)" if len(problems) > 10 else ""
         raise AdapterMismatchError(f"{path} does not fit this model: " + "; ".join(problems[:10]) + more)
     bases = {n: (m.base_weight() if isinstance(m, LoRALayer) else m.weight)
              for n, m in ((n, modules[n]) for n in layers)}
-    mismatch = base_mismatch(bases, meta["base_fingerprint"], meta["base_sketch"])
+    mismatch = base_mismatch(bases, meta["base_fingerprint"], meta["base_sketch"],
+                             {n: lm.get("base_dtype") for n, lm in layers.items()})
     if mismatch:
         return [f"{path}: the base weights differ from the ones adapter {name!r} was trained on "
                 f"({mismatch})"]
@@ -294,23 +416,38 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, name: str | 
                  strict: bool = True) -> str:
     """Load an adapter file into ``model`` as adapter ``name`` and make it active.
 
-    Layers that are not LoRA layers yet are injected from the file's metadata. Nothing changes
-    when an error is raised.
+    Layers that are not LoRA layers yet are injected from the file's metadata (they take the
+    train/eval mode of the layers they replace). Every field of the file, and its fit to the
+    model, is checked before the model is touched; if anything still fails while loading, the
+    changes made so far are undone. So when an error is raised, the model's module types,
+    parameters and state-dict keys are exactly as before.
 
     Args:
-        model: The base model (plain or already with LoRA layers).
+        model: The base model (plain or already with LoRA layers; a ``torch.compile`` /
+            ``nn.DataParallel`` wrapper is looked through, DistributedDataParallel is refused:
+            load before wrapping).
         path: A file written by [`save_adapter`][convlora.save_adapter].
         name: Adapter name on the model (default: the name stored in the file).
         strict: Raise on a base-weight fingerprint mismatch (else warn and load anyway).
 
     Returns:
         The adapter's name on the model.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        AdapterFormatError: the file is malformed (the message names the field and value).
+        AdapterMismatchError: a well-formed file that does not fit this model.
+        FingerprintMismatchError: the base weights are not the ones it was trained on.
+        MergeStateError: a layer is merged.
     """
+    refuse_distributed(model, "load_adapter")
+    model = unwrap(model)
     path = Path(path)
     tensors, meta = read_adapter(path)
     name = name or meta["adapter_name"]
     if not isinstance(name, str) or not name.isidentifier():
         raise ConvLoRAError(f"load_adapter(): name={name!r} must be a Python identifier.")
+    tensors, meta = _unprefixed(model, tensors, meta)
     fp_problems = _check(model, tensors, meta, name, path)
     if fp_problems:
         if strict:
@@ -321,20 +458,44 @@ def load_adapter(model: nn.Module, path: str | os.PathLike[str], *, name: str | 
         warnings.warn(f"{path} carries biases {meta['bias_keys'][:3]}...; biases are shared "
                       f"by all adapters of a model, so loading it changes the base seen by {others}.",
                       stacklevel=2)
-    modules = dict(model.named_modules())
-    for lname, lm in meta["layers"].items():
-        layer = modules[lname]
-        if not isinstance(layer, LoRALayer):
-            layer = LoRALayer(layer)
-            replace_module(model, lname, layer)
-        layer.add_adapter(name, lm["rank"], lm["alpha"], lm["factorization"], lm.get("dropout", 0.0),
-                          lname)
-        with torch.no_grad():
-            layer.lora_A[name].copy_(tensors[f"{lname}.lora_A"])
-            layer.lora_B[name].copy_(tensors[f"{lname}.lora_B"])
-    with torch.no_grad():
-        for key in meta["bias_keys"]:
-            model.get_parameter(key).copy_(tensors[key])
-    for layer in lora_layers(model).values():
-        layer.active_adapter = name if name in layer.rank else None
+    _apply(model, tensors, meta, name)
     return name
+
+
+def _apply(model: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any], name: str) -> None:
+    """Inject and fill adapter ``name``; on any error, undo what was done and re-raise."""
+    modules = dict(model.named_modules())
+    active = {id(layer): layer.active_adapter for layer in lora_layers(model).values()}
+    biases = {key: model.get_parameter(key).detach().clone() for key in meta["bias_keys"]}
+    replaced: list[tuple[str, nn.Module]] = []
+    added: list[LoRALayer] = []
+    try:
+        for lname, lm in meta["layers"].items():
+            layer = modules[lname]
+            if not isinstance(layer, LoRALayer):
+                layer = LoRALayer(layer)
+                replace_module(model, lname, layer)
+                replaced.append((lname, modules[lname]))
+            layer.add_adapter(name, lm["rank"], lm["alpha"], lm["factorization"],
+                              lm.get("dropout", 0.0), lname)
+            added.append(layer)
+            with torch.no_grad():
+                layer.lora_A[name].copy_(tensors[f"{lname}.lora_A"])
+                layer.lora_B[name].copy_(tensors[f"{lname}.lora_B"])
+        with torch.no_grad():
+            for key in meta["bias_keys"]:
+                model.get_parameter(key).copy_(tensors[key])
+        for layer in lora_layers(model).values():
+            layer.active_adapter = name if name in layer.rank else None
+    except BaseException:
+        for layer in added:
+            if name in layer.rank:
+                layer.delete_adapter(name)
+        for lname, original in reversed(replaced):
+            replace_module(model, lname, original)
+        with torch.no_grad():
+            for key, value in biases.items():
+                model.get_parameter(key).copy_(value)
+        for layer in lora_layers(model).values():
+            layer.active_adapter = active.get(id(layer), layer.active_adapter)
+        raise

@@ -9,6 +9,7 @@ inside the blocks.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -19,7 +20,12 @@ from torch import nn
 from .errors import ConvLoRAError
 from .functional import FACTORIZATIONS
 
-__all__ = ["PIXEL_SHUFFLE", "LoRAConfig", "Predicate", "Target", "match_pattern", "pattern_lookup"]
+__all__ = ["ALPHA_MAX", "PIXEL_SHUFFLE", "LoRAConfig", "Predicate", "Target", "alpha_problem",
+           "match_pattern", "pattern_lookup"]
+
+ALPHA_MAX = 1e6
+"""Largest accepted alpha: the delta is scaled by ``alpha / rank``, and a scale far beyond the
+weights' own size only overflows (practical values are a few times the rank)."""
 
 PIXEL_SHUFFLE = "pixel_shuffle"
 """Special target selector: every conv whose output feeds an ``nn.PixelShuffle``."""
@@ -54,8 +60,9 @@ class LoRAConfig:
 
     Args:
         rank: Default rank of every targeted layer.
-        alpha: Default alpha; the adapter is scaled by ``alpha / rank``. ``None`` means
-            ``alpha = rank`` (scale 1) for each layer, with that layer's own rank.
+        alpha: Default alpha, a finite number in ``(0, 1e6]``; the adapter is scaled by
+            ``alpha / rank``. ``None`` means ``alpha = rank`` (scale 1) for each layer, with
+            that layer's own rank.
         targets: Glob pattern(s), predicate(s) ``(name, module) -> bool``, the selector
             ``"pixel_shuffle"``, or a list mixing them. ``None`` selects every convolution.
         exclude: Same forms as ``targets``; removes layers from the selection.
@@ -119,6 +126,15 @@ def _check_rank(value: object, where: str) -> None:
         raise ConvLoRAError(f"{where}={value!r} is invalid: the rank must be an integer >= 1.")
 
 
+def alpha_problem(value: object) -> str | None:
+    """Why ``value`` is not a valid alpha (a finite number in ``(0, ALPHA_MAX]``), or ``None``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 < value <= ALPHA_MAX:
+        return f"alpha must be a finite number in (0, {ALPHA_MAX:g}]"
+    return None
+
+
 def _check_alpha(value: object, where: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        raise ConvLoRAError(f"{where}={value!r} is invalid: alpha must be a positive number.")
+    problem = alpha_problem(value)
+    if problem:
+        raise ConvLoRAError(f"{where}={value!r} is invalid: {problem}.")

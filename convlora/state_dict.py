@@ -203,8 +203,8 @@ def merge_state_dict(base: Mapping[str, Tensor], adapter_path: str | os.PathLike
                      strict: bool = True) -> dict[str, Tensor]:
     """Fold an adapter file into a plain state dict (``<layer>.weight`` keys), without model code.
 
-    The delta is added in float32 and cast back to each weight's dtype, exactly as
-    [merge][convlora.merge] does; biases stored in the adapter replace the base's. The result
+    The delta is added in at least float32 (float64 for a float64 weight) and cast back to each
+    weight's dtype, exactly as [merge][convlora.merge] does; biases stored in the adapter replace the base's. The result
     equals the state dict of [unload][convlora.unload] applied to the model with the adapter.
 
     Args:
@@ -226,9 +226,11 @@ def merge_state_dict(base: Mapping[str, Tensor], adapter_path: str | os.PathLike
     problems = []
     for lname, lm in layers.items():
         w = base.get(f"{lname}.weight")
-        if w is None or list(w.shape) != lm["weight_shape"]:
+        if not isinstance(w, Tensor) or list(w.shape) != lm["weight_shape"]:
             problems.append(f"{lname}.weight: expected shape {lm['weight_shape']}, "
-                            f"found {None if w is None else list(w.shape)}")
+                            f"found {list(w.shape) if isinstance(w, Tensor) else None}")
+        elif not w.is_floating_point():
+            problems.append(f"{lname}.weight: dtype {w.dtype} is not floating point")
     for key in meta["bias_keys"]:
         if key not in base or base[key].shape != tensors[key].shape:
             problems.append(f"{key}: missing or of another shape in the base")
@@ -237,7 +239,8 @@ def merge_state_dict(base: Mapping[str, Tensor], adapter_path: str | os.PathLike
         raise AdapterMismatchError(f"{adapter_path} does not fit these weights: "
                                    + "; ".join(problems[:5]) + more + ".")
     bases = {n: base[f"{n}.weight"] for n in layers}
-    mismatch = base_mismatch(bases, meta["base_fingerprint"], meta["base_sketch"])
+    mismatch = base_mismatch(bases, meta["base_fingerprint"], meta["base_sketch"],
+                             {n: lm.get("base_dtype") for n, lm in layers.items()})
     if mismatch:
         msg = f"{adapter_path} was trained on other base weights ({mismatch})"
         if strict:

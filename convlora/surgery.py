@@ -19,7 +19,8 @@ from .wrappers import refuse_distributed, unwrap
 
 M = TypeVar("M", bound=nn.Module)
 
-__all__ = ["find_targets", "inject", "lora_layers", "pixel_shuffle_convs", "replace_module", "unload"]
+__all__ = ["adapt_problems", "find_targets", "inject", "lora_layers", "pixel_shuffle_convs",
+           "replace_module", "unload"]
 
 # Parents known to read a child's weight without calling the child: an adapter there would be
 # ignored by the unmerged forward (and get no gradient) but applied by merge().
@@ -221,17 +222,34 @@ def find_targets(model: nn.Module, targets: Target | None = None,
         raise TargetError(f"no target layer matched (targets={targets!r}, exclude={exclude!r}); "
                           f"some conv/linear layers of this model: {convs}.")
     modules = dict(model.named_modules())
-    places = _tensor_places(model)
-    for name in sorted(chosen):
-        m = modules[name]
-        names = _aliases(model, m)
-        reason = None if isinstance(m, LoRALayer) else unsupported_reason(m)
-        reason = reason or _read_by_parent(model, names) or _shared_weight(name, m, places)
-        if reason:
-            alias = f" (also registered as {names[1:]})" if len(names) > 1 else ""
-            raise UnsupportedLayerError(f"layer {name!r}{alias} cannot take a LoRA adapter: {reason}. "
-                                        f"Leave it out with exclude=[{name!r}].")
+    refused = adapt_problems(model, sorted(chosen))
+    if refused:
+        name, reason = next(iter(refused.items()))
+        raise UnsupportedLayerError(f"layer {name!r} cannot take a LoRA adapter: {reason}. "
+                                    f"Leave it out with exclude=[{name!r}].")
     return [n for n in modules if n in chosen]
+
+
+def adapt_problems(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Why each of the named layers cannot take an adapter exactly; only those that cannot.
+
+    The reasons: an unsupported layer type (see [unsupported_reason][convlora.layer.unsupported_reason]),
+    a parent known to read the layer's weight without calling it, or a weight whose memory
+    another module's parameter or buffer shares (tied or aliased weights). LoRA layers are
+    checked only for the last two.
+    """
+    modules = dict(model.named_modules())
+    places = _tensor_places(model)
+    out: dict[str, str] = {}
+    for name in names:
+        m = modules[name]
+        aliases = _aliases(model, m)
+        reason = None if isinstance(m, LoRALayer) else unsupported_reason(m)
+        reason = reason or _read_by_parent(model, aliases) or _shared_weight(name, m, places)
+        if reason:
+            also = f"(it is also registered as {aliases[1:]}) " if len(aliases) > 1 else ""
+            out[name] = also + reason
+    return out
 
 
 def inject(model: nn.Module, rank: int | LoRAConfig = 4, alpha: float | None = None, *,

@@ -13,7 +13,10 @@ from torch import nn
 
 from .errors import ConvLoRAError
 
-__all__ = ["refuse_distributed", "unwrap"]
+__all__ = ["WRAPPER_PREFIXES", "refuse_distributed", "unwrap"]
+
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+"""Name prefixes ``torch.compile`` and ``nn.DataParallel`` add to the wrapped model's names."""
 
 _DISTRIBUTED = ("DistributedDataParallel", "FullyShardedDataParallel", "FSDPModule")
 

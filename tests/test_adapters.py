@@ -226,12 +226,13 @@ def test_tensor_shape_and_key_errors(tmp_path: Path) -> None:
     del bad["4.lora_B"]
     bad["9.lora_A"] = torch.zeros(1)
     save_file(bad, str(tmp_path / "bad.safetensors"), metadata=raw)
-    with pytest.raises(AdapterMismatchError, match=r"missing from the file: \['4.lora_B'\]; unexpected tensors: \['9.lora_A'\]"):
+    # Tensors that do not match the file's own metadata: a malformed file.
+    with pytest.raises(AdapterFormatError, match=r"missing from the file: \['4.lora_B'\]; unexpected tensors: \['9.lora_A'\]"):
         convlora.load_adapter(_base(), tmp_path / "bad.safetensors")
     bad = dict(tensors)
     bad["2.lora_A"] = torch.zeros(3, 3)
     save_file(bad, str(tmp_path / "bad2.safetensors"), metadata=raw)
-    with pytest.raises(AdapterMismatchError, match=r"2.lora_A: shape \(3, 3\), expected \(2, 36\)"):
+    with pytest.raises(AdapterFormatError, match=r"2.lora_A: shape \(3, 3\), expected \(2, 36\)"):
         convlora.load_adapter(_base(), tmp_path / "bad2.safetensors")
 
 
