@@ -297,6 +297,8 @@ def _factor(dw: Tensor, factorization: str, shape: tuple[int, ...], groups: int,
     full = max_rank(factorization, shape, groups)
     (a_rows, a_cols), (b_rows, _) = lora_shapes(factorization, shape, full, groups)
     per_rank = a_rows // full  # singular values per unit of rank: 1, or k for "loralib"
+    if not torch.isfinite(dw).all():
+        raise ConvLoRAError(f"layer {name!r}: the base or tuned weight has NaN or Inf values.")
     u, s, vh = torch.linalg.svd(dw.reshape(b_rows, a_cols), full_matrices=False)
     total = float((s * s).sum())
     rank = full if requested is None else min(requested, full)
@@ -310,8 +312,6 @@ def _factor(dw: Tensor, factorization: str, shape: tuple[int, ...], groups: int,
     b = torch.zeros(b_rows, rank * per_rank, dtype=dw.dtype, device=dw.device)
     a[:kept] = root[:, None] * vh[:kept]
     b[:, :kept] = u[:, :kept] * root[None, :]
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        raise ConvLoRAError(f"layer {name!r}: the weight difference has NaN or Inf values.")
     return a, b, rank, kept, s.cpu(), float((s[:kept] ** 2).sum()) / total
 
 

@@ -240,6 +240,11 @@ def test_bad_input_is_refused_and_changes_nothing() -> None:
     other["0.weight"] = torch.randn(8, 3, 5, 5)
     with pytest.raises(convlora.ConvLoRAError, match="differ in shape"):
         convlora.extract(base.state_dict(), other)
+    nan = tuned.state_dict()
+    nan["2.weight"] = nan["2.weight"].clone()
+    nan["2.weight"][0, 0, 0, 0] = float("nan")
+    with pytest.raises(convlora.ConvLoRAError, match="layer '2'.*NaN"):
+        convlora.extract(base, nan)
     adapted = copy.deepcopy(tuned)
     convlora.inject(adapted, rank=2)
     with pytest.raises(convlora.ConvLoRAError, match="unload"):
