@@ -369,3 +369,17 @@ def test_cli_extract_never_overwrites_an_input_and_leaves_no_partial_output(tmp_
     with pytest.raises(SystemExit):
         main(["extract", "--base", str(b), "--tuned", str(t), "--rank-pattern", "conv_2:8", "--out", str(out)])
     assert "is not PATTERN=RANK" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_modules_give_the_cpu_result() -> None:
+    base = _square_net()
+    tuned = _perturb(base)
+    cpu = convlora.extract(base, tuned, rank=2, factorization="loralib")
+    gpu = convlora.extract(copy.deepcopy(base).cuda(), copy.deepcopy(tuned).cuda(), rank=2, factorization="loralib",
+                           probe=torch.randn(1, 3, 8, 8, device="cuda"))
+    assert next(gpu.model.parameters()).is_cuda
+    for name, lyr in cpu.layers.items():
+        torch.testing.assert_close(gpu.layers[name].singular_values, lyr.singular_values, rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(gpu.model.get_submodule(name).delta("default").cpu(),
+                                   cpu.model.get_submodule(name).delta("default"), rtol=1e-5, atol=1e-7)
