@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+import spandrel
 import torch
 from conftest import requires_shared
 from PIL import Image
@@ -23,8 +24,8 @@ from examples.span_sr.spandrel_format import (
     is_spandrel_format,
     to_spandrel,
 )
+from examples.span_sr.upscale import main
 
-spandrel = pytest.importorskip("spandrel")
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -105,18 +106,15 @@ def test_to_spandrel_copies_and_keeps_dtype():
 
 @requires_shared
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
-def test_official_dsclora_runs_exactly_in_spandrel(shared_data, tmp_path, suffix):
-    ours = load_span(shared_data / "weights" / "dsclora_ch26.pth")
-    state = to_spandrel(ours.state_dict())
+def test_official_dsclora_exported_by_the_cli_runs_exactly_in_spandrel(shared_data, tmp_path, suffix):
+    weights = shared_data / "weights" / "dsclora_ch26.pth"
     path = tmp_path / f"dsclora_ch26_spandrel{suffix}"
-    if suffix == ".safetensors":
-        save_file(state, str(path))
-        stored = load_file(str(path))
-    else:
-        torch.save(state, path)
-        stored = torch.load(path, weights_only=True)
+    assert main(["--weights", str(weights), "--export-spandrel", str(path)]) == 0
+    ours = load_span(weights)
     _spandrel_matches(path, ours, _image(shared_data))
-    _assert_bitwise(from_spandrel(stored), ours.state_dict())
+    back = load_span(path)
+    assert back.form == "deploy"
+    _assert_bitwise(back.state_dict(), ours.state_dict())
 
 
 def test_demo_merged_student_runs_exactly_in_spandrel(tmp_path):
@@ -131,10 +129,30 @@ def test_demo_merged_student_runs_exactly_in_spandrel(tmp_path):
     ours = SPAN(feature_channels=8).eval()
     ours.load_state_dict(merged)
     path = tmp_path / "student_spandrel.safetensors"
-    save_file(to_spandrel(merged), str(path))
+    assert main(["--weights", str(tmp_path / "merged.safetensors"), "--export-spandrel", str(path)]) == 0
     torch.manual_seed(0)
     _spandrel_matches(path, ours, torch.rand(1, 3, 23, 17))
-    _assert_bitwise(from_spandrel(load_file(str(path))), merged)
+    _assert_bitwise(load_span(path).state_dict(), merged)
+
+
+def test_cli_refusals_write_nothing(tmp_path, capsys):
+    weights = tmp_path / "w.safetensors"
+    save_file(_random_span(4).state_dict(), str(weights))
+    before = weights.read_bytes()
+    for out, why in ((weights, "is an input file"), (tmp_path / "sub" / ".." / "w.safetensors", "is an input file"),
+                     (tmp_path / "w.onnx", "must end in .safetensors or .pth")):
+        with pytest.raises(SystemExit) as err:
+            main(["--weights", str(weights), "--export-spandrel", str(out)])
+        assert err.value.code == 2 and why in capsys.readouterr().err
+    assert weights.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+    state = _random_span(4).state_dict()
+    state["conv_cat.weight"], state["conv_cat.bias"] = torch.zeros(3, 16, 1, 1), torch.zeros(3)
+    state["upsampler.0.weight"] = torch.zeros(48, 3, 3, 3)
+    narrow = tmp_path / "narrow.pth"
+    torch.save(state, narrow)
+    with pytest.raises(SystemExit, match=re.escape("conv_cat maps 16 -> 3 channels")):
+        main(["--weights", str(narrow), "--export-spandrel", str(tmp_path / "out.pth")])
+    assert not (tmp_path / "out.pth").exists()
 
 
 @requires_shared
@@ -142,6 +160,15 @@ def test_span_with_narrow_conv_cat_is_refused(shared_data):
     model = load_span(shared_data / "weights" / "span_ch28_ema_trainckpt.pth")
     with pytest.raises(ValueError, match=re.escape("conv_cat maps 112 -> 20 channels")):
         to_spandrel(model.state_dict())
+
+
+def test_load_span_reads_nested_spandrel_checkpoints(tmp_path):
+    """The community's training checkpoints: spandrel's layout under params / params_ema."""
+    ema, raw = _random_span(4, seed=5), _random_span(4, seed=6)
+    path = tmp_path / "community.pth"
+    torch.save({"params": to_spandrel(raw.state_dict()), "params_ema": to_spandrel(ema.state_dict())}, path)
+    _assert_bitwise(load_span(path).state_dict(), ema.state_dict())
+    _assert_bitwise(load_span(path, key="params").state_dict(), raw.state_dict())
 
 
 def test_to_spandrel_refuses_other_layouts():
@@ -171,6 +198,7 @@ def test_community_file_reads_back_and_a_stale_one_is_refused():
     state = _community_file()
     deploy = from_spandrel(state)
     assert len(deploy) == 44 and not any(".sk." in k for k in deploy)
+    assert load_span(state).form == "deploy"
     for p in CONV3XC_PREFIXES:  # spandrel fuses in float32, we in float64: round-off only
         torch.testing.assert_close(deploy[f"{p}.eval_conv.weight"], state[f"{p}.eval_conv.weight"])
     stale = dict(state)

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import convlora
+from examples.span_sr.spandrel_format import from_spandrel, is_spandrel_format
 
 __all__ = ["RGB_MEAN", "SPAB", "SPAN", "Conv3XC", "Form", "fuse_conv3xc", "load_span", "span_config_from_state_dict"]
 
@@ -258,6 +259,10 @@ def load_span(src: str | Path | Mapping[str, torch.Tensor], *, key: str | None =
     Width, ``conv_cat`` width, scale and form are read from the tensor shapes. Files
     (``.pth`` or ``.safetensors``) are read by ``convlora.load_state_dict``, which unwraps nested
     training checkpoints (``params_ema`` first, then ``params``, ``state_dict``, ``model``).
+    spandrel's layout (train branch *and* ``eval_conv``, as the community's SPAN files and
+    ``upscale.py --export-spandrel`` store them) loads as the deploy form: like spandrel, each
+    train branch is fused, and a stored ``eval_conv`` that disagrees is refused
+    (:func:`examples.span_sr.spandrel_format.from_spandrel`).
 
     Args:
         src: A checkpoint file or a flat ``{name: tensor}`` state dict.
@@ -270,8 +275,8 @@ def load_span(src: str | Path | Mapping[str, torch.Tensor], *, key: str | None =
 
     Raises:
         FileNotFoundError: no such file (the message points to docs/data.md).
-        ValueError: the file is not readable, or the weights do not fit (naming missing,
-            unexpected and mis-shaped keys).
+        ValueError: the file is not readable, the weights do not fit (naming missing,
+            unexpected and mis-shaped keys), or a spandrel-layout file is inconsistent.
     """
     if isinstance(src, (str, Path)):
         if not Path(src).is_file():
@@ -283,6 +288,8 @@ def load_span(src: str | Path | Mapping[str, torch.Tensor], *, key: str | None =
         if not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ValueError("load_span takes a flat {name: tensor} state dict; pass a nested training "
                              "checkpoint by its file path (convlora.load_state_dict unwraps it).")
+    if is_spandrel_format(state):
+        state = from_spandrel(state)
     model = SPAN(**span_config_from_state_dict(state))  # type: ignore[arg-type]
     own = model.state_dict()
     missing = sorted(set(own) - set(state))

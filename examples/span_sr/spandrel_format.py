@@ -34,11 +34,18 @@ summation order it gives ``W`` and ``b`` back bit for bit (a ``-0.0`` entry may 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import torch
 
-__all__ = ["CONV3XC_PREFIXES", "from_spandrel", "is_spandrel_format", "to_spandrel"]
+import convlora
+
+__all__ = ["CONV3XC_PREFIXES", "SUFFIXES", "from_spandrel", "is_spandrel_format", "save_spandrel", "to_spandrel"]
+
+SUFFIXES = (".safetensors", ".pth")
+"""File types written by [`save_spandrel`][examples.span_sr.spandrel_format.save_spandrel] (both read by spandrel)."""
 
 CONV3XC_PREFIXES: tuple[str, ...] = (
     "conv_1",
@@ -166,6 +173,29 @@ def to_spandrel(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     out.update({f"upsampler.0.{t}": state[f"upsampler.0.{t}"].detach().clone()
                 for t in ("weight", "bias")})
     return out
+
+
+def save_spandrel(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> Path:
+    """Write a deploy SPAN state dict in spandrel's layout: ``.safetensors``, or ``.pth`` by suffix.
+
+    The file is written atomically by [convlora.save_state_dict][] (a ``.pth`` is a
+    ``torch.save`` of plain tensors); nothing is written when the suffix or the model is refused.
+
+    Args:
+        state: The deploy state dict, as for [`to_spandrel`][examples.span_sr.spandrel_format.to_spandrel].
+        path: The file to write.
+
+    Returns:
+        ``path`` as a ``Path``.
+
+    Raises:
+        ValueError: another suffix, or a model spandrel's SPAN cannot represent (see
+            [`to_spandrel`][examples.span_sr.spandrel_format.to_spandrel]).
+    """
+    path = Path(path)
+    if path.suffix.lower() not in SUFFIXES:
+        raise ValueError(f"{str(path)!r}: a spandrel file ends in .safetensors or .pth, not {path.suffix!r}.")
+    return convlora.save_state_dict(to_spandrel(state), path)
 
 
 def _fuse(branch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

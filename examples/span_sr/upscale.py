@@ -4,6 +4,7 @@
         --input ../shared/data/sr_bench/Set5/LR_bicubic/X4 --output runs/sr_set5
     python examples/span_sr/upscale.py --weights W --input photo.png --output out/ --tile 128
     python examples/span_sr/upscale.py --weights W --onnx span.onnx   # checked with onnxruntime
+    python examples/span_sr/upscale.py --weights W --export-spandrel W_spandrel.safetensors  # chaiNNer/ComfyUI
 
 Tiling: each tile is cut with a margin of the receptive-field radius (21 LR pixels for SPAN) and
 only its core is kept, so the tiled result is the untiled one up to float round-off (the CPU
@@ -32,6 +33,7 @@ from torch import nn
 from examples.span_sr.dsclora import deploy, load_deployed
 from examples.span_sr.images import list_images, read_image, write_image
 from examples.span_sr.metrics import to_uint8
+from examples.span_sr.spandrel_format import SUFFIXES, save_spandrel
 
 __all__ = ["SPAN_RF_RADIUS", "check_onnx", "export_onnx", "main", "tiles", "upscale_image", "upscale_tensor"]
 
@@ -152,10 +154,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--half", action="store_true", help="fp16 inference (CUDA)")
     ap.add_argument("--onnx", help="export the merged deploy model to this .onnx file")
+    ap.add_argument("--export-spandrel", metavar="OUT", help="write the merged deploy model for spandrel "
+                    "(chaiNNer, ComfyUI) to OUT: .safetensors, or .pth by suffix (docs/chainner_comfyui.md)")
     args = ap.parse_args(argv)
     src = Path(args.input) if args.input is not None else None
-    if src is None and not args.onnx:
-        ap.error("give --input/--output, or --onnx")
+    if src is None and not args.onnx and not args.export_spandrel:
+        ap.error("give --input/--output, --onnx or --export-spandrel")
+    if args.export_spandrel:
+        inputs = [Path(p) for p in (args.weights, args.lora_adapter) if p is not None]
+        out = Path(args.export_spandrel)
+        if any(out.resolve() == p.resolve() or (out.exists() and p.exists() and out.samefile(p)) for p in inputs):
+            ap.error(f"--export-spandrel {out} is an input file; give another name")
+        if out.suffix.lower() not in SUFFIXES:
+            ap.error(f"--export-spandrel {out}: the file must end in .safetensors or .pth")
     if src is not None and args.output is None:
         ap.error("--output is required with --input")
     if args.onnx:
@@ -173,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         model = load_deployed(args.weights, args.lora_adapter)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"upscale.py: {err}") from None
+    if args.export_spandrel:
+        try:
+            path = save_spandrel(model.state_dict(), args.export_spandrel)
+        except ValueError as err:
+            raise SystemExit(f"upscale.py --export-spandrel: {err}") from None
+        print(f"wrote {path}: spandrel loads it as SPAN (chaiNNer, ComfyUI)")
     if args.onnx:
         path = export_onnx(model, args.onnx)
         # smooth, image-like input: white noise drives SPAN far outside its training range
