@@ -421,3 +421,31 @@ def test_fingerprint_threshold_script_runs(tmp_path: Path) -> None:
                             env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr[-2000:]
     assert "| relative change eps |" in result.stdout and "float32 -> float32" in result.stdout
+
+
+@pytest.mark.parametrize("alpha", [math.nan, math.inf, -4.0, 0.0, 1e30])
+def test_inject_refuses_the_alphas_a_file_may_not_carry(alpha: float) -> None:
+    model = _base()
+    before = _state(model)
+    with pytest.raises(ConvLoRAError, match=r"alpha must be a finite number in \(0, 1e\+06\]"):
+        convlora.inject(model, rank=2, alpha=alpha)
+    _assert_unchanged(model, before)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(valid_files, tmp_path: Path, monkeypatch) -> None:
+    import convlora.adapters as adapters
+
+    target = tmp_path / "a.safetensors"
+    target.write_bytes(valid_files["none"].read_bytes())
+    old = target.read_bytes()
+
+    def half_then_fail(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(adapters, "save_file", half_then_fail)
+    model = _base()
+    convlora.inject(model, rank=2)
+    with pytest.raises(OSError, match="No space left"):
+        convlora.save_adapter(model, target)
+    assert target.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
