@@ -121,24 +121,30 @@ def _check_deploy(state: Mapping[str, torch.Tensor]) -> int:
 def _preimage(weight: torch.Tensor, bias: torch.Tensor) -> dict[str, torch.Tensor]:
     """The train branch of one ``Conv3XC`` whose fusion is exactly ``(weight, bias)``."""
     c_out, c_in = int(weight.shape[0]), int(weight.shape[1])
-    like = {"dtype": weight.dtype, "device": weight.device}
-    expand = torch.zeros(2 * c_in, c_in, 1, 1, **like)
-    expand[:c_in, :, 0, 0] = torch.eye(c_in, **like)
-    kernel = torch.zeros(2 * c_out, 2 * c_in, 3, 3, **like)
+
+    def zeros(*size: int) -> torch.Tensor:
+        return torch.zeros(size, dtype=weight.dtype, device=weight.device)
+
+    def eye(n: int) -> torch.Tensor:
+        return torch.eye(n, dtype=weight.dtype, device=weight.device)
+
+    expand = zeros(2 * c_in, c_in, 1, 1)
+    expand[:c_in, :, 0, 0] = eye(c_in)
+    kernel = zeros(2 * c_out, 2 * c_in, 3, 3)
     kernel[:c_out, :c_in] = weight
-    kernel_bias = torch.zeros(2 * c_out, **like)
+    kernel_bias = zeros(2 * c_out)
     kernel_bias[:c_out] = bias
-    reduce = torch.zeros(c_out, 2 * c_out, 1, 1, **like)
-    reduce[:, :c_out, 0, 0] = torch.eye(c_out, **like)
+    reduce = zeros(c_out, 2 * c_out, 1, 1)
+    reduce[:, :c_out, 0, 0] = eye(c_out)
     return {
-        "sk.weight": torch.zeros(c_out, c_in, 1, 1, **like),
-        "sk.bias": torch.zeros(c_out, **like),
+        "sk.weight": zeros(c_out, c_in, 1, 1),
+        "sk.bias": zeros(c_out),
         "conv.0.weight": expand,
-        "conv.0.bias": torch.zeros(2 * c_in, **like),
+        "conv.0.bias": zeros(2 * c_in),
         "conv.1.weight": kernel,
         "conv.1.bias": kernel_bias,
         "conv.2.weight": reduce,
-        "conv.2.bias": torch.zeros(c_out, **like),
+        "conv.2.bias": zeros(c_out),
         "eval_conv.weight": weight.detach().clone(),
         "eval_conv.bias": bias.detach().clone(),
     }
