@@ -1,11 +1,15 @@
 """Adapter files: one safetensors file per adapter, self-describing through its metadata.
 
-Tensor keys are ``<layer>.lora_A`` / ``<layer>.lora_B`` plus ``<module>.bias`` for the biases
-the bias mode names. The metadata (all strings, as safetensors requires) holds ``format``,
+Tensor keys are ``<layer>.<factor>`` -- ``<layer>.lora_A`` / ``<layer>.lora_B`` for LoRA, the
+factors [convlora.methods][] names for the other methods -- plus ``<module>.bias`` for the
+biases the bias mode names. The metadata (all strings, as safetensors requires) holds ``format``,
 ``format_version``, ``convlora_version``, ``adapter_name``, ``layers`` (JSON: per layer its base
 type, weight shape, conv settings, rank, alpha, factorisation), ``bias`` (the bias mode, from
 version 2), ``bias_keys``, ``base_fingerprint`` (SHA-256 over the targeted base weights),
-``base_sketch`` and ``user`` (your metadata). Version-1 files (no ``bias``) are still read.
+``base_sketch`` and ``user`` (your metadata). From version 3 each layer entry also holds
+``method`` and ``rslora``; a file is written as version 3 only when it needs them (a method other
+than ``"lora"`` or rsLoRA scaling), so plain LoRA files stay readable by older convlora. Files of
+versions 1 and 2 load as method ``"lora"``; version-1 files (no ``bias``) are still read.
 """
 
 from __future__ import annotations
@@ -33,9 +37,10 @@ from .errors import (
     MergeStateError,
 )
 from .fingerprint import base_mismatch, dtype_name, fingerprint, sketch
-from .functional import FACTORIZATIONS, delta_weight, factorization_problem, lora_shapes, max_rank
+from .functional import FACTORIZATIONS, factorization_problem, max_rank
 from .layer import LoRALayer
 from .management import lora_state_dict
+from .methods import METHODS, factor_shapes, method_delta, method_problem, scale_for
 from .surgery import adapt_problems, lora_layers, replace_module
 from .trainable import BIAS_MODES, BiasMode, bias_names, check_bias_mode
 from .wrappers import WRAPPER_PREFIXES, refuse_distributed, unwrap
@@ -44,8 +49,8 @@ __all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "load_adapter", "rea
            "save_adapter"]
 
 FORMAT = "convlora.adapter"
-FORMAT_VERSION = "2"
-READABLE_VERSIONS = ("1", "2")  # "1": no bias mode recorded (biases saved = the trainable ones)
+FORMAT_VERSION = "3"  # written only when a layer needs "method"/"rslora"; else "2"
+READABLE_VERSIONS = ("1", "2", "3")  # "1": no bias mode recorded (biases saved = the trainable ones)
 
 
 def _layer_meta(layer: LoRALayer, name: str) -> dict[str, Any]:
@@ -53,7 +58,8 @@ def _layer_meta(layer: LoRALayer, name: str) -> dict[str, Any]:
                             "groups": layer.groups, "rank": layer.rank[name],
                             "alpha": layer.alpha[name], "factorization": layer.factorization[name],
                             "dropout": layer.dropout[name],
-                            "base_dtype": dtype_name(layer.base_weight().dtype)}
+                            "base_dtype": dtype_name(layer.base_weight().dtype),
+                            "method": layer.method[name], "rslora": layer.rslora[name]}
     if layer.ndim:
         meta.update(stride=list(layer.stride), dilation=list(layer.dilation),
                     padding=layer.padding if isinstance(layer.padding, str) else list(layer.padding),
@@ -98,8 +104,13 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *, name: str = 
                       f"are trainable but bias={bias!r} leaves them out of the file; pass "
                       "bias='lora_only' or 'all' to save them.", stacklevel=2)
     bases = {n: lyr.base_weight() for n, lyr in layers.items()}
-    meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "convlora_version": __version__,
-            "adapter_name": name, "layers": json.dumps({n: _layer_meta(lyr, name) for n, lyr in layers.items()}),
+    entries = {n: _layer_meta(lyr, name) for n, lyr in layers.items()}
+    plain = all(e["method"] == "lora" and not e["rslora"] for e in entries.values())
+    if plain:  # version 2 holds them exactly: keep the file readable by older convlora
+        for e in entries.values():
+            del e["method"], e["rslora"]
+    meta = {"format": FORMAT, "format_version": "2" if plain else FORMAT_VERSION,
+            "convlora_version": __version__, "adapter_name": name, "layers": json.dumps(entries),
             "bias": bias, "bias_keys": json.dumps(bias_keys), "base_fingerprint": fingerprint(bases),
             "base_sketch": json.dumps(sketch(bases)), "user": user}
     return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
@@ -155,7 +166,8 @@ def _header(path: Path) -> dict[str, Any]:
     return header
 
 
-_TYPES = {"Conv1d": 1, "Conv2d": 2, "Conv3d": 3, "Linear": 0}
+_TYPES = {"Conv1d": 1, "Conv2d": 2, "Conv3d": 3, "Linear": 0,
+          "ConvTranspose1d": 1, "ConvTranspose2d": 2, "ConvTranspose3d": 3}
 _DTYPES = ("float64", "float32", "float16", "bfloat16")
 _PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -182,6 +194,7 @@ def _layer_problem(lm: object) -> str | None:
         "factorization": lm.get("factorization") in FACTORIZATIONS,
         "dropout": _is_number(lm.get("dropout", 0.0)) and 0 <= lm.get("dropout", 0.0) < 1,
         "base_dtype": lm.get("base_dtype", "float32") in _DTYPES,
+        "rslora": isinstance(lm.get("rslora", False), bool),
     }
     if ndim:  # conv settings: optional, but well-formed when present
         pad = lm.get("padding", [0] * ndim)
@@ -192,6 +205,10 @@ def _layer_problem(lm: object) -> str | None:
             "padding_mode": lm.get("padding_mode", "zeros") in _PADDING_MODES,
         })
     bad = [k for k, ok in checks.items() if not ok]
+    method = lm.get("method", "lora")
+    if not bad and method not in METHODS:
+        return (f"unknown method {_short(method, 40)}; this convlora ({__version__}) knows {METHODS}. "
+                "Upgrade convlora to load it")
     if not bad:
         return None
     values = ", ".join(f"{k}={_short(lm.get(k, '<missing>'), 40)}" for k in bad)
@@ -229,6 +246,8 @@ def _decode(path: Path, raw: dict[str, str]) -> dict[str, Any]:
         problem = _layer_problem(lm)
         if problem:
             raise AdapterFormatError(f"{path}: metadata of layer {lname!r}: {problem}.")
+        lm.setdefault("method", "lora")  # versions 1 and 2 hold LoRA adapters only
+        lm.setdefault("rslora", False)
     if not isinstance(keys, list) or not all(
             isinstance(k, str) and k.rpartition(".")[2] == "bias" and _layer_name_ok(k) for k in keys) \
             or len(set(keys)) != len(keys):
@@ -261,7 +280,19 @@ def _decode(path: Path, raw: dict[str, str]) -> dict[str, Any]:
 def _check_tensors(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
     """The tensors against the file's own metadata: names, shapes, dtypes, finite values and deltas."""
     layers: dict[str, dict[str, Any]] = meta["layers"]
-    expected = {f"{n}.{s}" for n in layers for s in ("lora_A", "lora_B")} | set(meta["bias_keys"])
+    specs: dict[str, dict[str, tuple[int, ...]]] = {}
+    for lname, lm in layers.items():
+        shape = tuple(lm["weight_shape"])
+        problem = factorization_problem(lm["factorization"], shape, lm["groups"])
+        problem = problem or method_problem(lm["method"], lm["factorization"], shape, lm["groups"], lm["rank"])
+        limit = max_rank(lm["factorization"], shape, lm["groups"])
+        if problem is None and lm["method"] in ("lora", "dora") and lm["rank"] > limit:
+            problem = f"rank={lm['rank']} exceeds {limit} for weight {list(shape)}"
+        if problem:
+            raise AdapterFormatError(f"{path}: metadata of layer {lname!r}: {problem}.")
+        specs[lname] = factor_shapes(lm["method"], lm["factorization"], shape, lm["rank"], lm["groups"],
+                                     lm["type"].startswith("ConvTranspose"))
+    expected = {f"{n}.{f}" for n, fs in specs.items() for f in fs} | set(meta["bias_keys"])
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:
         raise AdapterFormatError(f"{path}: tensors missing from the file: {missing[:10]}; "
@@ -277,19 +308,15 @@ def _check_tensors(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any])
             raise AdapterFormatError(f"{path}: bias {key!r} has shape {tuple(tensors[key].shape)}, not 1-D.")
     for lname, lm in layers.items():
         shape = tuple(lm["weight_shape"])
-        problem = factorization_problem(lm["factorization"], shape, lm["groups"])
-        limit = max_rank(lm["factorization"], shape, lm["groups"])
-        if problem is None and lm["rank"] > limit:
-            problem = f"rank={lm['rank']} exceeds {limit} for weight {list(shape)}"
-        if problem:
-            raise AdapterFormatError(f"{path}: metadata of layer {lname!r}: {problem}.")
-        sa, sb = lora_shapes(lm["factorization"], shape, lm["rank"], lm["groups"])
-        a, b = tensors[f"{lname}.lora_A"], tensors[f"{lname}.lora_B"]
-        for key, t, want in ((f"{lname}.lora_A", a, sa), (f"{lname}.lora_B", b, sb)):
+        for factor, want in specs[lname].items():
+            t = tensors[f"{lname}.{factor}"]
             if tuple(t.shape) != tuple(want):
-                raise AdapterFormatError(f"{path}: {key}: shape {tuple(t.shape)}, expected {tuple(want)} "
-                                         f"from the layer's metadata.")
-        if not bool(torch.isfinite(delta_weight(a, b, shape, lm["alpha"] / lm["rank"])).all()):
+                raise AdapterFormatError(f"{path}: {lname}.{factor}: shape {tuple(t.shape)}, expected "
+                                         f"{tuple(want)} from the layer's metadata.")
+        additive = "lora" if lm["method"] == "dora" else lm["method"]  # DoRA: its W + delta
+        factors = {f: tensors[f"{lname}.{f}"] for f in specs[lname] if f != "lora_magnitude"}
+        delta = method_delta(additive, factors, shape, scale_for(lm["alpha"], lm["rank"], lm["rslora"]))
+        if not bool(torch.isfinite(delta).all()):
             raise AdapterFormatError(f"{path}: metadata of layer {lname!r}: alpha={lm['alpha']!r} with "
                                      f"rank={lm['rank']} gives a non-finite delta weight.")
 
@@ -477,11 +504,11 @@ def _apply(model: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any], n
                 replace_module(model, lname, layer)
                 replaced.append((lname, modules[lname]))
             layer.add_adapter(name, lm["rank"], lm["alpha"], lm["factorization"],
-                              lm.get("dropout", 0.0), lname)
+                              lm.get("dropout", 0.0), lname, lm["method"], lm["rslora"])
             added.append(layer)
             with torch.no_grad():
-                layer.lora_A[name].copy_(tensors[f"{lname}.lora_A"])
-                layer.lora_B[name].copy_(tensors[f"{lname}.lora_B"])
+                for factor, param in layer.factors(name).items():
+                    param.copy_(tensors[f"{lname}.{factor}"])
         with torch.no_grad():
             for key in meta["bias_keys"]:
                 model.get_parameter(key).copy_(tensors[key])

@@ -42,10 +42,12 @@ def _inspect(args: argparse.Namespace) -> int:
         for line in json.dumps(meta["user"], indent=2, sort_keys=True, default=str).splitlines():
             print(f"  {line}")
     print()
-    rows = [("layer", "type", "weight", "rank", "alpha", "factorization", "params")]
+    rows = [("layer", "type", "weight", "method", "rank", "alpha", "factorization", "params")]
     for lname, lm in meta["layers"].items():
-        p = tensors[f"{lname}.lora_A"].numel() + tensors[f"{lname}.lora_B"].numel()
-        rows.append((lname, lm["type"], "x".join(map(str, lm["weight_shape"])), str(lm["rank"]),
+        p = sum(t.numel() for k, t in tensors.items() if k.rpartition(".")[0] == lname
+                and k.rpartition(".")[2] != "bias")
+        rows.append((lname, lm["type"], "x".join(map(str, lm["weight_shape"])),
+                     lm["method"] + ("+rs" if lm["rslora"] else ""), str(lm["rank"]),
                      f"{lm['alpha']:g}", lm["factorization"], f"{p:,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:

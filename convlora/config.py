@@ -19,6 +19,7 @@ from torch import nn
 
 from .errors import ConvLoRAError
 from .functional import FACTORIZATIONS
+from .methods import METHODS
 
 __all__ = ["ALPHA_MAX", "PIXEL_SHUFFLE", "LoRAConfig", "Predicate", "Target", "alpha_problem",
            "match_pattern", "pattern_lookup"]
@@ -72,6 +73,10 @@ class LoRAConfig:
         factorization_pattern: ``{pattern: factorization}`` overrides.
         dropout: Dropout on the adapter branch's input while training (two-path forward).
         freeze: Freeze every non-LoRA parameter of the model (biases included).
+        method: ``"lora"`` (default), ``"dora"``, ``"loha"`` or ``"lokr"``; see
+            [convlora.methods][].
+        method_pattern: ``{pattern: method}`` overrides.
+        rslora: Scale by ``alpha / sqrt(rank)`` (rsLoRA) instead of ``alpha / rank``.
     """
 
     rank: int = 4
@@ -84,6 +89,9 @@ class LoRAConfig:
     factorization_pattern: Mapping[str, str] | None = field(default=None)
     dropout: float = 0.0
     freeze: bool = True
+    method: str = "lora"
+    method_pattern: Mapping[str, str] | None = field(default=None)
+    rslora: bool = False
 
     def __post_init__(self) -> None:
         _check_rank(self.rank, "rank")
@@ -100,6 +108,13 @@ class LoRAConfig:
                 raise ConvLoRAError(
                     f"{where}={f!r} is not a known factorization; choose one of {FACTORIZATIONS}."
                 )
+        for where, m in [("method", self.method)] + [
+            (f"method_pattern[{p!r}]", v) for p, v in (self.method_pattern or {}).items()
+        ]:
+            if m not in METHODS:
+                raise ConvLoRAError(f"{where}={m!r} is not a known method; choose one of {METHODS}.")
+        if not isinstance(self.rslora, bool):
+            raise ConvLoRAError(f"rslora={self.rslora!r} must be True or False.")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ConvLoRAError(f"dropout={self.dropout!r} must be a number in [0, 1).")
 
@@ -115,6 +130,10 @@ class LoRAConfig:
     def factorization_for(self, name: str) -> str:
         """Factorisation of the layer ``name``."""
         return str(pattern_lookup(self.factorization_pattern, name, self.factorization))
+
+    def method_for(self, name: str) -> str:
+        """Method of the layer ``name``."""
+        return str(pattern_lookup(self.method_pattern, name, self.method))
 
     def replace(self, **changes: Any) -> LoRAConfig:
         """A copy with ``changes`` applied (validated again)."""

@@ -1,8 +1,10 @@
 """The LoRA layer: a conv (or linear) whose weight gets a low-rank, weight-space update.
 
-The layer replaces a base ``nn.Conv1d/2d/3d`` or ``nn.Linear`` in place. It keeps the base
-parameters under their original names (``weight``, ``bias``) so state-dict keys do not move, and
-adds ``lora_A.<adapter>`` / ``lora_B.<adapter>`` beside them.
+The layer replaces a base ``nn.Conv1d/2d/3d``, ``nn.ConvTranspose1d/2d/3d`` or ``nn.Linear`` in
+place. It keeps the base parameters under their original names (``weight``, ``bias``) so
+state-dict keys do not move, and adds each adapter's factors beside them as
+``<factor>.<adapter>`` (``lora_A.<adapter>`` / ``lora_B.<adapter>`` for LoRA; the other
+methods' factor names are listed in [convlora.methods][]).
 """
 
 from __future__ import annotations
@@ -15,23 +17,23 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .errors import MergeStateError, UnsupportedLayerError
-from .functional import (
-    delta_weight,
-    factorization_problem,
-    init_lora_,
-    lora_shapes,
-    max_rank,
-    merged_weight,
-)
+from .functional import factorization_problem, max_rank
+from .methods import effective_weight as _effective_weight
+from .methods import factor_shapes, init_factors_, method_delta, method_problem, scale_for
 
 __all__ = ["LoRALayer", "unsupported_reason"]
 
 _CONV_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_TRANSPOSED_TYPES: tuple[type[nn.Module], ...] = (nn.ConvTranspose1d, nn.ConvTranspose2d,
+                                                  nn.ConvTranspose3d)
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+_NDIM = {"Conv1d": 1, "Conv2d": 2, "Conv3d": 3,
+         "ConvTranspose1d": 1, "ConvTranspose2d": 2, "ConvTranspose3d": 3}
 
 
 def _base_class(module: nn.Module) -> type[nn.Module] | None:
-    for cls in (*_CONV_TYPES, nn.Linear):
+    for cls in (*_CONV_TYPES, *_TRANSPOSED_TYPES, nn.Linear):
         if isinstance(module, cls):
             return cls
     return None
@@ -40,11 +42,9 @@ def _base_class(module: nn.Module) -> type[nn.Module] | None:
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why ``module`` cannot carry an exact weight-space adapter, or ``None`` when it can."""
     name = type(module).__name__
-    if isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return f"{name} is a transposed convolution, which convlora does not support yet"
     base = _base_class(module)
     if base is None:
-        return f"{name} is not a Conv1d/Conv2d/Conv3d/Linear layer"
+        return f"{name} is not a Conv1d/Conv2d/Conv3d/ConvTranspose1d/2d/3d/Linear layer"
     if isinstance(module, nn.modules.lazy.LazyModuleMixin):
         return f"{name} is a lazy module; run one forward pass to materialise it first"
     if parametrize.is_parametrized(module):
@@ -52,7 +52,8 @@ def unsupported_reason(module: nn.Module) -> str | None:
     if hasattr(module, "weight_g") or hasattr(module, "weight_v") or module._forward_pre_hooks:
         return f"{name} has forward pre-hooks (e.g. the old weight_norm) that change its weight"
     cls = type(module)
-    for method in ("forward", "_conv_forward"):
+    transposed = base in _TRANSPOSED_TYPES
+    for method in ("forward", "_output_padding") if transposed else ("forward", "_conv_forward"):
         if getattr(cls, method, None) is not getattr(base, method, None):
             return (f"{name} overrides {method}() (as timm's Conv2dSame/StdConv2d do); a weight-space"
                     f" update through the plain {base.__name__} function would skip that logic")
@@ -62,20 +63,24 @@ def unsupported_reason(module: nn.Module) -> str | None:
 
 
 class LoRALayer(nn.Module):
-    r"""A conv or linear layer with low-rank adapters added in weight space.
+    r"""A conv, transposed conv or linear layer with adapters applied in weight space.
 
-    For the active adapter with factors ``A``, ``B``, rank ``r`` and alpha ``a``:
+    For the active adapter with factors ``A``, ``B``, rank ``r`` and alpha ``a`` (method
+    ``"lora"``):
 
     .. math::
         y = \operatorname{conv}\big(x,\; W + \tfrac{a}{r}\,\operatorname{reshape}(B A),\; b\big)
 
     computed as *one* convolution through the base layer's own settings (stride, padding
-    including ``'same'``/``'valid'``, dilation, groups, padding_mode), so the merged layer
-    ``W' = W + \Delta W`` gives the same output. The effective weight is built exactly as
-    `merge` builds it (summed in the weight's precision, at least float32, then cast to the
+    including ``'same'``/``'valid'``, dilation, groups, padding_mode; for transposed convs also
+    output_padding and ``forward(x, output_size=...)``), so the merged layer ``W' = W + \Delta W``
+    gives the same output. The other methods (``"dora"``, ``"loha"``, ``"lokr"``, see
+    [convlora.methods][]) only change how ``W'`` is built. The effective weight is built exactly
+    as `merge` builds it (summed in the weight's precision, at least float32, then cast to the
     weight's dtype). With dropout ``p > 0`` and in training mode, the adapter cannot live in
     weight space; the forward is then
-    ``conv(x, W, b) + conv(dropout(x), \Delta W)`` -- two convolutions, equal in expectation.
+    ``conv(x, W, b) + conv(dropout(x), \Delta W)`` -- two convolutions, equal in expectation
+    (methods with an additive delta only: DoRA refuses dropout).
 
     The new layer takes the train/eval mode of the layer it wraps. Its state dict holds the
     *base* weight under ``weight`` whatever the merge state, so a state dict saved while merged
@@ -92,6 +97,8 @@ class LoRALayer(nn.Module):
     padding: str | tuple[int, ...]
     dilation: tuple[int, ...]
     padding_mode: str
+    output_padding: tuple[int, ...]
+    kernel_size: tuple[int, ...]
     _reversed_padding_repeated_twice: list[int]
 
     def __init__(self, base: nn.Module) -> None:
@@ -107,18 +114,23 @@ class LoRALayer(nn.Module):
         self.alpha: dict[str, float] = {}
         self.factorization: dict[str, str] = {}
         self.dropout: dict[str, float] = {}
+        self.method: dict[str, str] = {}
+        self.rslora: dict[str, bool] = {}
         self.active_adapter: str | None = None
         self.merged_adapter: str | None = None
         self.disabled = False
         self.register_buffer("unmerged_weight", None, persistent=False)
         self.base_type = _base_class(base).__name__  # type: ignore[union-attr]
-        self.ndim = {"Conv1d": 1, "Conv2d": 2, "Conv3d": 3}.get(self.base_type, 0)
+        self.ndim = _NDIM.get(self.base_type, 0)
+        self.transposed = self.base_type.startswith("ConvTranspose")
         self.groups = int(getattr(base, "groups", 1))
         if self.ndim:
             conv: Any = base
             self.stride, self.padding = tuple(conv.stride), conv.padding
             self.dilation, self.padding_mode = tuple(conv.dilation), str(conv.padding_mode)
             self._reversed_padding_repeated_twice = list(conv._reversed_padding_repeated_twice)
+            self.output_padding = tuple(conv.output_padding)
+            self.kernel_size = tuple(conv.kernel_size)
         # The original module, kept outside the module tree (no state-dict keys) for unload().
         self.__dict__["base_layer"] = base
         self._remerge: str | None = None
@@ -127,38 +139,61 @@ class LoRALayer(nn.Module):
 
     def extra_repr(self) -> str:
         shape = "x".join(str(s) for s in self.weight.shape)
-        adapters = ", ".join(f"{n}(r={self.rank[n]}, a={self.alpha[n]:g}, {self.factorization[n]})"
+        adapters = ", ".join(f"{n}({self.method[n]}, r={self.rank[n]}, a={self.alpha[n]:g}, "
+                             f"{self.factorization[n]}{', rslora' if self.rslora[n] else ''})"
                              for n in self.rank)
         return (f"{self.base_type} {shape}, adapters=[{adapters}], active={self.active_adapter!r}, "
                 f"merged={self.merged_adapter!r}")
 
     # -- adapters ------------------------------------------------------------------------------
     def add_adapter(self, name: str, rank: int, alpha: float, factorization: str = "kernel",
-                    dropout: float = 0.0, layer_name: str = "?") -> None:
-        """Add a freshly initialised adapter (``B = 0``: the output does not change)."""
-        problem = self.adapter_problem(rank, factorization)
+                    dropout: float = 0.0, layer_name: str = "?", method: str = "lora",
+                    rslora: bool = False) -> None:
+        """Add a freshly initialised adapter (it starts as the identity: the output does not change)."""
+        problem = self.adapter_problem(rank, factorization, method)
+        if problem is None and method == "dora" and dropout > 0:
+            problem = ("method 'dora' rescales W + delta and has no additive branch for dropout; "
+                       "use dropout=0")
         if problem:
             raise UnsupportedLayerError(f"layer {layer_name!r}: {problem}.")
         if name in self.rank:
             raise MergeStateError(f"layer {layer_name!r} already has an adapter named {name!r}; "
                                   "pick another adapter_name or delete_adapter() it first.")
-        shape_a, shape_b = lora_shapes(factorization, tuple(self.weight.shape), rank, self.groups)
+        shapes = factor_shapes(method, factorization, tuple(self.weight.shape), rank, self.groups,
+                               self.transposed)
         kw: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
-        lora_a = nn.Parameter(torch.empty(shape_a, **kw))
-        lora_b = nn.Parameter(torch.empty(shape_b, **kw))
-        init_lora_(lora_a, lora_b)
-        self.lora_A[name], self.lora_B[name] = lora_a, lora_b
+        made = {f: nn.Parameter(torch.empty(shape, **kw)) for f, shape in shapes.items()}
+        init_factors_(method, made, self.weight, self.groups, self.transposed)
+        for f, param in made.items():
+            self.factor_store(f)[name] = param
         self.rank[name], self.alpha[name] = int(rank), float(alpha)
         self.factorization[name], self.dropout[name] = factorization, float(dropout)
+        self.method[name], self.rslora[name] = method, bool(rslora)
 
-    def adapter_problem(self, rank: int, factorization: str) -> str | None:
-        """Why an adapter of this rank/factorisation cannot go on this layer, or ``None``."""
+    def factor_store(self, factor: str) -> nn.ParameterDict:
+        """The ``ParameterDict`` holding factor ``factor`` of every adapter (made on first use)."""
+        if factor not in self._modules:
+            self.add_module(factor, nn.ParameterDict())
+        store = self._modules[factor]
+        assert isinstance(store, nn.ParameterDict)
+        return store
+
+    def factors(self, name: str) -> dict[str, nn.Parameter]:
+        """The factors of adapter ``name`` by factor name (e.g. ``{"lora_A": ..., "lora_B": ...}``)."""
+        return {f: store[name] for f, store in self._modules.items()
+                if isinstance(store, nn.ParameterDict) and name in store}
+
+    def adapter_problem(self, rank: int, factorization: str, method: str = "lora") -> str | None:
+        """Why an adapter of this rank/factorisation/method cannot go on this layer, or ``None``."""
         shape = tuple(self.weight.shape)
         problem = factorization_problem(factorization, shape, self.groups)
         if problem:
             return f"{problem} (weight {shape}, groups={self.groups})"
+        problem = method_problem(method, factorization, shape, self.groups, rank)
+        if problem:
+            return f"{problem} (weight {shape}, groups={self.groups})"
         limit = max_rank(factorization, shape, self.groups)
-        if rank > limit:
+        if method in ("lora", "dora") and rank > limit:
             return (f"rank {rank} is larger than this layer allows ({limit} for the "
                     f"{factorization!r} factorization of weight {shape}, groups={self.groups}); "
                     f"use rank <= {limit}, e.g. with rank_pattern={{<this layer>: {limit}}}")
@@ -168,28 +203,32 @@ class LoRALayer(nn.Module):
         """Remove adapter ``name`` (it must not be merged)."""
         if self.merged_adapter == name:
             raise MergeStateError(f"adapter {name!r} is merged; unmerge() before deleting it.")
-        for store in (self.lora_A, self.lora_B):
-            del store[name]
-        for meta in (self.rank, self.alpha, self.factorization, self.dropout):
+        for factor in self.factors(name):
+            del self.factor_store(factor)[name]
+        for meta in (self.rank, self.alpha, self.factorization, self.dropout, self.method,
+                     self.rslora):
             meta.pop(name)
         if self.active_adapter == name:
             self.active_adapter = None
 
     def scale(self, name: str) -> float:
-        """``alpha / rank`` of adapter ``name``."""
-        return self.alpha[name] / self.rank[name]
+        """``alpha / rank`` of adapter ``name`` (``alpha / sqrt(rank)`` with rsLoRA)."""
+        return scale_for(self.alpha[name], self.rank[name], self.rslora[name])
 
     def delta(self, name: str) -> Tensor:
-        """Delta weight of adapter ``name`` (in its compute dtype, at least float32)."""
-        return delta_weight(self.lora_A[name], self.lora_B[name], self.weight.shape, self.scale(name))
+        """Delta weight ``W' - W`` of adapter ``name`` (in its compute dtype, at least float32)."""
+        if self.method[name] == "dora":
+            return self.effective_weight(name).to(self.weight.dtype) - self.weight
+        return method_delta(self.method[name], self.factors(name), self.weight.shape, self.scale(name))
 
     def base_weight(self) -> Tensor:
         """The base weight without any adapter (the saved original while merged)."""
         return self.unmerged_weight if self.unmerged_weight is not None else self.weight
 
     def effective_weight(self, name: str) -> Tensor:
-        """``W + delta`` summed in the compute dtype and cast to the weight's dtype, as merged."""
-        return merged_weight(self.weight, self.lora_A[name], self.lora_B[name], self.scale(name))
+        """``W'`` of adapter ``name``, computed in the compute dtype and cast to the weight's dtype, as merged."""
+        return _effective_weight(self.method[name], self.weight, self.factors(name), self.scale(name),
+                                 self.groups, self.transposed)
 
     # -- merge ---------------------------------------------------------------------------------
     def merge(self) -> None:
@@ -231,25 +270,36 @@ class LoRALayer(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args)
 
     # -- forward -------------------------------------------------------------------------------
-    def _base_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    def _base_forward(self, x: Tensor, weight: Tensor, bias: Tensor | None,
+                      output_padding: Any = None) -> Tensor:
         if not self.ndim:
             return F.linear(x, weight, bias)
+        if self.transposed:
+            return _CONV_T_FN[self.ndim](x, weight, bias, self.stride, self.padding, output_padding,  # type: ignore[arg-type]
+                                         self.groups, self.dilation)
         conv = _CONV_FN[self.ndim]
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             return conv(x, weight, bias, self.stride, 0, self.dilation, self.groups)
         return conv(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, output_size: list[int] | None = None) -> Tensor:
+        op: Any = None
+        if self.transposed:  # the output_padding nn.ConvTransposeNd would use for this call
+            op = self.base_layer._output_padding(x, output_size, list(self.stride),  # type: ignore[operator]
+                                                 list(self.padding), list(self.kernel_size),
+                                                 self.ndim, list(self.dilation))
+        elif output_size is not None:
+            raise TypeError(f"output_size applies to transposed convolutions, not to {self.base_type}.")
         name = self.active_adapter
         if name is None or self.disabled or self.merged_adapter is not None:
-            return self._base_forward(x, self.weight, self.bias)
+            return self._base_forward(x, self.weight, self.bias, op)
         p = self.dropout[name]
         if p > 0.0 and self.training:
             delta = self.delta(name).to(self.weight.dtype)
-            return (self._base_forward(x, self.weight, self.bias)
-                    + self._base_forward(F.dropout(x, p, True), delta, None))
-        return self._base_forward(x, self.effective_weight(name), self.bias)
+            return (self._base_forward(x, self.weight, self.bias, op)
+                    + self._base_forward(F.dropout(x, p, True), delta, None, op))
+        return self._base_forward(x, self.effective_weight(name), self.bias, op)
 
 
 def _remerge_after_load(layer: nn.Module, incompatible_keys: Any) -> None:

@@ -67,17 +67,20 @@ def active_adapter(model: nn.Module) -> str | None:
 
 
 def lora_parameters(model: nn.Module, adapter: str | None = None) -> Iterator[nn.Parameter]:
-    """Adapter factors of ``adapter`` (default: every adapter), e.g. for an optimizer."""
+    """Adapter factors of ``adapter`` (default: every adapter), e.g. for an optimizer.
+
+    Every factor of the adapter's method: ``lora_A``/``lora_B`` for LoRA, plus the magnitude
+    for DoRA, the Hadamard or Kronecker factors for LoHa/LoKr.
+    """
     for layer in lora_layers(model).values():
         for name in layer.rank:
             if adapter is None or name == adapter:
-                yield layer.lora_A[name]
-                yield layer.lora_B[name]
+                yield from layer.factors(name).values()
 
 
 def lora_state_dict(model: nn.Module, adapter: str | None = None, *,
                     bias: BiasMode = "none") -> dict[str, Tensor]:
-    """Tensors of one adapter: ``<layer>.lora_A`` / ``<layer>.lora_B``, plus the biases ``bias`` names.
+    """Tensors of one adapter: ``<layer>.<factor>`` (``lora_A``/``lora_B`` ...), plus the biases ``bias`` names.
 
     What is returned depends only on the arguments, never on ``requires_grad``.
 
@@ -98,8 +101,8 @@ def lora_state_dict(model: nn.Module, adapter: str | None = None, *,
     out: dict[str, Tensor] = {}
     for lname, layer in lora_layers(model).items():
         if name in layer.rank:
-            out[f"{lname}.lora_A"] = layer.lora_A[name].detach()
-            out[f"{lname}.lora_B"] = layer.lora_B[name].detach()
+            for factor, t in layer.factors(name).items():
+                out[f"{lname}.{factor}"] = t.detach()
     if not out:
         raise ConvLoRAError(f"no adapter named {name!r}; this model has {list_adapters(model)}.")
     params = dict(model.named_parameters())
@@ -109,17 +112,19 @@ def lora_state_dict(model: nn.Module, adapter: str | None = None, *,
 
 
 def summary(model: nn.Module) -> str:
-    """A text table: layer, base shape, rank, alpha, factorisation, trainable params, merged."""
-    rows = [("layer", "type", "shape", "adapter", "rank", "alpha", "factorization", "params",
-             "merged")]
+    """A text table: layer, base shape, rank, alpha, method, factorisation, trainable params, merged."""
+    rows = [("layer", "type", "shape", "adapter", "rank", "alpha", "method", "factorization",
+             "params", "merged")]
     total = 0
     for lname, layer in lora_layers(model).items():
         for name in layer.rank:
-            n = layer.lora_A[name].numel() + layer.lora_B[name].numel()
+            n = sum(t.numel() for t in layer.factors(name).values())
             total += n
             rows.append((lname, layer.base_type, "x".join(map(str, layer.weight.shape)),
                          name + ("*" if name == layer.active_adapter else ""), str(layer.rank[name]),
-                         f"{layer.alpha[name]:g}", layer.factorization[name], f"{n:,}",
+                         f"{layer.alpha[name]:g}",
+                         layer.method[name] + ("+rs" if layer.rslora[name] else ""),
+                         layer.factorization[name], f"{n:,}",
                          "yes" if layer.merged_adapter == name else "no"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     base = sum(p.numel() for n, p in model.named_parameters() if not is_lora_factor(n))

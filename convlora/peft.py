@@ -417,6 +417,11 @@ def _from_peft_factors(lname: str, spec: Mapping[str, Any], a: Tensor, b: Tensor
 def _export_problem(lname: str, spec: Mapping[str, Any]) -> UnsupportedLayerError | None:
     if spec["type"] not in ("Linear", *_CONV_TYPES):
         return UnsupportedLayerError(f"layer {lname!r}: PEFT has no LoRA for {spec['type']!r} here.")
+    if spec.get("method", "lora") != "lora" or spec.get("rslora", False):
+        what = "rsLoRA scaling" if spec.get("method", "lora") == "lora" else f"method {spec['method']!r}"
+        return UnsupportedLayerError(
+            f"layer {lname!r} uses {what}; the PEFT export writes plain LoRA adapters only. "
+            "Merge the adapter instead (convlora.unload or convlora merge).")
     if spec["factorization"] != "kernel":
         return UnsupportedLayerError(
             f"layer {lname!r} uses the {spec['factorization']!r} factorization, which PEFT's format cannot "
@@ -536,7 +541,7 @@ def save_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], *, name:
     for lname, lyr in layers.items():
         spec = _module_spec(lyr) or {}
         spec.update(rank=lyr.rank[name], alpha=lyr.alpha[name], factorization=lyr.factorization[name],
-                    dropout=lyr.dropout[name])
+                    dropout=lyr.dropout[name], method=lyr.method[name], rslora=lyr.rslora[name])
         specs[lname] = spec
     modules = dict(model.named_modules())
     extra: dict[str, Tensor] = {}

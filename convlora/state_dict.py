@@ -26,7 +26,7 @@ from ._atomic import write_atomically
 from .adapters import read_adapter
 from .errors import AdapterMismatchError, FingerprintMismatchError, StateDictError
 from .fingerprint import base_mismatch
-from .functional import merged_weight
+from .methods import effective_weight, scale_for
 
 __all__ = ["load_state_dict", "merge_state_dict", "save_state_dict"]
 
@@ -250,8 +250,11 @@ def merge_state_dict(base: Mapping[str, Tensor], adapter_path: str | os.PathLike
     out = dict(base)
     for lname, lm in layers.items():
         w = base[f"{lname}.weight"]
-        out[f"{lname}.weight"] = merged_weight(w, tensors[f"{lname}.lora_A"],
-                                               tensors[f"{lname}.lora_B"], lm["alpha"] / lm["rank"])
+        factors = {k.rpartition(".")[2]: t for k, t in tensors.items()
+                   if k.rpartition(".")[0] == lname and k.rpartition(".")[2] != "bias"}
+        out[f"{lname}.weight"] = effective_weight(
+            lm["method"], w, factors, scale_for(lm["alpha"], lm["rank"], lm["rslora"]), lm["groups"],
+            lm["type"].startswith("ConvTranspose"))
     for key in meta["bias_keys"]:
         out[key] = tensors[key].to(base[key].dtype)
     return out

@@ -256,7 +256,9 @@ def inject(model: nn.Module, rank: int | LoRAConfig = 4, alpha: float | None = N
            targets: Target | None = None, exclude: Target | None = None,
            rank_pattern: dict[str, int] | None = None, alpha_pattern: dict[str, float] | None = None,
            factorization: str = "kernel", factorization_pattern: dict[str, str] | None = None,
-           dropout: float = 0.0, freeze: bool = True, adapter_name: str = "default") -> list[str]:
+           dropout: float = 0.0, freeze: bool = True, adapter_name: str = "default",
+           method: str = "lora", method_pattern: dict[str, str] | None = None,
+           rslora: bool = False) -> list[str]:
     """Replace matching layers of ``model`` in place with LoRA layers.
 
     Either pass the settings as keywords or a [LoRAConfig][convlora.LoRAConfig] as the second
@@ -267,6 +269,11 @@ def inject(model: nn.Module, rank: int | LoRAConfig = 4, alpha: float | None = N
     call it again with another bias mode to train biases too. New LoRA layers take the
     train/eval mode of the layers they replace. Everything is validated before the model is
     touched: on error the model is unchanged.
+
+    ``method`` chooses how the adapter builds the layer's weight: ``"lora"`` (default),
+    ``"dora"``, ``"loha"`` or ``"lokr"`` (see [convlora.methods][]), per layer with
+    ``method_pattern``; ``rslora=True`` scales by ``alpha / sqrt(rank)``. Every method runs in
+    weight space on every supported layer type (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear).
 
     ``inject`` sees the module tree, not the code that runs it: code that reads a layer's
     ``weight`` instead of calling the layer would ignore the adapter until it is merged. The
@@ -288,12 +295,13 @@ def inject(model: nn.Module, rank: int | LoRAConfig = 4, alpha: float | None = N
         config = LoRAConfig(rank=rank, alpha=alpha, targets=targets, exclude=exclude,
                             rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                             factorization=factorization, factorization_pattern=factorization_pattern,
-                            dropout=dropout, freeze=freeze)
+                            dropout=dropout, freeze=freeze, method=method,
+                            method_pattern=method_pattern, rslora=rslora)
     if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
         raise ConvLoRAError(f"adapter_name={adapter_name!r} must be a Python identifier.")
     names = find_targets(model, config.targets, config.exclude)
     modules = dict(model.named_modules())
-    plans: list[tuple[str, LoRALayer, int, float, str]] = []
+    plans: list[tuple[str, LoRALayer, int, float, str, str]] = []
     for name in names:
         existing = modules[name]
         layer = existing if isinstance(existing, LoRALayer) else LoRALayer(existing)
@@ -302,13 +310,15 @@ def inject(model: nn.Module, rank: int | LoRAConfig = 4, alpha: float | None = N
         if adapter_name in layer.rank:
             raise MergeStateError(f"layer {name!r} already has an adapter named {adapter_name!r}; "
                                   "pick another adapter_name or delete_adapter() first.")
-        r, fac = config.rank_for(name), config.factorization_for(name)
-        problem = layer.adapter_problem(r, fac)
+        r, fac, meth = config.rank_for(name), config.factorization_for(name), config.method_for(name)
+        problem = layer.adapter_problem(r, fac, meth)
+        if problem is None and meth == "dora" and config.dropout > 0:
+            problem = "method 'dora' has no additive branch for dropout; use dropout=0"
         if problem:
             raise UnsupportedLayerError(f"layer {name!r}: {problem}.")
-        plans.append((name, layer, r, config.alpha_for(name), fac))
-    for name, layer, r, a, fac in plans:
-        layer.add_adapter(adapter_name, r, a, fac, config.dropout, name)
+        plans.append((name, layer, r, config.alpha_for(name), fac, meth))
+    for name, layer, r, a, fac, meth in plans:
+        layer.add_adapter(adapter_name, r, a, fac, config.dropout, name, meth, config.rslora)
         layer.active_adapter = adapter_name
         if layer is not modules[name]:
             replace_module(model, name, layer)

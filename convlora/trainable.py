@@ -15,6 +15,7 @@ from torch import nn
 
 from .errors import ConvLoRAError
 from .layer import LoRALayer
+from .methods import FACTOR_NAMES
 
 __all__ = ["BIAS_MODES", "BiasMode", "bias_names", "check_bias_mode", "is_lora_factor",
            "mark_only_lora_trainable"]
@@ -30,9 +31,10 @@ def check_bias_mode(bias: object, where: str) -> None:
 
 
 def is_lora_factor(param_name: str, adapter: str | None = None) -> bool:
-    """True for ``...lora_A.<adapter>`` / ``...lora_B.<adapter>`` (any adapter when ``None``)."""
+    """True for ``...<factor>.<adapter>`` of any method's factor (``lora_A``, ``lora_B``, ...;
+    see [convlora.methods][]), of any adapter when ``adapter`` is ``None``."""
     owner, _, leaf = param_name.rpartition(".")
-    return owner.rpartition(".")[2] in ("lora_A", "lora_B") and adapter in (None, leaf)
+    return owner.rpartition(".")[2] in FACTOR_NAMES and adapter in (None, leaf)
 
 
 def bias_names(model: nn.Module, bias: BiasMode, adapter: str | None = None) -> list[str]:

@@ -176,11 +176,18 @@ def test_loralib_refuses_grouped_and_non_square() -> None:
         convlora.inject(model, factorization="svd")
 
 
-def test_transposed_conv_refused_with_name_and_fix() -> None:
+def test_transposed_conv_adapted_and_subclass_overriding_forward_refused() -> None:
     model = nn.Sequential(nn.Conv2d(3, 3, 3), nn.ConvTranspose2d(3, 3, 2))
-    with pytest.raises(UnsupportedLayerError, match=r"layer '1'.*transposed.*exclude=\['1'\]"):
-        convlora.inject(model, rank=2)
-    assert convlora.inject(model, rank=2, exclude="1") == ["0"]
+    assert convlora.inject(model, rank=2) == ["0", "1"]
+
+    class Odd(nn.ConvTranspose2d):
+        def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
+            return super().forward(x, output_size) * 2
+
+    odd = nn.Sequential(nn.Conv2d(3, 3, 3), Odd(3, 3, 2))
+    with pytest.raises(UnsupportedLayerError, match=r"layer '1'.*overrides forward.*exclude=\['1'\]"):
+        convlora.inject(odd, rank=2)
+    assert convlora.inject(odd, rank=2, exclude="1") == ["0"]
 
 
 def test_parametrized_and_hooked_convs_refused() -> None:

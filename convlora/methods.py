@@ -1,0 +1,222 @@
+r"""The adapter methods: LoRA, DoRA, LoHa and LoKr as weight-space updates of one layer.
+
+Every method here turns a base weight ``W`` and a few trainable factors into an *effective
+weight* ``W'`` of the same shape. The layer runs one convolution (or linear map) with ``W'``
+through its own settings, and merging writes the same ``W'`` (the same function computes it), so
+merged and unmerged outputs agree for every setting the layer accepts: padding modes, dilation,
+groups, stride, transposed convolutions.
+
+Notation: ``W`` is viewed as a matrix with ``rows = W.shape[0]`` and ``cols = prod(W.shape[1:])``
+(for ``Conv`` the output channels by ``in/groups * kernel``; for ``ConvTranspose``, whose weight
+is ``(in, out/groups, *kernel)``, the input channels by ``out/groups * kernel``; for ``Linear``
+``out`` by ``in``). ``s`` is the scale: ``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA.
+
+* ``"lora"``: ``W' = W + s * reshape(B @ A)`` in one of the two factorisations of
+  [convlora.functional][] (``A``: ``lora_A``, ``B``: ``lora_B``).
+* ``"dora"`` (Liu et al. 2024, as PEFT implements it): ``V = W + s * reshape(B @ A)`` and
+  ``W' = m * V / ||V||`` with the L2 norm taken per *output channel* and a trainable magnitude
+  ``m`` (``lora_magnitude``, one value per output channel) started at ``||W||``. The norm is
+  detached (treated as a constant in backward), as in the paper and PEFT. Output channel ``o``
+  of a ``Conv``/``Linear`` weight is ``W[o]``; of a ``ConvTranspose`` weight with ``g`` groups
+  it is ``W[j*in/g:(j+1)*in/g, o % (out/g)]`` with ``j = o // (out/g)`` -- the slice along
+  axis 1 within its group. A channel whose ``V`` is all zero has norm 0: its effective weight
+  is zero (the division uses 1 in place of 0 there, never producing NaN or inf); a channel
+  that is zero in the base starts with ``m = 0`` and stays zero.
+* ``"loha"`` (LyCORIS/PEFT LoHa, flattened form): ``delta = s * (W1a @ W1b) * (W2a @ W2b)``
+  (Hadamard product) reshaped to ``W.shape``, with ``W1a, W2a: rows x rank`` and
+  ``W1b, W2b: rank x cols`` (``hada_w1_a`` ... ``hada_w2_b``); ``W' = W + delta``.
+  Init as PEFT: ``W2b = 0``, the others Kaiming-uniform.
+* ``"lokr"`` (LyCORIS/PEFT LoKr): ``rows = a*b`` and ``W.shape[1] = c*d`` are split into the two
+  most balanced factors (``a <= b``, ``c <= d``, as PEFT's ``factorization(n, -1)``);
+  ``delta = s * kron(W1, W2)`` reshaped to ``W.shape`` with ``W1: a x c`` (``lokr_w1``) and
+  ``W2: b x (d * prod(kernel))``, which is either full (``lokr_w2``, stored ``(b, d, *kernel)``)
+  when ``rank >= max(b, d) / 2``, or low-rank ``W2 = W2a @ W2b`` (``lokr_w2_a: b x rank``,
+  ``lokr_w2_b: rank x (d * prod(kernel))``), PEFT's rule. Init as PEFT: ``W1 = 0``, ``W2``
+  (or its factors) Kaiming-uniform.
+
+A fresh adapter leaves the output unchanged: ``B = 0``, ``W2b = 0`` and ``W1 = 0`` make the
+delta exactly zero. For DoRA, ``m = ||W||`` and ``||V|| = ||W||`` are computed by the same
+function on the same tensor, so ``m / ||V|| = 1`` exactly and ``W' = W`` bit for bit when the
+magnitude is stored in the compute dtype's precision (float32/float64 weights). For fp16/bf16
+weights the magnitude is stored in the weight's dtype, so ``m / ||V||`` is 1 within that
+rounding (relative ``2**-11`` / ``2**-8``) and ``W'`` may differ from ``W`` by one unit in the last
+place of some entries.
+
+All arithmetic runs in [`compute_dtype`][convlora.functional.compute_dtype] (at least float32,
+float64 stays float64) and ``W'`` is cast to the weight's dtype once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .functional import compute_dtype, lora_shapes, max_rank, merged_weight
+
+__all__ = [
+    "FACTOR_NAMES",
+    "METHODS",
+    "channel_norm",
+    "effective_weight",
+    "factor_shapes",
+    "init_factors_",
+    "kron_split",
+    "method_delta",
+    "method_problem",
+    "output_channels",
+    "scale_for",
+]
+
+METHODS: tuple[str, ...] = ("lora", "dora", "loha", "lokr")
+FACTOR_NAMES: tuple[str, ...] = ("lora_A", "lora_B", "lora_magnitude", "hada_w1_a", "hada_w1_b",
+                                 "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w2", "lokr_w2_a",
+                                 "lokr_w2_b")
+"""Every factor name any method uses: the ``<layer>.<factor>.<adapter>`` state-dict keys."""
+
+
+def scale_for(alpha: float, rank: int, rslora: bool = False) -> float:
+    """``alpha / rank``, or ``alpha / sqrt(rank)`` with rsLoRA (Kalajdzievski 2023)."""
+    return alpha / math.sqrt(rank) if rslora else alpha / rank
+
+
+def kron_split(n: int) -> tuple[int, int]:
+    """``(m, n // m)`` with ``m`` the largest divisor of ``n`` not above ``sqrt(n)``."""
+    m = max(d for d in range(1, math.isqrt(n) + 1) if n % d == 0)
+    return m, n // m
+
+
+def output_channels(weight_shape: tuple[int, ...], groups: int, transposed: bool) -> int:
+    """Number of output channels of a layer with this weight."""
+    return weight_shape[1] * groups if transposed else weight_shape[0]
+
+
+def method_problem(method: str, factorization: str, weight_shape: tuple[int, ...], groups: int,
+                   rank: int) -> str | None:
+    """Why ``method`` cannot go on a layer with this weight, or ``None`` when it can."""
+    if method not in METHODS:
+        return f"unknown method {method!r}; choose one of {METHODS}"
+    if method in ("loha", "lokr") and factorization != "kernel":
+        return (f"method {method!r} has its own factor layout; use factorization='kernel' "
+                f"(got {factorization!r})")
+    if method == "loha":
+        limit = max_rank("kernel", weight_shape, groups)
+        if rank > limit:
+            return (f"rank {rank} is larger than this layer allows ({limit} for 'loha' on weight "
+                    f"{weight_shape}); use rank <= {limit}")
+    return None
+
+
+def _lokr_dims(weight_shape: tuple[int, ...], rank: int) -> tuple[int, int, int, int, bool]:
+    a, b = kron_split(weight_shape[0])
+    c, d = kron_split(weight_shape[1])
+    return a, b, c, d, rank >= max(b, d) / 2
+
+
+def factor_shapes(method: str, factorization: str, weight_shape: tuple[int, ...], rank: int,
+                  groups: int = 1, transposed: bool = False) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the factors of one adapter, in creation order."""
+    shape = tuple(int(s) for s in weight_shape)
+    if method in ("lora", "dora"):
+        sa, sb = lora_shapes(factorization, shape, rank, groups)
+        out: dict[str, tuple[int, ...]] = {"lora_A": sa, "lora_B": sb}
+        if method == "dora":
+            out["lora_magnitude"] = (output_channels(shape, groups, transposed),)
+        return out
+    rows, cols = shape[0], math.prod(shape[1:])
+    if method == "loha":
+        return {"hada_w1_a": (rows, rank), "hada_w1_b": (rank, cols),
+                "hada_w2_a": (rows, rank), "hada_w2_b": (rank, cols)}
+    if method == "lokr":
+        a, b, c, d, full = _lokr_dims(shape, rank)
+        kernel = shape[2:]
+        if full:
+            return {"lokr_w1": (a, c), "lokr_w2": (b, d, *kernel)}
+        return {"lokr_w1": (a, c), "lokr_w2_a": (b, rank), "lokr_w2_b": (rank, d * math.prod(kernel))}
+    raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+
+
+def _grouped_view(v: Tensor, groups: int, transposed: bool) -> Tensor:
+    """``v`` viewed so that axis 1 (after the group axis 0) indexes output channels.
+
+    Conv/Linear: ``(1, out, rest)``. ConvTranspose: ``(g, in/g, out/g, rest)`` -- the norm then
+    runs over axes 1 and 3.
+    """
+    if transposed:
+        return v.reshape(groups, v.shape[0] // groups, v.shape[1], -1)
+    return v.reshape(1, v.shape[0], -1)
+
+
+def channel_norm(v: Tensor, groups: int = 1, transposed: bool = False) -> Tensor:
+    """L2 norm of ``v`` per output channel, shape ``(out,)``, in ``v``'s dtype."""
+    g = _grouped_view(v, groups, transposed)
+    if transposed:
+        return torch.linalg.vector_norm(g, dim=(1, 3)).reshape(-1)
+    return torch.linalg.vector_norm(g, dim=2).reshape(-1)
+
+
+def _scale_channels(v: Tensor, per_channel: Tensor, groups: int, transposed: bool) -> Tensor:
+    g = _grouped_view(v, groups, transposed)
+    if transposed:
+        return (g * per_channel.reshape(groups, 1, -1, 1)).reshape(v.shape)
+    return (g * per_channel.reshape(1, -1, 1)).reshape(v.shape)
+
+
+def init_factors_(method: str, factors: Mapping[str, Tensor], weight: Tensor, groups: int = 1,
+                  transposed: bool = False) -> None:
+    """Initialise fresh factors in place so that the adapter starts as the identity."""
+    with torch.no_grad():
+        for name, t in factors.items():
+            if name in ("lora_B", "hada_w2_b", "lokr_w1"):
+                nn.init.zeros_(t)
+            elif name == "lora_magnitude":
+                w = weight.to(compute_dtype(weight))
+                t.copy_(channel_norm(w, groups, transposed))
+            else:
+                nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
+def method_delta(method: str, factors: Mapping[str, Tensor], weight_shape: tuple[int, ...] | torch.Size,
+                 scale: float) -> Tensor:
+    """The additive delta ``W' - W`` of ``"lora"``, ``"loha"`` or ``"lokr"``, in the compute dtype.
+
+    DoRA has no delta independent of ``W`` (it rescales ``W + delta``); use
+    [`effective_weight`][convlora.methods.effective_weight].
+    """
+    shape = tuple(weight_shape)
+    dtype = compute_dtype(*factors.values())
+    f = {k: v.to(dtype) for k, v in factors.items()}
+    if method == "lora":
+        return (f["lora_B"] @ f["lora_A"] * scale).reshape(shape)
+    if method == "loha":
+        h = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
+        return (h * scale).reshape(shape)
+    if method == "lokr":
+        w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+        w2 = w2.reshape(w2.shape[0], -1)
+        return (torch.kron(f["lokr_w1"], w2) * scale).reshape(shape)
+    raise ValueError(f"method {method!r} has no additive delta; choose one of ('lora', 'loha', 'lokr')")
+
+
+def effective_weight(method: str, weight: Tensor, factors: Mapping[str, Tensor], scale: float,
+                     groups: int = 1, transposed: bool = False) -> Tensor:
+    """The weight the layer runs with (and merge writes): computed in the compute dtype, cast to ``weight``'s.
+
+    The unmerged forward, [merge][convlora.merge] and
+    [merge_state_dict][convlora.state_dict.merge_state_dict] all call this function, so they
+    agree bit for bit.
+    """
+    if method == "lora":
+        return merged_weight(weight, factors["lora_A"], factors["lora_B"], scale)
+    dtype = compute_dtype(weight, *factors.values())
+    if method == "dora":
+        a, b = factors["lora_A"].to(dtype), factors["lora_B"].to(dtype)
+        flat = weight.to(dtype).reshape(b.shape[0], a.shape[1])
+        v = torch.addmm(flat, b, a, alpha=scale).view(weight.shape)
+        norm = channel_norm(v.detach(), groups, transposed)
+        norm = torch.where(norm == 0, torch.ones_like(norm), norm)
+        ratio = factors["lora_magnitude"].to(dtype) / norm
+        return _scale_channels(v, ratio, groups, transposed).to(weight.dtype)
+    return (weight.to(dtype) + method_delta(method, factors, weight.shape, scale)).to(weight.dtype)
