@@ -1,0 +1,335 @@
+"""Every adapter method (LoRA, rsLoRA, DoRA, LoHa, LoKr) on every layer type, exact when merged.
+
+The property tests run the random conv grid of tests/test_layer.py and a grid of transposed
+convs (stride, padding, output_padding, dilation, groups, ``output_size``) for each method:
+a fresh adapter changes nothing, the unmerged output matches an independent reference of the
+method's formula, merged equals unmerged bit for bit, unmerge restores the weight, the adapter
+file round-trips, ``merge_state_dict`` equals ``unload``'s state dict.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import convlora
+from convlora.errors import AdapterFormatError, UnsupportedLayerError
+from convlora.state_dict import merge_state_dict
+from tests._core_helpers import ATOL, keys_and_shapes, module_types, randomize_adapters
+from tests._method_refs import reference_weight, scale_of
+from tests.test_layer import build, conv_configs, pick_factorization_and_rank
+
+METHODS = ["lora", "dora", "loha", "lokr"]
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+
+
+def _check_exact_everywhere(model: nn.Module, original: nn.Module, call, method: str, rslora: bool,
+                            rank: int, alpha: float, dtype: torch.dtype, y0: torch.Tensor,
+                            tmp: Path, seed: int) -> None:
+    layer = model[0]
+    y_fresh = call(model)
+    if method == "dora" and dtype != torch.float32:
+        # the magnitude ||W|| is stored in the weight's dtype: m / ||W|| is 1 within its rounding
+        torch.testing.assert_close(y_fresh, y0, atol=ATOL[dtype], rtol=1e-2)
+    else:
+        assert torch.equal(y_fresh, y0), f"a fresh {method} adapter must not change the output"
+
+    randomize_adapters(model, seed, std=0.5)
+    y_unmerged = call(model)
+    assert not torch.equal(y_unmerged, y0), "adapter had no effect"
+
+    ref = copy.deepcopy(original)
+    factors = {k: v.detach() for k, v in layer.factors("default").items()}
+    with torch.no_grad():
+        w = ref[0].weight
+        w.copy_(reference_weight(method, w, factors, scale_of(alpha, rank, rslora), layer.groups,
+                                 layer.transposed).to(w.dtype))
+    torch.testing.assert_close(y_unmerged, call(ref), atol=ATOL[dtype], rtol=1e-2)
+
+    w_before = layer.weight.detach().clone()
+    convlora.merge(model)
+    assert torch.equal(call(model), y_unmerged), "merged must equal unmerged bit for bit"
+    convlora.unmerge(model)
+    assert torch.equal(layer.weight, w_before), "unmerge must restore the weights exactly"
+
+    path = tmp / "a.safetensors"
+    convlora.save_adapter(model, path)
+    fresh = copy.deepcopy(original)
+    convlora.load_adapter(fresh, path)
+    assert torch.equal(call(fresh), y_unmerged)
+    assert fresh[0].method["default"] == method and fresh[0].rslora["default"] == rslora
+
+    merged_sd = merge_state_dict(original.state_dict(), path)
+    deployed = convlora.unload(model)
+    assert module_types(deployed) == module_types(original)
+    assert keys_and_shapes(deployed) == keys_and_shapes(original)
+    assert torch.equal(call(deployed), y_unmerged)
+    for k, v in deployed.state_dict().items():
+        assert torch.equal(merged_sd[k], v), f"merge_state_dict differs from unload at {k}"
+
+
+@SETTINGS
+@given(cfg=conv_configs(), method=st.sampled_from(METHODS[1:]), rslora=st.booleans())
+def test_conv_grid_every_method_is_exact(cfg: dict, method: str, rslora: bool,
+                                         tmp_path_factory: pytest.TempPathFactory) -> None:
+    model, x = build(cfg)
+    original = copy.deepcopy(model)
+    try:
+        y0 = model(x)
+    except RuntimeError:  # configuration invalid for this input (e.g. reflect pad too large)
+        return
+    fac, rank = pick_factorization_and_rank(model[0].weight, cfg)
+    if method in ("loha", "lokr"):
+        fac = "kernel"
+        rank = max(1, round(cfg["rank_frac"] * convlora.functional.max_rank(
+            "kernel", tuple(model[0].weight.shape), cfg["groups"])))
+    alpha = 2.0 * rank
+    assert convlora.inject(model, rank=rank, alpha=alpha, factorization=fac, method=method,
+                           rslora=rslora) == ["0"]
+    _check_exact_everywhere(model, original, lambda m: m(x), method, rslora, rank, alpha,
+                            cfg["dtype"], y0, Path(tmp_path_factory.mktemp("ad")), cfg["seed"])
+
+
+@st.composite
+def transposed_configs(draw: st.DrawFn) -> dict:
+    ndim = draw(st.sampled_from([1, 2, 2, 3]))
+    kernel = tuple(draw(st.integers(1, 4 if ndim < 3 else 3)) for _ in range(ndim))
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    cin, cout = groups * draw(st.integers(1, 3)), groups * draw(st.integers(1, 3))
+    stride = draw(st.integers(1, 3))
+    dilation = draw(st.integers(1, 2))
+    out_pad = draw(st.integers(0, max(stride, dilation) - 1))
+    return dict(ndim=ndim, kernel=kernel, groups=groups, cin=cin, cout=cout, stride=stride,
+                dilation=dilation, padding=draw(st.integers(0, 2)), output_padding=out_pad,
+                bias=draw(st.booleans()), use_output_size=draw(st.booleans()),
+                dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16])),
+                method=draw(st.sampled_from(METHODS)), rslora=draw(st.booleans()),
+                factorization=draw(st.sampled_from(["kernel", "kernel", "loralib"])),
+                rank_frac=draw(st.floats(0.0, 1.0)), seed=draw(st.integers(0, 2**16)))
+
+
+@SETTINGS
+@given(cfg=transposed_configs())
+def test_transposed_conv_grid_every_method_is_exact(cfg: dict, tmp_path_factory: pytest.TempPathFactory) -> None:
+    torch.manual_seed(cfg["seed"])
+    cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[cfg["ndim"]]
+    conv = cls(cfg["cin"], cfg["cout"], cfg["kernel"], stride=cfg["stride"], padding=cfg["padding"],
+               output_padding=cfg["output_padding"], dilation=cfg["dilation"], groups=cfg["groups"],
+               bias=cfg["bias"])
+    model = nn.Sequential(conv).to(cfg["dtype"])
+    original = copy.deepcopy(model)
+    x = torch.randn(2, cfg["cin"], *([5 if cfg["ndim"] < 3 else 3] * cfg["ndim"])).to(cfg["dtype"])
+    try:
+        natural = model[0](x).shape[2:]
+    except RuntimeError:  # negative output size for this padding
+        return
+    # output_size asks for the largest valid size (output padding stride - 1), not the layer's own
+    size = [n - cfg["output_padding"] + cfg["stride"] - 1 for n in natural]
+
+    def call(m: nn.Module) -> torch.Tensor:
+        return m[0](x, output_size=size) if cfg["use_output_size"] else m(x)
+
+    y0 = call(model)
+    shape, g = tuple(model[0].weight.shape), cfg["groups"]
+    method, fac = cfg["method"], cfg["factorization"]
+    if fac == "loralib" and (len(shape) != 4 or shape[2] != shape[3] or g != 1 or method in ("loha", "lokr")):
+        fac = "kernel"
+    rank = max(1, round(cfg["rank_frac"] * convlora.functional.max_rank(fac, shape, g)))
+    alpha = 1.5 * rank
+    assert convlora.inject(model, rank=rank, alpha=alpha, factorization=fac, method=method,
+                           rslora=cfg["rslora"]) == ["0"]
+    assert model[0].transposed
+    _check_exact_everywhere(model, original, call, method, cfg["rslora"], rank, alpha, cfg["dtype"],
+                            y0, Path(tmp_path_factory.mktemp("ad")), cfg["seed"])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_linear_every_method_is_exact(method: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10))
+    original = copy.deepcopy(model)
+    x = torch.randn(3, 12)
+    y0 = model(x)
+    convlora.inject(model, rank=3, alpha=5.0, targets="0", method=method)
+    _check_exact_everywhere(model, original, lambda m: m(x), method, False, 3, 5.0, torch.float32, y0,
+                            tmp_path, 1)
+
+
+def test_transposed_kernel_factorization_layout() -> None:
+    """ConvTranspose weight (in, out/groups, *k): A is rank x (out/groups * k), B is in x rank."""
+    conv = nn.ConvTranspose2d(6, 4, (3, 2), groups=2)  # weight (6, 2, 3, 2)
+    model = nn.Sequential(conv)
+    convlora.inject(model, rank=3, method="dora")
+    layer = model[0]
+    assert tuple(layer.lora_A["default"].shape) == (3, 2 * 3 * 2)
+    assert tuple(layer.lora_B["default"].shape) == (6, 3)
+    assert tuple(layer.lora_magnitude["default"].shape) == (4,)  # one per output channel
+    expected = torch.stack([conv.weight[g * 3:(g + 1) * 3, o].norm() for g in range(2) for o in range(2)])
+    torch.testing.assert_close(layer.lora_magnitude["default"].detach(), expected.detach())
+
+
+def test_output_size_is_refused_on_a_plain_conv() -> None:
+    model = nn.Sequential(nn.Conv2d(2, 2, 3))
+    convlora.inject(model, rank=1)
+    with pytest.raises(TypeError, match="output_size applies to transposed convolutions"):
+        model[0](torch.randn(1, 2, 5, 5), output_size=[3, 3])
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rslora_scales_by_alpha_over_sqrt_rank(method: str) -> None:
+    model = nn.Sequential(nn.Conv2d(4, 8, 3))
+    convlora.inject(model, rank=4, alpha=6.0, method=method, rslora=True)
+    assert model[0].scale("default") == 6.0 / 2.0
+
+
+def test_dora_zero_norm_channel_gives_zero_weights_not_nan() -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, padding=1, padding_mode="circular")
+    with torch.no_grad():
+        conv.weight[1].zero_()
+    model = nn.Sequential(conv)
+    x = torch.randn(2, 3, 6, 6)
+    y0 = model(x)
+    convlora.inject(model, rank=2, method="dora")
+    layer = model[0]
+    assert layer.lora_magnitude["default"][1] == 0
+    assert torch.equal(model(x), y0)
+    opt = torch.optim.SGD(convlora.lora_parameters(model), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).square().mean().backward()
+        opt.step()
+    w = layer.effective_weight("default")
+    assert torch.isfinite(w).all()
+    assert torch.equal(w[1], torch.zeros_like(w[1])), "a channel zero in the base stays zero"
+    y = model(x)
+    convlora.merge(model)
+    assert torch.equal(model(x), y)
+
+
+def test_method_refusals_are_one_line_and_change_nothing() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(convlora.ConvLoRAError, match="'svd' is not a known method"):
+        convlora.inject(model, method="svd")
+    with pytest.raises(UnsupportedLayerError, match="layer '0'.*'dora'.*dropout"):
+        convlora.inject(model, rank=2, method="dora", dropout=0.1)
+    with pytest.raises(UnsupportedLayerError, match="layer '0'.*'loha' has its own factor layout"):
+        convlora.inject(model, rank=2, method="loha", factorization="loralib")
+    assert module_types(model)[1][1] is nn.Conv2d
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_method_pattern_mixes_methods_and_dropout_works_for_additive_methods() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 1))
+    convlora.inject(model, rank=2, method="lora", method_pattern={"1": "loha", "2": "lokr"},
+                    dropout=0.2)
+    assert [model[i].method["default"] for i in range(3)] == ["lora", "loha", "lokr"]
+    randomize_adapters(model)
+    x = torch.randn(2, 3, 8, 8)
+    model.train()
+    model(x).sum().backward()  # the two-path forward of dropout
+    assert all(p.grad is not None for p in convlora.lora_parameters(model))
+    model.eval()
+    y = model(x)
+    with convlora.merged(model):
+        assert torch.equal(model(x), y)
+
+
+def _edit_meta(path: Path, out: Path, change) -> None:
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    change(header["__metadata__"])
+    new = json.dumps(header).encode()
+    out.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n:])
+
+
+def test_file_format_records_the_method_and_older_files_load_as_lora(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 4, 3))
+    x = torch.randn(1, 3, 6, 6)
+    lora, dora = copy.deepcopy(base), copy.deepcopy(base)
+    convlora.inject(lora, rank=2)
+    convlora.inject(dora, rank=2, method="dora", rslora=True)
+    randomize_adapters(lora)
+    randomize_adapters(dora)
+    p_lora = convlora.save_adapter(lora, tmp_path / "lora.safetensors")
+    p_dora = convlora.save_adapter(dora, tmp_path / "dora.safetensors")
+    _, meta_l = convlora.read_adapter(p_lora)
+    _, meta_d = convlora.read_adapter(p_dora)
+    assert meta_l["format_version"] == "2", "plain LoRA files stay readable by older convlora"
+    assert meta_d["format_version"] == "3"
+    assert meta_d["layers"]["0"]["method"] == "dora" and meta_d["layers"]["0"]["rslora"] is True
+    assert meta_l["layers"]["0"]["method"] == "lora", "a file without the field reads as 'lora'"
+    loaded = copy.deepcopy(base)
+    convlora.load_adapter(loaded, p_dora)
+    assert torch.equal(loaded(x), dora(x))
+
+    def unknown(meta: dict) -> None:
+        layers = json.loads(meta["layers"])
+        layers["0"]["method"] = "boft"
+        meta["layers"] = json.dumps(layers)
+
+    _edit_meta(p_dora, tmp_path / "boft.safetensors", unknown)
+    target = copy.deepcopy(base)
+    with pytest.raises(AdapterFormatError, match=r"layer '0': unknown method 'boft'.*Upgrade convlora"):
+        convlora.load_adapter(target, tmp_path / "boft.safetensors")
+    assert module_types(target) == module_types(base)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("saved_merged,target_merged", [(False, True), (True, False), (True, True)])
+def test_state_dict_loads_right_across_merge_states_every_method(method: str, saved_merged: bool,
+                                                                 target_merged: bool) -> None:
+    torch.manual_seed(3)
+    base = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                         nn.ConvTranspose2d(6, 4, 3, stride=2, groups=2))
+    x = torch.randn(2, 3, 5, 5)
+    source, target = copy.deepcopy(base), copy.deepcopy(base)
+    for m, seed in ((source, 1), (target, 2)):
+        convlora.inject(m, rank=2, method=method)
+        randomize_adapters(m, seed)
+    expected = source(x)
+    if saved_merged:
+        convlora.merge(source)
+    if target_merged:
+        convlora.merge(target)
+    target.load_state_dict(source.state_dict(), strict=True)
+    assert convlora.is_merged(target) == target_merged
+    assert torch.equal(target(x), expected)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_float64_stays_float64_every_method(method: str) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3)).double()
+    convlora.inject(model, rank=2, method=method)
+    randomize_adapters(model)
+    layer = model[0]
+    f = {k: v.detach() for k, v in layer.factors("default").items()}
+    w = layer.effective_weight("default")
+    assert w.dtype == torch.float64
+    ref = reference_weight(method, layer.weight.detach(), f, layer.scale("default"))
+    torch.testing.assert_close(w.detach(), ref, atol=1e-13, rtol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_new_layers_keep_mode_and_only_factors_train(method: str) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 2, 2)).eval()
+    convlora.inject(model, rank=2, method=method)
+    assert not model[0].training and not model[1].training
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"{i}.{f}.default" for i in (0, 1) for f in model[i].factors("default")}
+    summary = convlora.summary(model)
+    assert method in summary
