@@ -97,6 +97,7 @@ SCRIPTS = {
     "bench_train_step.py": ["A/A control", "ConvLoRA (unmerged)", "ratio vs full FT"],
     "bench_inference.py": ["A/A control", "merged + unloaded", "ConvLoRA unmerged", "timm resnet18"],
     "bench_merge_switch.py": ["merge()", "unmerge()", "set_adapter('b')", "ratio vs one forward"],
+    "bench_teacher_cache.py": ["plain L1", "cached teacher", "live teacher", "cache build"],
 }
 if importlib.util.find_spec("peft") is not None:
     SCRIPTS["bench_train_step.py"].append("PEFT LoRA")

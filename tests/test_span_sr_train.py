@@ -206,7 +206,7 @@ def test_bad_inputs_fail_before_training(tiny: dict[str, Path], tmp_path: Path) 
         train.main(_args(tiny, tmp_path / "b", "--data.train", str(tmp_path / "empty")))
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot load SPAN weights"):
+    with pytest.raises(ValueError, match="cannot load teacher weights"):
         train.main(_args(tiny, tmp_path / "c", "--teacher", str(garbage)))
     with pytest.raises(FileNotFoundError, match="not found"):
         train.main(_args(tiny, tmp_path / "d", "--teacher", "no_such_weights"))

@@ -36,6 +36,7 @@ __all__ = [
     "DemoConfig",
     "LossConfig",
     "ModelConfig",
+    "TeacherCacheConfig",
     "TrainConfig",
     "apply_overrides",
     "dump_yaml",
@@ -67,6 +68,13 @@ class DataConfig:
     workers: int = 2
     small: str = "skip"  # images smaller than the HR patch: "skip" (warn) or "error"
     val_max_side: int = 0  # crop validation HR to at most this side (0 = whole image)
+    augment: bool = True  # random flips and transposes (the dihedral group) of each patch
+    upcycle_share: float = 0.0  # share of each global batch that is upcycled: LR-sized crops of the HR
+    # images fed as inputs, labelled by the teacher only (no L1(SR, HR) on them)
+    upcycle_side: int = 128  # upcycled inputs come from the centre crop of each HR image of this side (0 = whole
+    # image; the teacher then runs on every HR pixel, 16x the LR cost at x4)
+    invert: float = 0.0  # probability of a colour inversion (255 - x) of a sample; with cached teacher outputs
+    # the target is inverted too (1 - T(x): the inversion undone on the teacher's output)
 
 
 @dataclass
@@ -99,6 +107,24 @@ class LossConfig:
     aff_norm: bool = True  # divide each tap by its base-vs-teacher value at the start (floored at 1% of the
     # largest tap): every tap starts near 1 and the whole term near w_aff
     taps: list[str] = field(default_factory=lambda: list(DEFAULT_TAPS))
+    teacher_taps: list[str] = field(default_factory=list)  # the teacher's modules paired with `taps`, for a
+    # non-SPAN teacher (spandrel module names, e.g. CRAFT's layers.0); empty = the same names as `taps`
+
+
+@dataclass
+class TeacherCacheConfig:
+    """Teacher-output cache (``teacher_cache.py``): the teacher's SR of every whole training LR image, on disk.
+
+    Needs ``data.lr_mode: cache`` and ``loss.w_aff: 0`` (the affinity term needs the live teacher).
+    """
+
+    enabled: bool = False
+    dtype: str = "float16"  # stored precision: "float16" (error <= 2.4e-4, 1/16 of a uint8 level) or "float32"
+    compute: str = "float32"  # the teacher's forward dtype ("bfloat16"/"float16" on CUDA only)
+    tile: int = 0  # LR tile side of the teacher's forward (0 = whole image); part of the key
+    pad: int = 21  # tile margin in LR pixels (SPAN's receptive-field radius); part of the key
+    dir: str = ""  # "" = `<data.cache_dir>/teacher`
+    build_device: str = "auto"  # where the cache is built: "auto" (CUDA when present), "cpu" or "cuda"
 
 
 @dataclass
@@ -147,8 +173,19 @@ class DemoConfig:
 _CHOICES = {
     "data.lr_mode": ("cache", "float"),
     "data.small": ("skip", "error"),
+    "teacher_cache.dtype": ("float16", "float32"),
+    "teacher_cache.compute": ("float32", "bfloat16", "float16"),
+    "teacher_cache.build_device": ("auto", "cpu", "cuda"),
     "train.schedule": ("cosine", "multistep", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
+}
+
+_RANGES = {  # inclusive bounds (None: unbounded)
+    "data.upcycle_share": (0.0, 1.0),
+    "data.upcycle_side": (0, None),
+    "data.invert": (0.0, 1.0),
+    "teacher_cache.tile": (0, None),
+    "teacher_cache.pad": (0, None),
 }
 
 
@@ -161,6 +198,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    teacher_cache: TeacherCacheConfig = field(default_factory=TeacherCacheConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -235,6 +273,10 @@ def _apply_mapping(obj: Any, data: Mapping[str, Any], prefix: str = "") -> None:
         value = _coerce(value, hints[key], full)
         if full in _CHOICES and value not in _CHOICES[full]:
             raise ValueError(f"config key {full!r}: {value!r} is not one of {list(_CHOICES[full])}")
+        low, high = _RANGES.get(full, (None, None))
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ValueError(f"config key {full!r}: {value!r} is outside [{low}, {'inf' if high is None else high}]; "
+                             f"give --{full} a value in that range")
         setattr(obj, key, value)
 
 

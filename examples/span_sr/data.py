@@ -30,7 +30,16 @@ from examples.span_sr.checkpoint import write_atomically
 from examples.span_sr.degrade import imresize_matlab, imresize_torch, modcrop
 from examples.span_sr.images import list_images, read_image
 
-__all__ = ["ImageSet", "PatchDataset", "image_refs", "rank_batches", "split_holdout", "to_float"]
+__all__ = [
+    "ImageSet",
+    "PatchDataset",
+    "image_refs",
+    "rank_batches",
+    "split_holdout",
+    "to_float",
+    "upcycle_region",
+    "upcycled_rows",
+]
 
 
 def image_refs(sources: Sequence[str]) -> list[str]:
@@ -155,30 +164,85 @@ def _center_crop(img: np.ndarray, side: int) -> np.ndarray:
     return img[top:top + side, left:left + side]
 
 
+def upcycle_region(hr: np.ndarray, side: int) -> np.ndarray:
+    """The centre ``side`` x ``side`` crop of an HR image that upcycled inputs are cut from (``side=0``: all of it)."""
+    return np.ascontiguousarray(_center_crop(hr, side) if side else hr)
+
+
+def upcycled_rows(batch: int, share: float) -> list[bool]:
+    """Which of a global batch's rows are upcycled: ``round(share * batch)`` of them, spread evenly.
+
+    Row ``j`` is upcycled when ``floor((j + 1) m / B) > floor(j m / B)`` (``m`` upcycled of ``B``):
+    a function of ``j`` alone, so the pattern holds for any number of ranks and workers, and
+    each of ``R`` ranks (consecutive slices of ``B / R`` rows) gets ``m / R`` of them when ``R``
+    divides ``m``.
+    """
+    m = round(share * batch)
+    return [((j + 1) * m) // batch > (j * m) // batch for j in range(batch)]
+
+
 class PatchDataset(torch.utils.data.Dataset):
     """Global sample index -> ``(lr, hr)`` CHW patch pair; randomness is a function of ``(seed, index)``.
 
     ``lr`` is uint8 in cache mode and float32 in [0, 1] in float mode; ``hr`` is uint8.
     The index ``k = step * global_batch + j`` names the step and the sample within it.
+
+    With teacher targets, upcycled inputs or colour inversion, an item is
+    ``(lr, hr, target, real)``: ``target`` is the float32 crop of the cached teacher SR at the HR
+    patch's place with the same flips (an empty tensor with a live teacher), ``real`` whether the
+    row has an HR. Upcycled rows (``upcycled_rows(batch, share)`` of ``k % batch``) take an
+    LR-sized crop of ``upcycle[i]`` (an HR region, :func:`upcycle_region`) as input, an all-zero
+    HR and the crop of ``upcycle_targets[i]`` (the teacher's SR of that region) as target.
+
+    Args:
+        images: The training images.
+        patch: LR patch side.
+        seed: The sampling seed.
+        augment: Random flips and transposes (False: patches as cut, for exactness checks).
+        targets: Per image, the cached teacher SR of its whole LR (HR-sized HxWx3 float arrays).
+        upcycle: Per image, the HR region upcycled inputs are cut from.
+        upcycle_targets: Per image, the cached teacher SR of that region (None: live teacher).
+        share: The upcycled share of each global batch of ``batch`` rows.
+        batch: The global batch (needed with ``share``).
+        invert: Probability of inverting a sample's colours (``255 - x``; a cached target becomes ``1 - t``).
     """
 
-    def __init__(self, images: ImageSet, patch: int, seed: int) -> None:
-        self.images, self.patch, self.seed = images, patch, seed
+    def __init__(self, images: ImageSet, patch: int, seed: int, *, augment: bool = True,
+                 targets: Sequence[np.ndarray] | None = None, upcycle: Sequence[np.ndarray] | None = None,
+                 upcycle_targets: Sequence[np.ndarray] | None = None, share: float = 0.0, batch: int = 0,
+                 invert: float = 0.0) -> None:
+        self.images, self.patch, self.seed, self.augment = images, patch, seed, augment
+        self.targets, self.upcycle, self.upcycle_targets, self.invert = targets, upcycle, upcycle_targets, invert
+        if targets is not None and len(targets) != len(images.hr):
+            raise ValueError(f"{len(targets)} teacher targets for {len(images.hr)} images.")
+        if share and (upcycle is None or batch < 1):
+            raise ValueError("an upcycled share needs the upcycle regions and the global batch size.")
+        if upcycle is not None and min(min(r.shape[:2]) for r in upcycle) < patch:
+            raise ValueError(f"an upcycle region is smaller than the {patch}x{patch} LR patch; raise "
+                             "--data.upcycle_side (or set it to 0 for whole images).")
+        if (targets is None) != (upcycle_targets is None) and share:
+            raise ValueError("give cached teacher targets for both the LR images and the upcycle regions, or neither.")
+        self.rows = upcycled_rows(batch, share) if share else []
+        self.extended = targets is not None or bool(share) or invert > 0
 
     def __len__(self) -> int:
         return 2**62
 
-    def __getitem__(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, k: int) -> tuple[torch.Tensor, ...]:
         rng = np.random.default_rng([self.seed, int(k)])
         n = len(self.images.hr)
         i = int(rng.integers(n))
         s, p = self.images.scale, self.patch
-        hr_img = self.images.hr[i]
-        h, w = hr_img.shape[0] // s, hr_img.shape[1] // s
+        upcycled = bool(self.rows) and self.rows[int(k) % len(self.rows)]
+        source = self.upcycle[i] if upcycled and self.upcycle is not None else self.images.hr[i]
+        h, w = (source.shape[0], source.shape[1]) if upcycled else (source.shape[0] // s, source.shape[1] // s)
         y, x = int(rng.integers(h - p + 1)), int(rng.integers(w - p + 1))
         flip_h, flip_v, transpose = (bool(b) for b in rng.integers(2, size=3))
-        hr = np.asarray(hr_img[y * s:(y + p) * s, x * s:(x + p) * s])
-        lr_img = self.images.lr[i]
+        if not self.augment:
+            flip_h = flip_v = transpose = False
+        inverted = bool(self.invert) and bool(rng.random() < self.invert)
+        hr = np.asarray(source[y * s:(y + p) * s, x * s:(x + p) * s]) if not upcycled else None
+        lr_img = source if upcycled else self.images.lr[i]
         if lr_img is not None:
             lr = np.asarray(lr_img[y:y + p, x:x + p])
         else:
@@ -191,12 +255,25 @@ class PatchDataset(torch.utils.data.Dataset):
             if transpose:
                 a = a.transpose(1, 0, 2)
             return np.ascontiguousarray(a.transpose(2, 0, 1))
-        hr_t = torch.from_numpy(aug(hr))
+        hr_t = torch.from_numpy(aug(hr)) if hr is not None else torch.zeros(3, p * s, p * s, dtype=torch.uint8)
         if lr is None:
             lr_t = imresize_torch(hr_t.float()[None] / 255.0, 1.0 / s)[0].clamp_(0, 1)
         else:
             lr_t = torch.from_numpy(aug(lr))
-        return lr_t, hr_t
+            if upcycled and self.images.lr[i] is None:  # float mode: every input is float
+                lr_t = lr_t.float() / 255.0
+        if not self.extended:
+            return lr_t, hr_t
+        cached = self.upcycle_targets if upcycled else self.targets
+        if cached is not None:
+            target = torch.from_numpy(aug(np.asarray(cached[i][y * s:(y + p) * s, x * s:(x + p) * s]))).float()
+        else:
+            target = torch.empty(0)
+        if inverted:
+            lr_t = 255 - lr_t if lr_t.dtype == torch.uint8 else 1.0 - lr_t
+            hr_t = 255 - hr_t if not upcycled else hr_t
+            target = 1.0 - target if target.numel() else target
+        return lr_t, hr_t, target, torch.tensor(not upcycled)
 
 
 def rank_batches(start_step: int, steps: int, global_batch: int, rank: int = 0,

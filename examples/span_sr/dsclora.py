@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 import yaml
 from torch import nn
 
@@ -34,9 +35,11 @@ import convlora
 from convlora.distill import Distiller, FeatureTaps, affinity_loss
 from examples.span_sr.arch import SPAN, load_span
 from examples.span_sr.config import LossConfig
+from examples.span_sr.teacher import SpandrelTeacher, load_teacher, teacher_scale, teacher_tap
 
 __all__ = [
     "DSCLORA_YAML",
+    "DSCLoRALoss",
     "affinity_tap_weights",
     "build_student",
     "deploy",
@@ -46,6 +49,8 @@ __all__ = [
     "load_pair",
     "make_loss",
     "resolve_weights",
+    "tap_map",
+    "teacher_select",
 ]
 
 HERE = Path(__file__).resolve().parent
@@ -130,16 +135,20 @@ def _load(path: Path) -> SPAN:
         raise ValueError(f"cannot load SPAN weights from {str(path)!r}: {err}") from err
 
 
-def load_pair(base: str | Path, teacher: str | Path | None, scale: int) -> tuple[SPAN, SPAN]:
-    """``(base, teacher)`` SPANs; without ``teacher`` it is a copy of the base.
+def load_pair(base: str | Path, teacher: str | Path | None, scale: int) -> tuple[SPAN, nn.Module]:
+    """``(base, teacher)``: the base SPAN and a teacher of any architecture (:func:`examples.span_sr.teacher.load_teacher`).
+
+    Without ``teacher`` it is a copy of the base.
 
     Raises:
-        ValueError: a file that is not SPAN weights, or scales that differ from each other or ``scale``.
+        ImportError: a non-SPAN teacher and no spandrel (the message names the ``[spandrel]`` extra).
+        ValueError: a base that is not SPAN weights, a teacher no loader knows, or scales that differ
+            from each other or ``scale``.
     """
     base_model = _load(Path(base))
-    teacher_model = copy.deepcopy(base_model) if teacher is None else _load(Path(teacher))
-    if teacher_model.upscale != base_model.upscale or base_model.upscale != scale:
-        raise ValueError(f"scales differ: student base x{base_model.upscale}, teacher x{teacher_model.upscale}, "
+    teacher_model = copy.deepcopy(base_model) if teacher is None else load_teacher(teacher)
+    if teacher_scale(teacher_model) != base_model.upscale or base_model.upscale != scale:
+        raise ValueError(f"scales differ: student base x{base_model.upscale}, teacher x{teacher_scale(teacher_model)}, "
                          f"data x{scale}; use weights of the same scale and set --data.scale to it.")
     return base_model, teacher_model
 
@@ -147,6 +156,37 @@ def load_pair(base: str | Path, teacher: str | Path | None, scale: int) -> tuple
 def first_tensor(output: object) -> torch.Tensor:
     """Tap selector: a SPAB returns ``(out, out1)``; distil its main output."""
     return output[0] if isinstance(output, (tuple, list)) else output  # type: ignore[return-value]
+
+
+def teacher_select(teacher: nn.Module) -> Any:
+    """The tap selector of ``teacher``: :func:`first_tensor`, then (spandrel teachers) cropped to the input's size."""
+    if isinstance(teacher, SpandrelTeacher):
+        return lambda output: teacher.crop(first_tensor(output))
+    return first_tensor
+
+
+def tap_map(teacher: nn.Module, loss: LossConfig) -> dict[str, str]:
+    """``{student tap: teacher module}``: ``loss.taps`` on both sides, or paired with ``loss.teacher_taps``.
+
+    A SPAN teacher has the student's module names; for a spandrel teacher (CRAFT, ...) the user
+    gives its module names in ``loss.teacher_taps``, one per student tap (looked up under ``net.``).
+    Without them such a teacher has no taps (fine while ``loss.w_aff`` is 0).
+
+    Raises:
+        ValueError: ``teacher_taps`` of another length than ``taps``, or ``w_aff > 0`` with a
+            non-SPAN teacher and no ``teacher_taps``.
+    """
+    if loss.teacher_taps:
+        if len(loss.teacher_taps) != len(loss.taps):
+            raise ValueError(f"loss.teacher_taps has {len(loss.teacher_taps)} names for {len(loss.taps)} loss.taps; "
+                             "give one teacher module name per student tap, in the same order.")
+        return {s: teacher_tap(teacher, t) for s, t in zip(loss.taps, loss.teacher_taps)}
+    if isinstance(teacher, SPAN):
+        return {t: t for t in loss.taps}
+    if loss.w_aff:
+        raise ValueError(f"loss.w_aff={loss.w_aff} with a {type(teacher).__name__} teacher needs loss.teacher_taps: "
+                         "the teacher's module names (from model.named_modules()) to pair with loss.taps.")
+    return {}
 
 
 @torch.no_grad()
@@ -163,7 +203,7 @@ def affinity_tap_weights(base: nn.Module, teacher: nn.Module, loss: LossConfig, 
     if not (loss.w_aff and loss.aff_norm):
         return None, loss.w_aff, {}
     with FeatureTaps(base, loss.taps, select=first_tensor) as s_taps, \
-            FeatureTaps(teacher, loss.taps, select=first_tensor) as t_taps:
+            FeatureTaps(teacher, tap_map(teacher, loss), select=teacher_select(teacher)) as t_taps:
         base(lr)
         teacher(lr)
         s_feats, t_feats = s_taps.pop(), t_taps.pop()
@@ -173,15 +213,71 @@ def affinity_tap_weights(base: nn.Module, teacher: nn.Module, loss: LossConfig, 
     return tap_weights, loss.w_aff * sum(tap_weights) / len(tap_weights), start
 
 
-def make_loss(student: nn.Module, teacher: nn.Module, loss: LossConfig, tap_weights: list[float] | None,
-              w_aff: float) -> Distiller:
-    """The DSCLoRA loss on ``student`` (a DDP wrapper is fine: the taps look through it).
+class DSCLoRALoss:
+    """The DSCLoRA loss, with a live teacher or with cached teacher outputs.
 
-    ``Distiller(lr, hr, step=)`` returns ``(total, {"rec", "out", "aff"}, sr)``.
+    ``loss(lr, hr, step=, target=None, real=None)`` returns ``(total, {"rec", "out", "aff"}, sr)``:
+
+    * live (``cached=False``): a ``convlora.distill.Distiller`` runs the teacher on ``lr`` (and
+      the affinity taps when ``w_aff > 0``);
+    * cached (``cached=True``): ``target`` is the teacher's SR of ``lr`` read from the
+      teacher-output cache (``teacher_cache.py``), so a step costs the student's forward and
+      backward and two L1 terms, whatever the teacher. The affinity term needs the teacher's
+      features, so it is refused here.
+
+    ``real`` (bool per row) marks the rows that have an HR; the others are upcycled inputs
+    (crops of HR images fed as LR, ``data.upcycle_share``), labelled by the teacher only, so
+    ``L1(SR, HR)`` is the mean over the real rows and ``L1(SR, SR_teacher)`` over all rows.
+    Every rank gets the same number of real rows (train.py checks), so DDP's gradient average is
+    the global batch's.
     """
-    return Distiller(student, teacher, taps={t: t for t in loss.taps}, w_rec=loss.w_rec, w_out=loss.w_out,
-                     w_aff=w_aff, p=loss.p, pool=loss.pool or None, tap_weights=tap_weights,
-                     aff_warmup_steps=loss.aff_warmup, select=first_tensor)
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, loss: LossConfig, tap_weights: list[float] | None,
+                 w_aff: float, *, cached: bool = False) -> None:
+        if cached and w_aff:
+            raise ValueError(f"loss.w_aff={w_aff} needs the teacher's features at every step; cached teacher "
+                             "outputs have none: set --teacher_cache.enabled false (live teacher) or --loss.w_aff 0.")
+        self.student, self.w_rec, self.w_out, self.cached = student, loss.w_rec, loss.w_out, cached
+        self.distiller: Distiller | None = None
+        self.no_rec: Distiller | None = None
+        if not cached:
+            kw = dict(taps=tap_map(teacher, loss), w_out=loss.w_out, w_aff=w_aff, p=loss.p, pool=loss.pool or None,
+                      tap_weights=tap_weights, aff_warmup_steps=loss.aff_warmup,
+                      select=(first_tensor, teacher_select(teacher)))
+            self.distiller = Distiller(student, teacher, w_rec=loss.w_rec, **kw)  # type: ignore[arg-type]
+            self.no_rec = Distiller(student, teacher, w_rec=0.0, **kw)  # type: ignore[arg-type]
+
+    def __call__(self, lr: torch.Tensor, hr: torch.Tensor, *, step: int, target: torch.Tensor | None = None,
+                 real: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        """One step's loss; ``target`` is required when cached, ``real=None`` means every row has an HR."""
+        mixed = real is not None and not bool(real.all())
+        if not self.cached:
+            assert self.distiller is not None and self.no_rec is not None
+            if not mixed:
+                return self.distiller(lr, hr, step=step)
+            total, parts, sr = self.no_rec(lr, None, step=step)
+        else:
+            if target is None or target.shape != hr.shape:
+                raise ValueError(f"cached teacher targets of shape {None if target is None else tuple(target.shape)} "
+                                 f"for an HR batch of shape {tuple(hr.shape)}; rebuild the teacher cache.")
+            sr = self.student(lr)
+            out = F.l1_loss(sr, target)
+            total, parts = self.w_out * out, {"out": out.detach().float(), "aff": sr.new_zeros((), dtype=torch.float32)}
+        zero = sr.new_zeros((), dtype=torch.float32)
+        if mixed:
+            assert real is not None
+            rec = F.l1_loss(sr[real], hr[real]) if self.w_rec and bool(real.any()) else zero
+        else:
+            rec = F.l1_loss(sr, hr) if self.w_rec else zero
+        total = self.w_rec * rec + total
+        parts["rec"] = rec.detach().float()
+        return total, parts, sr
+
+
+def make_loss(student: nn.Module, teacher: nn.Module, loss: LossConfig, tap_weights: list[float] | None,
+              w_aff: float, *, cached: bool = False) -> DSCLoRALoss:
+    """The DSCLoRA loss on ``student`` (a DDP wrapper is fine: the taps look through it); see :class:`DSCLoRALoss`."""
+    return DSCLoRALoss(student, teacher, loss, tap_weights, w_aff, cached=cached)
 
 
 def deploy(model: nn.Module) -> nn.Module:

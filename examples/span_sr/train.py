@@ -39,7 +39,7 @@ from tqdm import tqdm
 import convlora
 from examples.span_sr import checkpoint as ckpt
 from examples.span_sr import dsclora, report
-from examples.span_sr.config import TrainConfig, dump_yaml, load_config, parse_args
+from examples.span_sr.config import Config, TrainConfig, dump_yaml, load_config, parse_args
 from examples.span_sr.data import (
     ImageSet,
     PatchDataset,
@@ -47,14 +47,16 @@ from examples.span_sr.data import (
     rank_batches,
     split_holdout,
     to_float,
+    upcycle_region,
 )
 from examples.span_sr.degrade import imresize_matlab
 from examples.span_sr.demo import train_substitute
 from examples.span_sr.evaluate import score
 from examples.span_sr.images import write_image
+from examples.span_sr.teacher_cache import CacheSpec, TeacherCache, weights_digest
 from examples.span_sr.upscale import upscale_image
 
-__all__ = ["lr_factor", "main"]
+__all__ = ["distill_checks", "lr_factor", "main"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
@@ -77,6 +79,32 @@ def mean_psnr(model: torch.nn.Module, images: ImageSet) -> float:
     return score(lambda lr: upscale_image(model, lr), pairs, images.scale, ["psnr_y"])["mean"]["psnr_y"]
 
 
+def _architecture(model: torch.nn.Module) -> str:
+    return f"{type(model).__name__}:{getattr(model, 'architecture', '')}"
+
+
+def distill_checks(cfg: Config, world: int) -> None:
+    """The teacher-cache and upcycling settings that cannot work together, refused before any work.
+
+    Raises:
+        ValueError: the cache with ``lr_mode: float`` or with the affinity term; an upcycled share
+            whose rows per batch cannot be split evenly over the DDP ranks.
+    """
+    if cfg.teacher_cache.enabled and cfg.data.lr_mode != "cache":
+        raise ValueError("teacher_cache.enabled needs data.lr_mode 'cache': with 'float' each patch's LR is made on "
+                         "the fly, so there is no whole LR image to run the teacher on once.")
+    if cfg.teacher_cache.enabled and cfg.loss.w_aff:
+        raise ValueError(f"loss.w_aff={cfg.loss.w_aff} needs the teacher's features at every step, which cached "
+                         "outputs do not have: set --teacher_cache.enabled false or --loss.w_aff 0.")
+    m = round(cfg.data.upcycle_share * cfg.data.batch)
+    if cfg.data.upcycle_share and m == 0:
+        raise ValueError(f"data.upcycle_share={cfg.data.upcycle_share} of a batch of {cfg.data.batch} is no row; "
+                         f"use at least {1 / cfg.data.batch:.3g} or 0.")
+    if m % world:
+        raise ValueError(f"data.upcycle_share={cfg.data.upcycle_share} gives {m} upcycled rows per batch, not "
+                         f"divisible by {world} processes; choose a share whose rows split evenly over the ranks.")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run training as configured by ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
@@ -87,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = torch.get_num_threads()
     try:
         return _run(sys.argv[1:] if argv is None else argv)
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ImportError, ValueError) as err:
         if argv is not None:  # called from Python: the caller gets the exception
             raise
         print(f"train.py: {err}", file=sys.stderr)
@@ -138,6 +166,7 @@ def _run(argv: list[str]) -> int:
         train_refs, val_refs = split_holdout(refs, cfg.data.val_holdout)
     tests = {Path(f).name: image_refs([str(Path(f) / "HR") if (Path(f) / "HR").is_dir() else f])
              for f in cfg.data.test}
+    distill_checks(cfg, int(os.environ.get("WORLD_SIZE", "1")))
 
     # ------------------------------------------------------------------ setup: DDP, device, seed
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -188,6 +217,32 @@ def _run(argv: list[str]) -> int:
                 dist.barrier()
     torch.manual_seed(cfg.train.seed)  # same adapter init whether or not demo substitutes just trained
     base, teacher = dsclora.load_pair(weights["base"], weights.get("teacher"), scale)
+    upcycle = [upcycle_region(np.asarray(hr), cfg.data.upcycle_side) for hr in train_set.hr] \
+        if cfg.data.upcycle_share else None
+    targets, upcycle_targets, cache_info = None, None, {}
+    if cfg.teacher_cache.enabled:  # the teacher's SR of every whole input, once (every rank builds its share)
+        build_device = device if cfg.teacher_cache.build_device == "auto" and torch.cuda.is_available() else \
+            torch.device("cuda" if cfg.teacher_cache.build_device == "cuda" else "cpu")
+        caches = []
+        for kind, inputs in (("lr", [np.asarray(a) for a in train_set.lr]), ("upcycle", upcycle)):
+            if inputs is None:
+                continue
+            tc = TeacherCache(cfg.teacher_cache.dir or Path(cache) / "teacher", CacheSpec(
+                teacher=weights_digest(teacher), architecture=_architecture(teacher), compute=cfg.teacher_cache.compute,
+                dtype=cfg.teacher_cache.dtype, tile=cfg.teacher_cache.tile, pad=cfg.teacher_cache.pad, scale=scale,
+                downscaler="matlab_bicubic_uint8" if kind == "lr" else "none", lr_mode=cfg.data.lr_mode, kind=kind))
+            built = tc.build(teacher, inputs, device=build_device, rank=rank, world=world,
+                             progress=cfg.train.progress and main_proc, desc=f"teacher cache ({kind})")
+            if world > 1:
+                dist.barrier()
+            say(f"teacher cache ({kind}): {len(inputs)} entries in {tc.root} ({built} built here on {build_device})")
+            caches.append((kind, tc, inputs))
+            cache_info[kind] = {"folder": str(tc.root), "spec": tc.spec.digest()}
+        for kind, tc, inputs in caches:
+            if kind == "lr":
+                targets = tc.read(inputs)
+            else:
+                upcycle_targets = tc.read(inputs)
     student = dsclora.build_student(base, lora).to(device)
     base, teacher = base.to(device).requires_grad_(False), teacher.to(device).requires_grad_(False)
     if device.type == "cuda" and cfg.train.channels_last:
@@ -203,13 +258,16 @@ def _run(argv: list[str]) -> int:
     model = DistributedDataParallel(student, broadcast_buffers=False) if world > 1 else student
 
     # ------------------------------------------------------------------ loss (dsclora.py)
-    step0 = PatchDataset(train_set, cfg.data.patch, cfg.train.seed)  # step 0's global batch, the same on every rank
+    dataset = PatchDataset(train_set, cfg.data.patch, cfg.train.seed, augment=cfg.data.augment, targets=targets,
+                           upcycle=upcycle, upcycle_targets=upcycle_targets, share=cfg.data.upcycle_share,
+                           batch=cfg.data.batch, invert=cfg.data.invert)
+    step0 = dataset  # step 0's global batch, the same on every rank
     tap_weights, w_aff, start_aff = dsclora.affinity_tap_weights(
         base, teacher, cfg.loss, to_float(torch.stack([step0[i][0] for i in range(cfg.data.batch)]), device))
     if start_aff:
         say("affinity per tap at the start (base vs teacher): "
             + ", ".join(f"{k} {v:.3g}" for k, v in start_aff.items()))
-    distiller = dsclora.make_loss(model, teacher, cfg.loss, tap_weights, w_aff)
+    distiller = dsclora.make_loss(model, teacher, cfg.loss, tap_weights, w_aff, cached=cfg.teacher_cache.enabled)
     forward = torch.compile(distiller.__call__) if cfg.train.compile else distiller
     in_use = [k for k, w in (("rec", cfg.loss.w_rec), ("out", cfg.loss.w_out), ("aff", w_aff)) if w]
 
@@ -231,7 +289,8 @@ def _run(argv: list[str]) -> int:
         (run / "config.yaml").write_text(dump_yaml(cfg.to_dict()))
         ckpt.write_json(run / "provenance.json", ckpt.provenance(
             seed=cfg.train.seed, data={"train": train_set.refs, "val": val_refs}, weights=weights,
-            extra={"args": argv, "world_size": world, "device": str(device), "resumed_from_step": start}))
+            extra={"args": argv, "world_size": world, "device": str(device), "resumed_from_step": start,
+                   "teacher_cache": cache_info}))
     log = report.MetricsLog(run / "metrics.jsonl", truncate_after=start if resume else -1, enabled=main_proc)
 
     def checkpoint(step: int) -> None:
@@ -253,7 +312,7 @@ def _run(argv: list[str]) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):  # finish the step, checkpoint, exit (main() restores them)
         signal.signal(sig, lambda signum, frame: stop.update(signal=signum))
     loader = torch.utils.data.DataLoader(
-        PatchDataset(train_set, cfg.data.patch, cfg.train.seed),
+        dataset,
         batch_sampler=rank_batches(start, cfg.train.steps, cfg.data.batch, rank, world),
         num_workers=cfg.data.workers, pin_memory=device.type == "cuda",
         persistent_workers=False, prefetch_factor=4 if cfg.data.workers else None)
@@ -261,12 +320,14 @@ def _run(argv: list[str]) -> int:
     bar = report.Progress(start, cfg.train.steps, enabled=main_proc, bar=cfg.train.progress)
     sums, count, t_log = torch.zeros(4, device=device), 0, time.time()  # loss, rec, out, aff since the last log
     t_start, step, exit_code, timeout = time.time(), start, 0, False
-    for step, (lr, hr) in enumerate(loader, start + 1):  # `step` counts completed steps
-        lr, hr = to_float(lr, device), to_float(hr, device)
+    for step, batch in enumerate(loader, start + 1):  # `step` counts completed steps
+        lr, hr = to_float(batch[0], device), to_float(batch[1], device)
+        target = to_float(batch[2], device) if len(batch) > 2 and batch[2].numel() else None
+        real = batch[3].to(device) if len(batch) > 3 and not bool(batch[3].all()) else None
         if device.type == "cuda" and cfg.train.channels_last:
             lr = lr.contiguous(memory_format=torch.channels_last)
         with autocast:
-            loss, parts, _ = forward(lr, hr, step=step - 1)
+            loss, parts, _ = forward(lr, hr, step=step - 1, target=target, real=real)
         opt.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages the gradients over ranks here
         if cfg.train.clip:
