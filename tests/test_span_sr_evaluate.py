@@ -112,3 +112,12 @@ def test_dataset_dirs_errors(tmp_path):
         dataset_dirs([tmp_path / "missing"])
     _tiny_dataset(tmp_path / "a", n=1)
     assert dataset_dirs([tmp_path]) == [tmp_path / "a"]
+
+
+def test_missing_weights_or_data_is_one_line(tmp_path):
+    torch.save(SPAN(feature_channels=4).state_dict(), tmp_path / "w.pth")
+    _tiny_dataset(tmp_path / "toy", n=1)
+    with pytest.raises(SystemExit, match=r"^evaluate.py: weights file .*missing.pth.* docs/data.md"):
+        main(["--weights", str(tmp_path / "missing.pth"), "--data", str(tmp_path / "toy")])
+    with pytest.raises(SystemExit, match=r"^evaluate.py: data folder .*nowhere.*does not exist.*docs/data.md"):
+        main(["--weights", str(tmp_path / "w.pth"), "--data", str(tmp_path / "nowhere")])

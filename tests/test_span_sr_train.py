@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -120,19 +121,31 @@ def test_resume_is_exact(reference: Path, tiny: dict[str, Path], tmp_path: Path)
         assert torch.equal(ref[key], got[key]), key
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def test_two_process_ddp_equals_one_process(reference: Path, tiny: dict[str, Path], tmp_path: Path) -> None:
+    """Two gloo ranks, started as torchrun would start them; each rank's own exit status must be 0."""
     run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "examples/span_sr/train.py"), *_args(tiny, run)]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # torchrun and its workers: leave no orphans
-        output, _ = proc.communicate()
-    assert proc.returncode == 0, output[-4000:]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    cmd = [sys.executable, str(REPO / "examples/span_sr/train.py"), *_args(tiny, run)]
+    ranks = [subprocess.Popen(cmd, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for r in range(2)]
+    outputs = []
+    for proc in ranks:
+        try:
+            outputs.append(proc.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for p in ranks:
+                os.killpg(p.pid, signal.SIGKILL)  # leave no orphans
+            outputs.append(proc.communicate()[0])
+    for rank, (proc, output) in enumerate(zip(ranks, outputs)):
+        assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{output[-4000:]}"
     ref, got = _adapter(reference), _adapter(run)
     # Float tolerance: each rank sums its half batch in another order; Adam divides by sqrt(v), so an
     # element whose gradient is tiny can move by up to ~lr differently. Nearly all elements agree to 1e-6.
@@ -245,3 +258,32 @@ def test_fresh_run_over_an_earlier_one_starts_a_new_log(reference: Path, tiny: d
     assert "already holds a run" in capsys.readouterr().out
     assert steps() == first  # the log is replaced, not appended to (no second step-0 record)
     assert _losses(run) == _losses(reference)
+
+
+def test_missing_inputs_stop_the_script_with_one_line_and_no_run_folder(tiny: dict[str, Path], tmp_path: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    script = str(REPO / "examples/span_sr/train.py")
+    cases = {
+        "weights": ["--config", str(REPO / "examples/span_sr/configs/dsclora_x4.yaml"), "--out", str(tmp_path / "w"),
+                    "--model.weights_dir", str(tmp_path / "no_weights")],
+        "data": [*_args(tiny, tmp_path / "d"), "--data.train", str(tmp_path / "no_data")],
+    }
+    for name, argv in cases.items():
+        proc = subprocess.run([sys.executable, script, *argv], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=300)
+        assert proc.returncode == 2, (name, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("train.py: ") and "docs/data.md" in lines[0], (name, lines)
+    assert not (tmp_path / "w").exists() and not (tmp_path / "d").exists()
+
+
+def test_a_run_folder_of_the_older_layout_is_refused(tiny: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "config.yaml").write_text("out: old\nmodel: {lora: dsclora}\n")
+    torch.save({"step": 3, "params": {}, "optimizer": {}, "scheduler": {}, "rng": {}, "ema": None,
+                "best": {"psnr": 0.0, "step": 0, "params": None}}, run / "checkpoint.pt")
+    before = sorted(p.name for p in run.iterdir())
+    with pytest.raises(ValueError, match="older layout of examples/span_sr"):
+        train.main(["--resume", str(run)])
+    assert sorted(p.name for p in run.iterdir()) == before

@@ -186,3 +186,19 @@ def test_onnx_without_onnx_installed_is_one_line(tmp_path, monkeypatch):
                                          r'pip install -e "\.\[onnx\]"'):
         main(["--weights", str(tmp_path / "absent.pth"), "--onnx", str(tmp_path / "m.onnx")])
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_missing_weights_or_input_is_one_line(tmp_path):
+    torch.save(SPAN(feature_channels=4).state_dict(), tmp_path / "w.pth")
+    with pytest.raises(SystemExit, match=r"^upscale.py: weights file .*missing.pth.* docs/data.md"):
+        main(["--weights", str(tmp_path / "missing.pth"), "--input", str(tmp_path / "w.pth"), "--output", "o"])
+    with pytest.raises(SystemExit, match=r"^upscale.py: input image .*nowhere.png.* does not exist"):
+        main(["--weights", str(tmp_path / "w.pth"), "--input", str(tmp_path / "nowhere.png"), "--output", "o"])
+    assert not (tmp_path / "o").exists()
+
+
+def test_help_is_short_and_names_both_weight_formats(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert ".pth or .safetensors" in text and len(text.splitlines()) < 40
