@@ -287,3 +287,13 @@ def test_a_run_folder_of_the_older_layout_is_refused(tiny: dict[str, Path], tmp_
     with pytest.raises(ValueError, match="older layout of examples/span_sr"):
         train.main(["--resume", str(run)])
     assert sorted(p.name for p in run.iterdir()) == before
+
+
+def test_full_finetune_baseline_trains_every_parameter(tiny: dict[str, Path], tmp_path: Path) -> None:
+    run = tmp_path / "full"
+    assert train.main(_args(tiny, run, "--model.full_finetune", "true", "--train.steps", "2")) == 0
+    assert not (run / "adapter.safetensors").exists()
+    merged, base = load_span(run / "merged.pth").state_dict(), load_span(tiny["base"]).state_dict()
+    assert merged.keys() == base.keys()
+    changed = [k for k in base if not torch.equal(merged[k], base[k])]
+    assert "conv_1.eval_conv.weight" in changed and "conv_cat.weight" in changed  # not only the adapted convs

@@ -92,6 +92,8 @@ class ModelConfig:
     teacher: str = "span_ch28"
     weights_dir: str = "../shared/data/weights"  # relative paths are relative to the repo root
     lora: str = "configs/dsclora_lora.yaml"
+    full_finetune: bool = False  # baseline: no adapters, every parameter of the student trains (`lora` unused);
+    # the run then writes no adapter.safetensors, only the merged (plain SPAN) weights
 
 
 @dataclass

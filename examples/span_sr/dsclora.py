@@ -1,4 +1,4 @@
-"""DSCLoRA, the method: a SPAN student with ConvLoRA adapters, distilled from a teacher SPAN.
+"""DSCLoRA, the method: a SPAN student with ConvLoRA adapters, distilled from a teacher (SPAN or any spandrel model).
 
 Chen et al., "DSCLoRA: distillation and ConvLoRA for efficient super-resolution" (NTIRE 2025
 ESR). Everything a reader changes to change the method is in this file:
@@ -7,11 +7,13 @@ ESR). Everything a reader changes to change the method is in this file:
   placed by a YAML file of ``convlora.LoRAConfig`` fields, ``configs/dsclora_lora.yaml`` by default
   (the authors' placement: every conv of the six SPABs at rank 2, ``conv_2`` and the pixel-shuffle
   conv at rank 8); only the adapters train;
-* the teacher and base weights (:func:`resolve_weights`, :func:`load_pair`);
+* the teacher and base weights (:func:`resolve_weights`, :func:`load_pair`; a teacher of any
+  architecture comes from ``teacher.py``);
 * the taps (after each SPAB and ``conv_2``; a SPAB returns ``(out, out1)``, :func:`first_tensor`
   picks ``out``) and their normalisation (:func:`affinity_tap_weights`);
 * the loss (:func:`make_loss`): ``w_rec * L1(SR, HR) + w_out * L1(SR, SR_teacher) + w_aff * mean
-  over taps of the spatial-affinity loss``, a ``convlora.distill.Distiller``;
+  over taps of the spatial-affinity loss``, a ``convlora.distill.Distiller`` with a live teacher,
+  or two L1 terms on cached teacher outputs (``teacher_cache.py``); :class:`DSCLoRALoss`;
 * deployment (:func:`deploy`, :func:`load_deployed`): adapters merged and unloaded, which gives
   back a plain SPAN with the official keys, parameter count and FLOPs.
 
@@ -94,8 +96,10 @@ def load_lora_config(src: str | Path | Mapping[str, Any] = DSCLORA_YAML) -> conv
     return convlora.LoRAConfig(**data)
 
 
-def build_student(base: SPAN, lora: convlora.LoRAConfig | str | Path | Mapping[str, Any] = DSCLORA_YAML) -> SPAN:
+def build_student(base: SPAN, lora: convlora.LoRAConfig | str | Path | Mapping[str, Any] | None = DSCLORA_YAML) -> SPAN:
     """A copy of ``base`` with adapters placed by ``lora``; only the adapters are trainable.
+
+    ``lora=None`` is the full fine-tuning baseline: no adapters, every parameter trainable.
 
     Raises:
         ValueError: ``base`` is not a deploy-form SPAN (the adapters go on ``eval_conv``).
@@ -103,6 +107,8 @@ def build_student(base: SPAN, lora: convlora.LoRAConfig | str | Path | Mapping[s
     if not isinstance(base, SPAN) or base.form != "deploy":
         raise ValueError(f"the DSCLoRA student needs a deploy-form SPAN, got {type(base).__name__} "
                          f"(form={getattr(base, 'form', None)!r}); call model.reparameterize() first.")
+    if lora is None:
+        return copy.deepcopy(base).requires_grad_(True)
     config = lora if isinstance(lora, convlora.LoRAConfig) else load_lora_config(lora)
     student = copy.deepcopy(base)
     convlora.inject(student, config)

@@ -141,7 +141,7 @@ def _run(argv: list[str]) -> int:
     if resume:
         cfg.out = resume
     run, scale = Path(cfg.out), cfg.data.scale
-    lora = dsclora.load_lora_config(cfg.model.lora)
+    lora = None if cfg.model.full_finetune else dsclora.load_lora_config(cfg.model.lora)
     weights: dict[str, str] = {}  # role -> file
     substitutes = []  # roles left empty in the demo: trained below, once the run folder exists
     for role in ("teacher", "base"):
@@ -249,7 +249,8 @@ def _run(argv: list[str]) -> int:
         student.to(memory_format=torch.channels_last)  # in place (Module.to returns self)
         teacher.to(memory_format=torch.channels_last)
     params = [p for p in student.parameters() if p.requires_grad]
-    say(f"student: {sum(p.numel() for p in params):,} trainable adapter parameters; teacher "
+    say(f"student: {sum(p.numel() for p in params):,} trainable {'adapter ' if lora is not None else ''}parameters"
+        f"{' (full fine-tuning)' if lora is None else ''}; teacher "
         f"{weights.get('teacher', 'base')}; base {weights['base']}")
     # EMA of the weights (validation and export use it); the first update copies the start weights
     ema = AveragedModel(student, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema)) if cfg.train.ema else None
@@ -394,8 +395,9 @@ def _run(argv: list[str]) -> int:
             final = student
             say(f"using the best validation adapter: step {best['step']}, {best['psnr']:.3f} dB")
         final = final.to(memory_format=torch.contiguous_format)
-        convlora.save_adapter(final, run / "adapter.safetensors",
-                              metadata={"best_step": best["step"], "config": cfg.to_dict()})
+        if lora is not None:  # full fine-tuning has no adapter: merged.* are its weights
+            convlora.save_adapter(final, run / "adapter.safetensors",
+                                  metadata={"best_step": best["step"], "config": cfg.to_dict()})
         merged = dsclora.deploy(final)
         for name in ("merged.safetensors", "merged.pth"):  # plain SPAN, official keys (atomic writes)
             convlora.save_state_dict(merged.state_dict(), run / name)
