@@ -543,6 +543,9 @@ def save_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], *, name:
         spec.update(rank=lyr.rank[name], alpha=lyr.alpha[name], factorization=lyr.factorization[name],
                     dropout=lyr.dropout[name], method=lyr.method[name], rslora=lyr.rslora[name])
         specs[lname] = spec
+        err = _export_problem(lname, spec)
+        if err:
+            raise err
     modules = dict(model.named_modules())
     extra: dict[str, Tensor] = {}
     for m in modules_to_save or []:

@@ -333,3 +333,33 @@ def test_new_layers_keep_mode_and_only_factors_train(method: str) -> None:
     assert trainable == {f"{i}.{f}.default" for i in (0, 1) for f in model[i].factors("default")}
     summary = convlora.summary(model)
     assert method in summary
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_a_fresh_adapter_changes_nothing_every_method_every_dtype(method: str, dtype: torch.dtype) -> None:
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                          nn.ConvTranspose2d(6, 4, 2, stride=2)).to(dtype)
+    x = torch.randn(1, 4, 5, 5).to(dtype)
+    y0 = model(x)
+    weights = [p.detach().clone() for p in model.parameters()]
+    convlora.inject(model, rank=2, method=method)
+    convlora.verify(model, x)
+    if method == "dora" and dtype in (torch.float16, torch.bfloat16):
+        # m = ||W|| is stored in the weight's dtype: m / ||W|| is 1 within its rounding
+        tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+        torch.testing.assert_close(model(x), y0, atol=tol, rtol=tol)
+        return
+    assert torch.equal(model(x), y0)
+    convlora.unload(model)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
+
+
+@pytest.mark.parametrize("method,rslora", [("dora", False), ("loha", False), ("lokr", False), ("lora", True)])
+def test_peft_export_refuses_what_it_cannot_write(method: str, rslora: bool, tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    convlora.inject(model, rank=2, method=method, rslora=rslora)
+    with pytest.raises(UnsupportedLayerError, match="layer '0' uses .*PEFT export writes plain LoRA"):
+        convlora.save_peft_adapter(model, tmp_path / "peft")
+    assert not (tmp_path / "peft").exists()
