@@ -61,7 +61,7 @@ TRAIN = SHARED / "train" / "sr"
 
 def _spec(teacher: torch.nn.Module, kind: str) -> CacheSpec:
     return CacheSpec(teacher=weights_digest(teacher), architecture=type(teacher).__name__, compute="float32",
-                     dtype="float16", tile=0, pad=0, scale=4, downscaler="matlab_bicubic_uint8" if kind == "lr" else "none",
+                     dtype="float32", tile=0, pad=0, scale=4, downscaler="matlab_bicubic_uint8" if kind == "lr" else "none",
                      lr_mode="cache", kind=kind)
 
 
@@ -137,6 +137,26 @@ def _step_rows(name: str, teacher: torch.nn.Module, base: SPAN, images: ImageSet
     return rows
 
 
+def _precision_row(name: str, base: SPAN, images: ImageSet, half: list[np.ndarray], exact: list[np.ndarray],
+                   args: argparse.Namespace) -> list[str]:
+    """How far float16 entries are from float32 ones, and what that does to the out-term and its gradient."""
+    err = np.concatenate([(h.astype(np.float32) - e).ravel() for h, e in zip(half, exact)])
+    student = dsclora.build_student(base)
+    result = []
+    for targets in (half, exact):
+        ds = PatchDataset(images, args.patch, 0, targets=targets)
+        items = [ds[k] for k in range(args.batch)]
+        lr, target = torch.stack([it[0] for it in items]), torch.stack([it[2] for it in items])
+        student.zero_grad()
+        loss = F.l1_loss(student(lr.float() / 255), target)
+        loss.backward()
+        grad = torch.cat([p.grad.ravel() for p in student.parameters() if p.grad is not None])
+        result.append((loss.item(), grad))
+    (l16, g16), (l32, g32) = result
+    return [name, f"{np.abs(err).max():.2g}", f"{np.abs(err).mean():.2g}", f"{err.mean():.1g}",
+            f"{abs(l16 - l32) / l32:.1g}", f"{F.cosine_similarity(g16, g32, dim=0).item():.6f}"]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap, repeats=20, warmup=2)
@@ -170,7 +190,7 @@ def main() -> int:
 
     base = load_span(WEIGHTS / "span_tiny_ch26.pth") if not args.quick and (WEIGHTS / "span_tiny_ch26.pth").is_file() \
         else SPAN(feature_channels=8)
-    rows, build_rows = [], []
+    rows, build_rows, precision_rows = [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name, teacher in _teachers(args.quick).items():
             cache = TeacherCache(tmp, _spec(teacher, "lr"))
@@ -185,12 +205,19 @@ def main() -> int:
                                f"{t_lr / sample_lr * all_lr / 60:.1f} min",
                                f"{t_up / region_px * all_regions / 60:.1f} min"])
 
-            rows += _step_rows(name, teacher, base, images, cache.read(lrs), args, device)
+            exact = [np.asarray(a) for a in cache.read(lrs)]
+            half = [a.astype(np.float16) for a in exact]  # what a float16 cache stores (the same forward, rounded)
+            rows += _step_rows(name, teacher, base, images, half, args, device)
+            precision_rows.append(_precision_row(name, base, images, half, exact, args))
             teacher.cpu()
     print(f"## one optimizer step, batch {args.batch} x {args.patch}x{args.patch} LR, {args.repeats} interleaved rounds"
           "\n(median [q1, q3]; ratio per round against plain L1)\n")
     print(markdown_table(["teacher", "step", "time (ms)", "ratio vs plain L1"], rows))
-    print(f"\n## cache build on {device} (float32 forward, float16 stored)\n")
+    print(f"\n## float16 against float32 cache entries ({len(sample)} images; batch {args.batch} x {args.patch}x{args.patch}"
+          " for the loss and its gradient on the adapters)\n")
+    print(markdown_table(["teacher", "max abs error", "mean abs error", "mean signed error", "L1(SR, T) rel. diff",
+                          "gradient cosine"], precision_rows))
+    print(f"\n## cache build on {device} (float32 forward)\n")
     print(markdown_table(["teacher", f"{len(sample)} images (measured)", "per M LR pixels",
                           f"all {len(refs)} images (extrapolated)",
                           f"upcycle regions {args.upcycle_side}px, all images (extrapolated)"], build_rows))

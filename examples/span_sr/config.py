@@ -121,7 +121,7 @@ class TeacherCacheConfig:
     """
 
     enabled: bool = False
-    dtype: str = "float16"  # stored precision: "float16" (error <= 2.4e-4, 1/16 of a uint8 level) or "float32"
+    dtype: str = "float16"  # stored precision: "float16" (error <= 2.4e-4 below 1: 1/16 of a uint8 level) or "float32"
     compute: str = "float32"  # the teacher's forward dtype ("bfloat16"/"float16" on CUDA only)
     tile: int = 0  # LR tile side of the teacher's forward (0 = whole image); part of the key
     pad: int = 21  # tile margin in LR pixels (SPAN's receptive-field radius); part of the key
