@@ -287,3 +287,15 @@ def test_bad_settings_are_refused_before_the_run_folder(photos: dict[str, Path],
     with pytest.raises(ValueError, match=match):
         train.main(_args(photos, run, *extra))
     assert not run.exists()
+
+
+def test_upcycled_rows_must_split_evenly_over_the_ranks() -> None:
+    from examples.span_sr.config import load_config
+
+    cfg = load_config(None, {"data.batch": "8", "data.upcycle_share": "0.375"})  # 3 rows of 8
+    train.distill_checks(cfg, 1)
+    with pytest.raises(ValueError, match="not divisible by 2 processes"):
+        train.distill_checks(cfg, 2)
+    cfg.data.upcycle_share = 0.25  # 2 rows: one per rank
+    train.distill_checks(cfg, 2)
+    assert [sum(upcycled_rows(8, 0.25)[r * 4:(r + 1) * 4]) for r in range(2)] == [1, 1]
