@@ -150,16 +150,35 @@ def test_forward_rejects_a_bad_shape() -> None:
         fast(torch.rand(3, 8, 8))
 
 
-def test_no_cxx_compiler_falls_back_with_one_line(monkeypatch: pytest.MonkeyPatch,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_auto_on_cpu_is_onnxruntime_and_matches_eager() -> None:
+    pytest.importorskip("onnxruntime")
+    m = _model(8)
+    fast = fast_span(m)
+    assert fast.backend == "onnxruntime"
+    for shape in [(1, 3, 12, 10), (2, 3, 7, 9)]:  # dynamic axes: any batch and size
+        x = torch.rand(*shape)
+        with torch.no_grad():
+            ref = m(x)
+        assert float((fast(x) - ref).abs().max()) <= 1e-5 * max(1.0, float(ref.abs().max()))
+
+
+def test_without_onnxruntime_or_cxx_falls_back_with_one_line(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a))
     monkeypatch.setattr(fast_mod, "_has_cxx", lambda: False)
     m = _model(8)
     fast = fast_span(m)
     out = capsys.readouterr().out
-    assert fast.backend == "eager" and out.count("\n") == 1 and "no C++ compiler" in out
+    assert fast.backend == "eager" and out.count("\n") == 1 and "C++ compiler" in out
     x = torch.rand(1, 3, 5, 6)
     with torch.no_grad():
         assert torch.equal(fast(x), m(x))
+    with pytest.raises(ValueError, match="needs a C\\+\\+ compiler"):
+        fast_span(m, backend="inductor")
 
 
 def test_the_model_is_not_modified() -> None:
@@ -172,7 +191,7 @@ def test_the_model_is_not_modified() -> None:
 @pytest.mark.slow
 def test_inductor_matches_eager_for_new_shapes() -> None:
     m = _model(8)
-    fast = fast_span(m)
+    fast = fast_span(m, backend="inductor")
     assert fast.backend == "inductor"
     for shape in [(1, 3, 12, 10), (2, 3, 7, 9)]:  # a second shape recompiles (dynamic)
         x = torch.rand(*shape)
@@ -187,7 +206,7 @@ def test_inductor_tiles_agree_with_the_whole_image() -> None:
 
     m = _model(8)
     x = torch.rand(1, 3, 60, 12)
-    fast = fast_span(m)
+    fast = fast_span(m, backend="inductor")
     full = fast(x)
     tiled = upscale_tensor(fast, x, tile=16, pad=SPAN_RF_RADIUS)
     assert float((tiled - full).abs().max()) <= 1e-5 * max(1.0, float(full.abs().max()))

@@ -1,23 +1,29 @@
 """The fast SPAN deploy forward behind one call, [`fast_span`][examples.span_sr.fast.fast_span].
 
     from examples.span_sr.fast import fast_span
-    fast = fast_span(load_span("span_tiny_ch26.pth"))   # CPU: torch.compile (inductor)
+    fast = fast_span(load_span("span_tiny_ch26.pth"))   # CPU: ONNX Runtime
     sr = fast(lr)                                        # same output as the eager forward
 
-Backends (``backend="auto"`` picks ``"inductor"`` on CPU and ``"eager"`` elsewhere):
+Backends. ``backend="auto"`` picks, on CPU, ``"onnxruntime"`` when it is installed (the ``[onnx]``
+extra), else ``"inductor"`` when a C++ compiler is found, else ``"eager"`` (printing one line);
+on other devices ``"eager"``. The CPU order was chosen by measurement
+(``benchmarks/bench_span_fast.py``, docs/span_sr.md): both are 1.3x to 2.3x faster than the
+eager forward at one thread, ONNX Runtime much more so with two threads on a loaded machine,
+and it costs a few seconds once instead of a compile of half a minute per new input shape.
 
-* ``"triton"`` (CUDA, opt-in: not yet timed on a GPU, so not a default): the fused kernels of [`fast_kernels`][examples.span_sr.fast_kernels], one
-  launch per conv with its epilogue (bias, SiLU, the SPAB gate and residual, the concat feeding
-  ``conv_cat``, the pixel shuffle) fused in, NHWC activations with channels padded to 32.
-  On CPU it runs only under Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
+* ``"onnxruntime"`` (CPU): ONNX Runtime (CPU provider, all graph optimisations) on the model
+  exported in memory; batch, height and width are dynamic, so no per-shape cost. The session
+  uses ``torch.get_num_threads()`` threads.
 * ``"inductor"`` (CPU): ``torch.compile`` with inductor's freezing (weights constant-folded and
-  prepacked for oneDNN, the element-wise tails fused into the convs as post-ops). It needs a
-  C++ compiler; without one, or when compiling fails, it falls back to ``"eager"`` and prints
-  one line saying so. The first call for a new input shape compiles (seconds); later calls
-  are fast. This backend was chosen by measurement (``benchmarks/bench_span_fast.py``).
-* ``"onnxruntime"`` (CPU; needs the ``[onnx]`` extra): ONNX Runtime on the model exported in
-  memory (dynamic batch and size: no per-shape cost; the session uses ``torch.get_num_threads()``
-  threads).
+  prepacked for oneDNN, the element-wise tails fused into the convs). It needs a C++ compiler;
+  without one it is not picked, and when compiling fails it falls back to the eager forward,
+  printing one line. The first call for each new input shape compiles (tens of seconds on a
+  loaded 2-core machine); later calls are fast.
+* ``"triton"`` (CUDA; opt-in, not a default until it is timed on a GPU): the fused kernels of
+  [`fast_kernels`][examples.span_sr.fast_kernels], one launch per conv with its epilogue (bias,
+  SiLU, the SPAB gate and residual, the concat feeding ``conv_cat``, the pixel shuffle) fused in,
+  NHWC activations with channels padded to a power of two (26 -> 32). On CPU it runs only under
+  Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
 * ``"eager"``: the deploy model's own forward (the fallback; no speed-up).
 
 Output bound: for every dtype offered (see ``OFFERED_DTYPES``) the ``uint8`` outputs differ
@@ -98,7 +104,17 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend != "auto":
         return backend
     # CUDA: "triton" stays opt-in until its GPU figure is measured (the GPU-schedule issue)
-    return "inductor" if device.type == "cpu" else "eager"
+    if device.type != "cpu":
+        return "eager"
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is not None:
+        return "onnxruntime"
+    if _has_cxx():
+        return "inductor"
+    print("fast_span: neither onnxruntime nor a C++ compiler (for torch.compile) is available; "
+          "using the eager forward.")
+    return "eager"
 
 
 def _pad(c: int) -> int:
@@ -285,7 +301,8 @@ def fast_span(model: nn.Module, dtype: torch.dtype = torch.float32, backend: Bac
             train-form convs fused (``model.reparameterize()``). It is not modified.
         dtype: Compute dtype; one of ``OFFERED_DTYPES[backend]`` (float32 only: float16 and
             bfloat16 exceed the output bound).
-        backend: ``"auto"`` (inductor on CPU, eager elsewhere), or one by name.
+        backend: ``"auto"`` (on CPU onnxruntime, else inductor, else eager; eager elsewhere),
+            or one by name.
         block_m: Pixels per program of the triton kernels.
 
     Returns:
@@ -311,8 +328,8 @@ def fast_span(model: nn.Module, dtype: torch.dtype = torch.float32, backend: Bac
                              "backend='inductor', or set TRITON_INTERPRET=1 before importing triton (tests).")
         return FastSPAN(spanm, _TritonSPAN(spanm, dtype, block_m), name, dtype, block_m)
     if name == "inductor" and not _has_cxx():
-        print("fast_span: no C++ compiler found (set CXX or install g++); using the eager forward.")
-        name = "eager"
+        raise ValueError("backend='inductor' needs a C++ compiler (set CXX or install g++); use "
+                         "backend='auto' or 'onnxruntime'.")
     if name == "inductor":
         return FastSPAN(spanm, _Inductor(spanm), name, dtype)
     if name == "onnxruntime":
