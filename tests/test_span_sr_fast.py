@@ -210,3 +210,55 @@ def test_inductor_tiles_agree_with_the_whole_image() -> None:
     full = fast(x)
     tiled = upscale_tensor(fast, x, tile=16, pad=SPAN_RF_RADIUS)
     assert float((tiled - full).abs().max()) <= 1e-5 * max(1.0, float(full.abs().max()))
+
+
+# ------------------------------------------------------------------ the --fast flag of the CLIs
+def _lr_crop(shared_data, tmp_path):
+    from examples.span_sr.images import read_image, write_image
+
+    img = read_image(shared_data / "sr_bench" / "Set5" / "LR_bicubic" / "X4" / "butterflyx4.png")
+    src = tmp_path / "in" / "crop.png"
+    write_image(src, img[:40, :36].copy())
+    return src
+
+
+def test_upscale_fast_and_tile_keep_the_output(shared_data, tmp_path) -> None:
+    """``--fast`` (also with ``--tile``) writes the eager output to within one level, on a
+    released checkpoint and a real image; ``--fast --half`` is refused."""
+    import numpy as np
+
+    from examples.span_sr.images import read_image
+    from examples.span_sr.upscale import main
+
+    weights = str(shared_data / "weights" / "dsclora_ch26.pth")
+    src = _lr_crop(shared_data, tmp_path)
+    outs = {}
+    for name, extra in {"eager": [], "fast": ["--fast"], "fast_tiled": ["--fast", "--tile", "16"]}.items():
+        assert main(["--weights", weights, "--input", str(src), "--output", str(tmp_path / name),
+                     *extra]) == 0
+        outs[name] = read_image(tmp_path / name / "crop.png").astype(np.int16)
+    for name in ("fast", "fast_tiled"):
+        diff = np.abs(outs[name] - outs["eager"])
+        assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    with pytest.raises(SystemExit):
+        main(["--weights", weights, "--input", str(src), "--output", str(tmp_path / "h"),
+              "--fast", "--half"])
+
+
+def test_evaluate_and_efficiency_fast(shared_data, tmp_path, capsys) -> None:
+    import json
+
+    from examples.span_sr.efficiency import main as efficiency
+    from examples.span_sr.evaluate import main as evaluate
+
+    weights = str(shared_data / "weights" / "dsclora_ch26.pth")
+    data = shared_data / "sr_bench" / "Set5"
+    psnr = {}
+    for name, extra in {"eager": [], "fast": ["--fast"]}.items():
+        out = tmp_path / f"{name}.json"
+        assert evaluate(["--weights", weights, "--data", str(data), "--json", str(out), *extra]) == 0
+        psnr[name] = json.loads(out.read_text())["sets"]["Set5"]["mean"]["psnr_y"]
+    assert abs(psnr["fast"] - psnr["eager"]) <= 0.01
+    assert efficiency(["--weights", weights, "--runtime-size", "16", "16", "--runtime-count", "1",
+                       "--fast"]) == 0
+    assert "--fast: onnxruntime" in capsys.readouterr().out

@@ -10,7 +10,8 @@ Conventions (the NTIRE ESR challenge's):
 * Activations: number of elements of all conv outputs at that input.
 * Runtime: batch 1, fp32, averaged over images (``--runtime-data``, else random LR images of
   ``--runtime-size``); on CUDA timed with CUDA events around the forward, after warm-up; on CPU
-  with ``time.perf_counter``. ``--variants`` adds fp16 and channels_last runs on CUDA.
+  with ``time.perf_counter``. ``--variants`` adds fp16 and channels_last runs on CUDA; ``--fast``
+  adds the fast path of :mod:`examples.span_sr.fast` (float32).
 * Peak memory: ``torch.cuda.max_memory_allocated`` during the forward (CUDA only).
 
 A DSCLoRA student gives identical figures after ``convlora.unload(merge=True)``: merging adds
@@ -37,6 +38,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from examples.span_sr.dsclora import load_deployed
+from examples.span_sr.fast import fast_span
 
 __all__ = ["complexity", "count_convs", "count_params", "main", "measure_runtime", "runtime_inputs"]
 
@@ -147,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-runtime", action="store_true")
     ap.add_argument("--variants", action="store_true", help="also fp16 and channels_last (CUDA)")
+    ap.add_argument("--fast", action="store_true",
+                    help="also time the fast path (fast.py; float32), after the eager runs")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
@@ -173,6 +177,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             mem = f", peak {r['peak_mem_mb']:.1f} MB" if r["peak_mem_mb"] is not None else ""
             print(f"runtime     {r['mean_ms']:.2f} ms mean ({r['dtype']}, channels_last="
                   f"{r['channels_last']}, n={r['n']}{mem})")
+        if args.fast:
+            fast = fast_span(model)
+            r = {**measure_runtime(fast, inputs, repeats=args.repeats), "fast": fast.backend}
+            report["runtime"].append(r)
+            print(f"runtime     {r['mean_ms']:.2f} ms mean (--fast: {fast.backend}, {r['dtype']}, "
+                  f"n={r['n']}; warm-up calls excluded)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2))

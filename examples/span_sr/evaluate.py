@@ -32,6 +32,7 @@ from torch import nn
 
 from examples.span_sr.degrade import imresize_matlab, modcrop
 from examples.span_sr.dsclora import load_deployed
+from examples.span_sr.fast import fast_span
 from examples.span_sr.images import list_images, read_image
 from examples.span_sr.metrics import psnr_rgb, psnr_y, ssim_y
 from examples.span_sr.upscale import upscale_image
@@ -148,6 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--regenerate-lr", action="store_true", help="ignore LR_bicubic, make LR from HR")
     ap.add_argument("--tile", type=int, default=None, help="LR tile size (exact)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--fast", action="store_true", help="the fast path (fast.py); float32")
     ap.add_argument("--json", help="write per-image and mean results here")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     args = ap.parse_args(argv)
@@ -156,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         folders = dataset_dirs(args.data)
         model = load_deployed(args.weights, args.lora_adapter).to(args.device)
+        model = fast_span(model) if args.fast else model
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"evaluate.py: {err}") from None
     results: dict[str, dict[str, Any]] = {}
