@@ -11,7 +11,7 @@ Conventions (the NTIRE ESR challenge's):
 * Runtime: batch 1, fp32, averaged over images (``--runtime-data``, else random LR images of
   ``--runtime-size``); on CUDA timed with CUDA events around the forward, after warm-up; on CPU
   with ``time.perf_counter``. ``--variants`` adds fp16 and channels_last runs on CUDA; ``--fast``
-  adds the fast path of :mod:`examples.span_sr.fast` (float32).
+  adds the fast path of ``examples/span_sr/fast.py`` (float32).
 * Peak memory: ``torch.cuda.max_memory_allocated`` during the forward (CUDA only).
 
 A DSCLoRA student gives identical figures after ``convlora.unload(merge=True)``: merging adds

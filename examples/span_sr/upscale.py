@@ -14,7 +14,7 @@ differ by at most 1e-5, and the uint8 images by at most one level in at most 1 i
 (docs/span_sr.md, "What tiling guarantees", derives the radius and the bound). Memory is bounded
 by one tile plus the uint8 output. --onnx needs the [onnx] extra.
 
-``--fast`` runs the fast path of :mod:`examples.span_sr.fast` (on CPU ONNX Runtime, else
+``--fast`` runs the fast path of ``examples/span_sr/fast.py`` (on CPU ONNX Runtime, else
 torch.compile): float32, within one uint8 level of the eager forward; tiling works the same.
 """
 
