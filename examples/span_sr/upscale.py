@@ -5,7 +5,7 @@
     python examples/span_sr/upscale.py --weights W --input photo.png --output out/ --tile 128
     python examples/span_sr/upscale.py --weights W --onnx span.onnx   # checked with onnxruntime
     python examples/span_sr/upscale.py --weights W --export-spandrel W_spandrel.safetensors  # chaiNNer/ComfyUI
-    python examples/span_sr/upscale.py --weights W --input folder/ --output out/ --fast
+    python examples/span_sr/upscale.py --weights W --input folder/ --output out/ --fast  # fast.py
 
 Tiling: each tile is cut with a margin of the receptive-field radius (21 LR pixels for SPAN) and
 only its core is kept, so the tiled result is the untiled one up to float round-off (the CPU
@@ -13,9 +13,6 @@ libraries add the sums in another order for another tensor shape): in float32 on
 differ by at most 1e-5, and the uint8 images by at most one level in at most 1 in 10,000 values
 (docs/span_sr.md, "What tiling guarantees", derives the radius and the bound). Memory is bounded
 by one tile plus the uint8 output. --onnx needs the [onnx] extra.
-
-``--fast`` runs the fast path of ``examples/span_sr/fast.py`` (on CPU ONNX Runtime, else
-torch.compile): float32, within one uint8 level of the eager forward; tiling works the same.
 """
 
 from __future__ import annotations
@@ -158,8 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                     "round-off: at most one uint8 level, in at most 1 in 10,000 values")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--half", action="store_true", help="fp16 inference (CUDA)")
-    ap.add_argument("--fast", action="store_true",
-                    help="the fast path (fast.py): float32, within 1 uint8 level of eager")
+    ap.add_argument("--fast", action="store_true", help="fast path (fast.py; float32, <= 1 level)")
     ap.add_argument("--onnx", help="export the merged deploy model to this .onnx file")
     ap.add_argument("--export-spandrel", metavar="OUT", help="write the merged deploy model for spandrel "
                     "(chaiNNer, ComfyUI) to OUT: .safetensors, or .pth by suffix (docs/chainner_comfyui.md)")
