@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -57,7 +58,22 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_inputs(out: str, option: str, **inputs: str | None) -> None:
+    """Raise when ``out`` is one of the named inputs: the same path, a link to it or a hard link."""
+    dest = Path(out)
+    for name, src in inputs.items():
+        if src is None:
+            continue
+        same = dest.resolve() == Path(src).resolve()
+        if not same and dest.exists() and Path(src).exists():
+            same = os.path.samefile(dest, src)
+        if same:
+            raise ConvLoRAError(f"{option} {out} is the --{name} input; writing it would destroy that input. "
+                                "Choose another output.")
+
+
 def _merge(args: argparse.Namespace) -> int:
+    _refuse_inputs(args.out, "--out", adapter=args.adapter, base=args.base)
     base = load_state_dict(args.base, key=args.key)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -71,6 +87,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _convert(args: argparse.Namespace) -> int:
     if args.to == "peft":
+        _refuse_inputs(args.out, "--out", adapter=args.adapter)
         if args.base is not None or args.key is not None:
             raise ConvLoRAError("--to peft reads everything from the adapter file; drop --base/--key.")
         out = convlora_to_peft(args.adapter, args.out)
@@ -78,8 +95,7 @@ def _convert(args: argparse.Namespace) -> int:
         if args.base is None:
             raise ConvLoRAError("--to convlora needs --base: the base model's state dict (the adapter "
                                 "file records a fingerprint of the base weights it fits).")
-        if Path(args.out).resolve() == Path(args.base).resolve():
-            raise ConvLoRAError(f"--out {args.out} is the --base input; choose another output.")
+        _refuse_inputs(args.out, "--out", adapter=args.adapter, base=args.base)
         out = peft_to_convlora(args.adapter, load_state_dict(args.base, key=args.key), args.out,
                                name=args.name)
     print(f"wrote {out}")

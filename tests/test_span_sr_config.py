@@ -35,12 +35,16 @@ def test_dsclora_recipe_defaults() -> None:
 
 def test_overrides_typed_lists_aliases_and_none() -> None:
     path, resume, over = parse_args(["--config", "c.yaml", "--data.train", "a", "b", "--teacher", "X",
-                                     "--train.steps=100", "--train.lr", "-1e-4", "--train.compile",
+                                     "--train.steps=100", "--train.weight_decay", "-1e-4", "--train.compile",
                                      "--data.test", "none"])
     assert (path, resume) == ("c.yaml", None)
+    assert over["train.weight_decay"] == "-1e-4"  # a negative number is a value, not an option
+    with pytest.raises(ValueError, match="'train.weight_decay': '-1e-4' is out of range; give a finite number >= 0"):
+        load_config(None, over)
+    over["train.weight_decay"] = "1e-4"
     cfg = load_config(None, over)
     assert cfg.data.train == ["a", "b"] and cfg.model.teacher == "X"
-    assert cfg.train.steps == 100 and cfg.train.lr == -1e-4 and cfg.train.compile is True
+    assert cfg.train.steps == 100 and cfg.train.weight_decay == 1e-4 and cfg.train.compile is True
     assert cfg.data.test == []
     assert load_config(None, {"data.train": "only"}).data.train == ["only"]
 

@@ -15,11 +15,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
-from examples.span_sr.config import apply_overrides, split_options
+from examples.restoration.degrade import TASKS
+from examples.restoration.model import ARCHS, build_model
+from examples.span_sr.config import Range, Rule, apply_overrides, check_value, split_options
 
-__all__ = ["DEFAULTS", "REPO", "apply_options", "load_config", "missing_data", "resolve_path"]
+__all__ = ["DEFAULTS", "REPO", "SCHEMA", "apply_options", "check_config", "load_config", "missing_data",
+           "resolve_path"]
 
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
@@ -45,6 +49,69 @@ DEFAULTS: dict[str, Any] = {
 
 
 WHOLE = {"model"}  # sections a config replaces entirely
+
+_LR, _SEED = Range(0, 1, lo_open=True), Range(0, 2**63 - 1)
+SCHEMA: dict[str, tuple[Any, Rule | None]] = {
+    "seed": (int, _SEED), "out": (str, None), "threads": (int, Range(1, 1024)),
+    "device": (str, ("auto", "cpu", "cuda")),
+    "data.source": (str, ("sample", "folders")), "data.folders": (list[str], None),
+    "data.limit": (int | None, Range(1)), "data.kernels12": (str | None, None),
+    "data.synthetic_kernels": (int, Range(1, 100_000)),
+    "model.arch": (str, ARCHS), "model.channels": (int, Range(1, 512)), "model.depth": (int, Range(3, 100)),
+    "model.dilations": (list[int] | None, Range(1, 64)), "model.in_channels": (int, Range(1, 64)),
+    "train.patch": (int, Range(1, 4096)), "train.batch": (int, Range(1, 65536)), "train.loss": (str, ("l1", "l2")),
+    "train.blur_crop": (bool, None),
+    "base.task": (str, tuple(TASKS)), "base.steps": (int, Range(1)), "base.lr": (float, _LR),
+    "adapter.rank": (int, Range(1, 512)), "adapter.alpha": (float | None, Range(0, 1e6, lo_open=True)),
+    "adapter.lr": (float, _LR), "adapter.steps": (int, Range(1)),
+    "tasks": (list[str], tuple(TASKS)),
+    "finetune.enabled": (bool, None), "finetune.lr": (float, _LR),
+    "eval.source": (str, ("sample", "folder")), "eval.folder": (str | None, None),
+    "eval.count": (int | None, Range(1)), "eval.crop": (int | None, Range(8, 65536)),
+    "eval.levin": (str | None, None), "eval.seed": (int, _SEED),
+}
+"""Type and allowed values of every config key (dotted), checked by :func:`check_config`.
+``model.channels`` is a list of ints for ``SmallUNet``."""
+
+_ARCH_KEYS = {"ResidualCNN": ("arch", "channels", "depth", "dilations", "in_channels"),
+              "SmallUNet": ("arch", "channels", "in_channels")}
+
+
+def check_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Type every value of ``cfg`` by :data:`SCHEMA` (``"1e-3"`` is a float) and check its range, in place.
+
+    Raises:
+        ValueError: one line naming the key, the value and what is allowed; ``cfg`` is unchanged then.
+    """
+    typed = copy.deepcopy(cfg)
+    for section, value in cfg.items():
+        if isinstance(DEFAULTS.get(section), dict) and not isinstance(value, dict):
+            raise ValueError(f"config key {section!r} is a section; give a mapping, not {value!r}")
+    arch = check_value("model.arch", typed["model"].get("arch", "ResidualCNN"), str, ARCHS)
+    for key in typed["model"]:
+        if key not in _ARCH_KEYS[arch]:
+            raise ValueError(f"unknown config key 'model.{key}' for arch {arch}; known keys: {list(_ARCH_KEYS[arch])}")
+    for key, (hint, rule) in SCHEMA.items():
+        section, _, leaf = key.rpartition(".")
+        node = typed[section] if section else typed
+        if leaf not in node:
+            continue
+        if key == "model.channels" and arch == "SmallUNet":
+            hint = list[int]
+        node[leaf] = check_value(key, node[leaf], hint, rule)
+    if typed["data"]["source"] == "folders" and not typed["data"]["folders"]:
+        raise ValueError("config key 'data.folders' is empty with data.source 'folders'; list image folders "
+                         "(--data.folders A B) or use data.source 'sample'")
+    if typed["eval"]["source"] == "folder" and typed["eval"]["folder"] is None:
+        raise ValueError("config key 'eval.folder' is null with eval.source 'folder'; give a folder of test images")
+    try:
+        with torch.device("meta"):  # shapes only: no memory, no weights
+            build_model(**typed["model"])
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config key 'model': {typed['model']} is not a valid network ({err})") from None
+    cfg.clear()
+    cfg.update(typed)
+    return cfg
 
 
 def _merge(base: dict[str, Any], over: dict[str, Any], where: str = "") -> dict[str, Any]:
@@ -106,7 +173,7 @@ def load_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:
         raw = yaml.safe_load(fh) or {}
     if not isinstance(raw, dict):
         raise ValueError(f"config {p} must be a YAML mapping, got {type(raw).__name__}.")
-    return _merge(DEFAULTS, raw)
+    return check_config(_merge(DEFAULTS, raw))
 
 
 def apply_options(cfg: dict[str, Any], argv: Sequence[str]) -> dict[str, Any]:
@@ -122,5 +189,9 @@ def apply_options(cfg: dict[str, Any], argv: Sequence[str]) -> dict[str, Any]:
     if old:
         new = " ".join(f"--{k} {v}" if sep else f"--{k}" for k, sep, v in (o.partition("=") for o in old))
         raise ValueError(f"--set was replaced by the span_sr dialect: write {new} (lists as --tasks a b)")
-    apply_overrides(cfg, split_options(argv))
+    trial = copy.deepcopy(cfg)
+    apply_overrides(trial, split_options(argv))
+    check_config(trial)  # typed and range-checked before ``cfg`` changes
+    cfg.clear()
+    cfg.update(trial)
     return cfg

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from examples.span_sr.images import list_images, read_image
+from examples.span_sr.images import SKIMAGE_PHOTOS, list_images, read_image
 
 __all__ = [
     "SAMPLE_TEST",
@@ -43,9 +43,11 @@ def sample_photos(names: Sequence[str]) -> dict[str, Tensor]:
     loaders = {"motorcycle": lambda: skimage.data.stereo_motorcycle()[0]}
     out = {}
     for name in names:
-        loader = loaders.get(name) or getattr(skimage.data, name, None)
+        bundled = name in SKIMAGE_PHOTOS and not name.startswith("stereo_")  # never downloaders (download_all)
+        loader = loaders.get(name) or (getattr(skimage.data, name) if bundled else None)
         if loader is None:
-            raise ValueError(f"{name!r} is not a scikit-image sample photo; try {SAMPLE_TRAIN}.")
+            raise ValueError(f"{name!r} is not a scikit-image sample photo; try {SAMPLE_TRAIN} "
+                             f"(or one of {', '.join(n for n in SKIMAGE_PHOTOS if not n.startswith('stereo_'))}).")
         out[name] = _chw(loader())
     return out
 

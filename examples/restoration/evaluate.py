@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     run = Path(args.run)
     try:
         cfg = apply_options(load_config(run / "config.yaml"), rest)
+        for key in ("count", "crop"):  # --count/--crop are eval.count/eval.crop, checked the same way
+            if getattr(args, key) is not None:
+                apply_options(cfg, [f"--eval.{key}", str(getattr(args, key))])
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"evaluate.py: {err}") from None
     problem = missing_data(cfg, "eval")
@@ -186,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bd = args.border
     if bd < 0:
         raise SystemExit(f"--border {bd} must be >= 0 (pixels left out at every edge).")
-    images, where = eval_set(cfg, args.count, args.crop)
+    images, where = eval_set(cfg)
     base = load_model(run / "base.safetensors").to(device)
     multi = copy.deepcopy(base)
     names = [convlora.load_adapter(multi, run / "adapters" / f"{t}.safetensors", name=t) for t in cfg["tasks"]]
@@ -223,5 +226,5 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 if __name__ == "__main__":
     try:
         main()
-    except FileNotFoundError as err:  # a missing run folder, weights or image file: one line
+    except (FileNotFoundError, ValueError) as err:  # a missing run folder, weights or image file: one line
         raise SystemExit(f"error: {err}") from None

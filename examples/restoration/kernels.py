@@ -43,7 +43,10 @@ GAUSSIAN_TEST = ((1.0, 1.0, 0.0), (2.4, 2.4, 0.0), (1.2, 2.8, 30.0), (1.8, 2.2, 
 
 def _normalised(k: np.ndarray, what: str) -> Tensor:
     k = np.asarray(k, dtype=np.float64)
-    if k.ndim != 2 or k.min() < 0 or k.sum() <= 0:
+    if k.ndim == 2 and k.size and not np.isfinite(k).all():
+        raise ValueError(f"{what}: a kernel must hold finite numbers; it has {int((~np.isfinite(k)).sum())} "
+                         "NaN/Inf entries. Fix or replace the kernel file.")
+    if k.ndim != 2 or k.size == 0 or k.min() < 0 or k.sum() <= 0:
         raise ValueError(f"{what}: a kernel must be a 2-D non-negative array with a positive sum, "
                          f"got shape {k.shape}, min {k.min():.3g}, sum {k.sum():.3g}.")
     return torch.from_numpy(k / k.sum()).float()

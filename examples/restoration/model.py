@@ -26,6 +26,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from examples.span_sr.outputs import follow_umask
+
 __all__ = ["ResidualCNN", "SmallUNet", "build_model", "load_model", "receptive_field", "save_model"]
 
 ARCHS = ("ResidualCNN", "SmallUNet")
@@ -179,6 +181,7 @@ def save_model(model: nn.Module, path: str | os.PathLike[str], *, extra: dict | 
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(path), metadata=meta)
+    follow_umask(path)  # safetensors' save_file leaves 0o600
     return path
 
 

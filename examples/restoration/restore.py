@@ -35,6 +35,7 @@ from examples.restoration.kernels import GAUSSIAN_TEST, gaussian_kernel, load_ke
 from examples.restoration.model import load_model
 from examples.span_sr.images import list_images, read_image, write_image
 from examples.span_sr.metrics import to_uint8
+from examples.span_sr.outputs import folder_outputs, refuse_inputs
 
 __all__ = ["build", "main"]
 
@@ -66,21 +67,29 @@ def main(argv: list[str] | None = None) -> list[Path]:
     args = ap.parse_args(argv)
     inputs = [Path(p) for p in args.input]
     if len(inputs) == 1 and inputs[0].is_dir():
-        inputs = list_images(inputs[0])
+        inputs = list_images(inputs[0])  # an empty folder is an error
+    for path in inputs:
+        if not path.is_file():
+            raise FileNotFoundError(f"--input {str(path)!r} is not an image file (or one folder of them).")
     out = Path(args.output)
     single = len(inputs) == 1 and out.suffix != ""
     if not single and out.suffix:
         raise ValueError(f"--output {out} looks like a file but there are {len(inputs)} inputs; "
                          "pass a folder.")
+    dests = [out] if single else folder_outputs(inputs, out)
+    degraded = [d.with_name(f"{d.stem}_degraded.png") for d in dests] if args.simulate else []
+    if len({*dests, *degraded}) < len(dests) + len(degraded):
+        raise ValueError(f"--output {out}: a restored image and a '_degraded.png' image would share a name; "
+                         "rename the inputs ending in _degraded.")
+    refuse_inputs([*dests, *degraded], [*inputs, args.weights, args.adapter, args.kernel, args.levin])
     if args.kernel and args.simulate:
         raise SystemExit("--kernel is for real blurred inputs; --simulate blurs (and, for a non-blind "
                          "task, deconvolves) by itself. Pass one of them.")
     psf = load_kernel(args.kernel) if args.kernel else None
     model = build(args.weights, args.adapter)
     written = []
-    for path in inputs:
+    for path, dest in zip(inputs, dests):
         x = torch.from_numpy(read_image(path).copy()).permute(2, 0, 1).float().div(255.0)
-        dest = out if single else out / f"{path.stem}.png"
         if args.simulate:
             task = get_task(args.simulate)
             kernel = None
@@ -97,11 +106,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
         write_image(dest, to_uint8(y))
         written.append(dest)
         print(f"{path} -> {dest}")
+    print(f"wrote {len(written)} image(s)")
     return written
 
 
 if __name__ == "__main__":
     try:
         main()
-    except FileNotFoundError as err:  # a missing run folder, weights or image file: one line
+    except (FileNotFoundError, ValueError) as err:  # a missing file, an empty folder, an output over an input
         raise SystemExit(f"error: {err}") from None

@@ -37,11 +37,18 @@ import yaml
 from torch import Tensor, nn
 
 import convlora
-from examples.restoration.config import apply_options, load_config, missing_data, resolve_path
+from examples.restoration.config import (
+    apply_options,
+    check_config,
+    load_config,
+    missing_data,
+    resolve_path,
+)
 from examples.restoration.data import SAMPLE_TRAIN, PatchSampler, folder_images, sample_photos
 from examples.restoration.degrade import Task, degrade, get_task, seeded_generator
 from examples.restoration.kernels import kernel_pool
 from examples.restoration.model import build_model, load_model, save_model
+from examples.span_sr.outputs import refuse_inputs
 
 __all__ = ["adapter_config", "blur_margin", "draw_batch", "kernel_pools", "main", "pick_device",
            "task_stream", "train_images", "train_steps"]
@@ -178,14 +185,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cfg["adapter"]["steps"] = args.steps
     if args.threads is not None:
         cfg["threads"] = args.threads
+    try:
+        check_config(cfg)  # --steps/--threads too: every value checked before anything is written
+    except ValueError as err:
+        raise SystemExit(f"train.py: {err}") from None
     if args.base:
         base_path = Path(args.base)
         if not base_path.is_file():
             raise SystemExit(f"--base {args.base!r} is not a file; pass the base.safetensors of an earlier run")
+    out = Path(resolve_path(cfg["out"]) or ".")
+    written = [out / "base.safetensors", out / "config.yaml", out / "log.json",
+               *(out / sub / f"{t}.safetensors" for sub in ("adapters", "finetune") for t in cfg["tasks"])]
+    try:
+        refuse_inputs(written, [args.base, args.config, resolve_path(cfg["data"]["kernels12"])], "--out")
+    except ValueError as err:
+        raise SystemExit(f"train.py: {err}") from None
     problem = missing_data(cfg, "train")
     if problem:  # before the run folder is made: a failed start leaves nothing behind
         raise SystemExit(problem)
-    out = Path(resolve_path(cfg["out"]) or ".")
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     torch.set_num_threads(cfg["threads"])

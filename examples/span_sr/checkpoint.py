@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 import convlora
+from examples.span_sr.outputs import follow_umask
 
 __all__ = [
     "LAYOUT",
@@ -52,13 +53,17 @@ RUN_MARKERS = ("checkpoint.pt", "adapter.safetensors", "metrics.jsonl")
 
 
 def write_atomically(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``."""
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    The file gets the mode the umask gives a new file (``mkstemp`` alone leaves ``0o600``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        follow_umask(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

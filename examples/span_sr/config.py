@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -36,9 +37,12 @@ __all__ = [
     "DemoConfig",
     "LossConfig",
     "ModelConfig",
+    "Range",
+    "Rule",
     "TeacherCacheConfig",
     "TrainConfig",
     "apply_overrides",
+    "check_value",
     "dump_yaml",
     "load_config",
     "parse_args",
@@ -172,7 +176,35 @@ class DemoConfig:
     batch: int = 8
 
 
-_CHOICES = {
+@dataclass(frozen=True)
+class Range:
+    """The numbers a config key allows: finite, at least ``lo`` (above it with ``lo_open``), at most
+    ``hi`` (below it with ``hi_open``); for a list key, every item."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def allows(self, value: float) -> bool:
+        """Whether ``value`` is in the range."""
+        if not math.isfinite(value):
+            return False
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return False
+        return self.hi is None or (value < self.hi if self.hi_open else value <= self.hi)
+
+    def __str__(self) -> str:
+        parts = [f"{'>' if self.lo_open else '>='} {self.lo:g}" if self.lo is not None else "",
+                 f"{'<' if self.hi_open else '<='} {self.hi:g}" if self.hi is not None else ""]
+        return "a finite number " + " and ".join(p for p in parts if p) if any(parts) else "a finite number"
+
+
+Rule = Range | tuple[Any, ...]
+"""A :class:`Range` of numbers, or a tuple of the allowed values."""
+
+_POS, _NONNEG, _UNIT = Range(1), Range(0), Range(0, 1)
+_CHOICES: dict[str, Rule] = {
     "data.lr_mode": ("cache", "float"),
     "data.small": ("skip", "error"),
     "teacher_cache.dtype": ("float16", "float32"),
@@ -180,15 +212,24 @@ _CHOICES = {
     "teacher_cache.build_device": ("auto", "cpu", "cuda"),
     "train.schedule": ("cosine", "multistep", "constant"),
     "train.device": ("auto", "cpu", "cuda"),
+    "data.val_holdout": _NONNEG, "data.scale": Range(1, 8), "data.patch": Range(1, 4096),
+    "data.batch": Range(1, 1 << 16), "data.workers": Range(0, 256), "data.val_max_side": _NONNEG,
+    "loss.w_rec": _NONNEG, "loss.w_out": _NONNEG, "loss.w_aff": _NONNEG, "loss.p": Range(1, 2),
+    "loss.pool": Range(0, 64), "loss.aff_warmup": _NONNEG,
+    "train.steps": _POS, "train.lr": Range(0, 1, lo_open=True), "train.betas": Range(0, 1, hi_open=True),
+    "train.weight_decay": _NONNEG, "train.warmup": _NONNEG, "train.min_lr": _UNIT, "train.milestones": _POS,
+    "train.gamma": Range(0, 1, lo_open=True), "train.clip": _NONNEG, "train.ema": Range(0, 1, hi_open=True),
+    "train.threads": Range(0, 1024), "train.seed": Range(0, 2**63 - 1), "train.log_every": _POS,
+    "train.val_every": _NONNEG, "train.ckpt_every": _NONNEG, "train.stop_after": _NONNEG,
+    "train.time_limit": _NONNEG,
+    "demo.teacher_width": Range(1, 1024), "demo.base_width": Range(1, 1024), "demo.teacher_steps": _POS,
+    "demo.base_steps": _POS, "demo.lr": Range(0, 1, lo_open=True), "demo.patch": Range(1, 4096),
+    "demo.batch": Range(1, 1 << 16),
+    "data.upcycle_share": _UNIT, "data.upcycle_side": _NONNEG, "data.invert": _UNIT,
+    "teacher_cache.tile": _NONNEG, "teacher_cache.pad": _NONNEG,
 }
+_LENGTHS = {"train.betas": 2}
 
-_RANGES = {  # inclusive bounds (None: unbounded)
-    "data.upcycle_share": (0.0, 1.0),
-    "data.upcycle_side": (0, None),
-    "data.invert": (0.0, 1.0),
-    "teacher_cache.tile": (0, None),
-    "teacher_cache.pad": (0, None),
-}
 
 
 @dataclass
@@ -248,14 +289,38 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         value = _scalar(value)
     if hint is bool and isinstance(value, bool):
         return value
-    if hint is int and isinstance(value, (int, float)) and not isinstance(value, bool) and float(value) == int(value):
+    if (hint is int and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and float(value) == int(value)):
         return int(value)
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ValueError(f"config key {key!r}: {value!r} is not a finite number; give one (e.g. --{key} 0.5)")
         return float(value)
     if hint is str and not isinstance(value, (list, dict)):
         return "" if value is None else str(value)
     raise ValueError(f"config key {key!r}: {value!r} is not a valid {getattr(hint, '__name__', hint)}; "
                      f"give a value of that type (e.g. --{key} ...)")
+
+
+def check_value(key: str, value: Any, hint: Any, rule: Rule | None = None) -> Any:
+    """``value`` typed by the annotation ``hint`` (``"1e-3"`` is a float) and checked against ``rule``.
+
+    Raises:
+        ValueError: one line naming ``key``, the value and what is allowed.
+    """
+    typed = _coerce(value, hint, key)
+    if rule is None:
+        return typed
+    for item in typed if isinstance(typed, list) else [typed]:
+        if item is None:
+            continue
+        shown = f"{item!r} (in {value!r})" if isinstance(typed, list) else repr(value)
+        if isinstance(rule, Range):
+            if not rule.allows(item):
+                raise ValueError(f"config key {key!r}: {shown} is out of range; give {rule}")
+        elif item not in rule:
+            raise ValueError(f"config key {key!r}: {shown} is not one of {list(rule)}")
+    return typed
 
 
 def _apply_mapping(obj: Any, data: Mapping[str, Any], prefix: str = "") -> None:
@@ -272,13 +337,9 @@ def _apply_mapping(obj: Any, data: Mapping[str, Any], prefix: str = "") -> None:
                 raise ValueError(f"config key {full!r} is a section; give a mapping, not {value!r}")
             _apply_mapping(current, value, full + ".")
             continue
-        value = _coerce(value, hints[key], full)
-        if full in _CHOICES and value not in _CHOICES[full]:
-            raise ValueError(f"config key {full!r}: {value!r} is not one of {list(_CHOICES[full])}")
-        low, high = _RANGES.get(full, (None, None))
-        if (low is not None and value < low) or (high is not None and value > high):
-            raise ValueError(f"config key {full!r}: {value!r} is outside [{low}, {'inf' if high is None else high}]; "
-                             f"give --{full} a value in that range")
+        value = check_value(full, value, hints[key], _CHOICES.get(full))
+        if full in _LENGTHS and len(value) != _LENGTHS[full]:
+            raise ValueError(f"config key {full!r}: {value!r} has {len(value)} items; give {_LENGTHS[full]}")
         setattr(obj, key, value)
 
 

@@ -28,7 +28,7 @@ import torch
 
 from examples.span_sr.checkpoint import write_atomically
 from examples.span_sr.degrade import imresize_matlab, imresize_torch, modcrop
-from examples.span_sr.images import list_images, read_image
+from examples.span_sr.images import SKIMAGE_PHOTOS, list_images, read_image
 
 __all__ = [
     "ImageSet",
@@ -47,10 +47,14 @@ def image_refs(sources: Sequence[str]) -> list[str]:
 
     Raises:
         FileNotFoundError: a source does not exist.
-        ValueError: a folder holds no images, or files that are not images.
+        ValueError: a folder holds no images, or files that are not images; a ``skimage:NAME``
+            that is not one of ``images.SKIMAGE_PHOTOS``.
     """
     refs: list[str] = []
     for src in sources:
+        if src.startswith("skimage:") and src.split(":", 1)[1] not in SKIMAGE_PHOTOS:
+            raise ValueError(f"data source {src!r}: scikit-image has no bundled image of that name; use one of "
+                             f"{', '.join('skimage:' + n for n in SKIMAGE_PHOTOS)}.")
         if src.startswith("skimage:") or Path(src).is_file():
             refs.append(src)
         elif not Path(src).exists():

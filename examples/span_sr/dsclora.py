@@ -34,6 +34,7 @@ import yaml
 from torch import nn
 
 import convlora
+from convlora.config import match_pattern
 from convlora.distill import Distiller, FeatureTaps, affinity_loss
 from examples.span_sr.arch import SPAN, load_span
 from examples.span_sr.config import LossConfig
@@ -102,7 +103,8 @@ def build_student(base: SPAN, lora: convlora.LoRAConfig | str | Path | Mapping[s
     ``lora=None`` is the full fine-tuning baseline: no adapters, every parameter trainable.
 
     Raises:
-        ValueError: ``base`` is not a deploy-form SPAN (the adapters go on ``eval_conv``).
+        ValueError: ``base`` is not a deploy-form SPAN (the adapters go on ``eval_conv``), or a
+            ``rank_pattern``/``alpha_pattern`` key of ``lora`` matches no adapted layer (a typo).
     """
     if not isinstance(base, SPAN) or base.form != "deploy":
         raise ValueError(f"the DSCLoRA student needs a deploy-form SPAN, got {type(base).__name__} "
@@ -112,6 +114,12 @@ def build_student(base: SPAN, lora: convlora.LoRAConfig | str | Path | Mapping[s
     config = lora if isinstance(lora, convlora.LoRAConfig) else load_lora_config(lora)
     student = copy.deepcopy(base)
     convlora.inject(student, config)
+    adapted = list(convlora.lora_layers(student))
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in getattr(config, key) or {}:
+            if not any(match_pattern(pattern, name) for name in adapted):
+                raise ValueError(f"LoRA config {key} key {pattern!r} matches no adapted layer (a typo?); "
+                                 f"the adapted layers are {', '.join(adapted)}.")
     convlora.mark_only_lora_trainable(student)
     return student
 

@@ -7,7 +7,9 @@
 
 A dataset folder holds ``HR/*.png`` and optionally ``LR_bicubic/X<s>/<name>x<s>.png``; without
 provided LR (or with ``--regenerate-lr``) the LR is made from the modcropped HR with the
-MATLAB-exact bicubic of :mod:`examples.span_sr.degrade`. A folder without ``HR/`` whose
+MATLAB-exact bicubic of :mod:`examples.span_sr.degrade`. With ``LR_bicubic/X<s>/``, an HR image
+without its LR there is an error (``--bicubic-fallback`` makes that one LR with bicubic, and the
+set's ``lr_source`` in the table's JSON names it). A folder without ``HR/`` whose
 subfolders have one (e.g. ``sr_bench``) is expanded. Protocol: HR modcropped to a multiple of
 the scale; SR clamped to [0, 1] and rounded to ``uint8``; metrics with a border of ``scale``
 pixels (see :mod:`examples.span_sr.metrics`).
@@ -35,9 +37,10 @@ from examples.span_sr.dsclora import load_deployed
 from examples.span_sr.fast import fast_span
 from examples.span_sr.images import list_images, read_image
 from examples.span_sr.metrics import psnr_rgb, psnr_y, ssim_y
+from examples.span_sr.outputs import refuse_inputs
 from examples.span_sr.upscale import upscale_image
 
-__all__ = ["METRICS", "dataset_dirs", "evaluate_folder", "format_table", "main", "score", "sr_pairs"]
+__all__ = ["METRICS", "check_lr", "dataset_dirs", "evaluate_folder", "format_table", "main", "score", "sr_pairs"]
 
 METRICS = {"psnr_y": psnr_y, "ssim_y": ssim_y, "psnr_rgb": psnr_rgb}
 """The metrics, by name (border-cropped, on uint8 images; see :mod:`examples.span_sr.metrics`)."""
@@ -71,18 +74,39 @@ def _find_lr(lr_dir: Path | None, stem: str, scale: int) -> Path | None:
     return None
 
 
-def sr_pairs(hr_dir: str | Path, lr_dir: str | Path | None = None, scale: int = 4
+def check_lr(hr_dir: str | Path, lr_dir: str | Path, scale: int) -> None:
+    """Raise ``ValueError`` naming the HR images of ``hr_dir`` that have no LR image in ``lr_dir``."""
+    missing = [p.name for p in list_images(hr_dir) if _find_lr(Path(lr_dir), p.stem, scale) is None]
+    if missing:
+        raise ValueError(f"{len(missing)} HR image(s) of {str(hr_dir)!r} have no LR image in {str(lr_dir)!r} "
+                         f"(e.g. {missing[:3]}; looked for <name>x{scale}.png and <name>.png); add them, "
+                         "pass --regenerate-lr for bicubic LR of every image, or --bicubic-fallback for "
+                         "the missing ones only.")
+
+
+def sr_pairs(hr_dir: str | Path, lr_dir: str | Path | None = None, scale: int = 4, *,
+             bicubic_fallback: bool = False, made: list[str] | None = None
              ) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
     """Yield ``(name, hr, lr)`` ``uint8`` images: HR modcropped, LR read from ``lr_dir``
-    (``<name>x<s>.png`` or ``<name>.png``) or made with MATLAB-exact bicubic.
+    (``<name>x<s>.png`` or ``<name>.png``) or, without ``lr_dir``, made with MATLAB-exact bicubic.
+
+    Args:
+        bicubic_fallback: With ``lr_dir``, make the LR of an HR image that has none there with
+            MATLAB bicubic instead of raising; the names of those images are appended to ``made``.
 
     Raises:
-        ValueError: when a provided LR image does not have the HR size divided by ``scale``.
+        ValueError: an HR image without its LR in ``lr_dir`` (unless ``bicubic_fallback``), or a
+            provided LR image that does not have the HR size divided by ``scale``.
     """
     lr_root = Path(lr_dir) if lr_dir is not None else None
-    for path in list_images(hr_dir):
+    hr_files = list_images(hr_dir)
+    if lr_root is not None and not bicubic_fallback:
+        check_lr(hr_dir, lr_root, scale)
+    for path in hr_files:
         hr = modcrop(read_image(path), scale)
         lr_path = _find_lr(lr_root, path.stem, scale)
+        if lr_path is None and lr_root is not None and made is not None:
+            made.append(path.stem)
         lr = read_image(lr_path) if lr_path else imresize_matlab(hr, 1.0 / scale)
         expected = (hr.shape[0] // scale, hr.shape[1] // scale, 3)
         if lr.shape != expected:
@@ -92,8 +116,8 @@ def sr_pairs(hr_dir: str | Path, lr_dir: str | Path | None = None, scale: int = 
 
 
 def evaluate_folder(model: nn.Module, hr_dir: str | Path, lr_dir: str | Path | None = None, *,
-                    scale: int | None = None, border: int | None = None, tile: int | None = None
-                    ) -> dict[str, Any]:
+                    scale: int | None = None, border: int | None = None, tile: int | None = None,
+                    bicubic_fallback: bool = False) -> dict[str, Any]:
     """Super-resolve every image of ``hr_dir`` and score it.
 
     Args:
@@ -103,14 +127,21 @@ def evaluate_folder(model: nn.Module, hr_dir: str | Path, lr_dir: str | Path | N
         scale: Upscaling factor (default: ``model.upscale``).
         border: Pixels cropped for the metrics (default: ``scale``).
         tile: Optional LR tile size (exact tiling, see :mod:`examples.span_sr.upscale`).
+        bicubic_fallback: With ``lr_dir``, make a missing LR image with MATLAB bicubic (else an
+            error); the result's ``"bicubic_lr"`` lists those images.
 
     Returns:
         ``{"images": [{"name", "psnr_y", "ssim_y", "psnr_rgb"}, ...], "mean": {metric: value},
-        "count": n}``.
+        "count": n}`` (and ``"bicubic_lr": [names]`` with ``bicubic_fallback``).
     """
     scale = int(scale if scale is not None else getattr(model, "upscale", 4))
     border = scale if border is None else border
-    return score(lambda lr: upscale_image(model, lr, tile=tile), sr_pairs(hr_dir, lr_dir, scale), border)
+    made: list[str] = []
+    pairs = sr_pairs(hr_dir, lr_dir, scale, bicubic_fallback=bicubic_fallback, made=made)
+    result = score(lambda lr: upscale_image(model, lr, tile=tile), pairs, border)
+    if bicubic_fallback and lr_dir is not None:
+        result["bicubic_lr"] = made
+    return result
 
 
 def dataset_dirs(paths: Sequence[str | Path]) -> list[Path]:
@@ -147,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--lora-adapter", help="convlora adapter (.safetensors) to load and merge")
     ap.add_argument("--data", nargs="+", required=True, help="dataset folder(s) with HR/")
     ap.add_argument("--regenerate-lr", action="store_true", help="ignore LR_bicubic, make LR from HR")
+    ap.add_argument("--bicubic-fallback", action="store_true", help="an HR image without its LR in LR_bicubic: "
+                    "make that LR with MATLAB bicubic (recorded per set) instead of stopping")
     ap.add_argument("--tile", type=int, default=None, help="LR tile size (exact)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--fast", action="store_true", help="the fast path (fast.py); float32")
@@ -157,16 +190,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         folders = dataset_dirs(args.data)
+        if args.tile is not None and args.tile < 1:
+            raise ValueError(f"--tile {args.tile}: give a tile side of at least 1 LR pixel")
+        refuse_inputs([args.json] if args.json else [], [args.weights, args.lora_adapter], "--json")
         model = load_deployed(args.weights, args.lora_adapter).to(args.device)
         model = fast_span(model) if args.fast else model
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"evaluate.py: {err}") from None
+    lr_dirs = {d: d / "LR_bicubic" / f"X{model.upscale}" for d in folders}
+    lr_dirs = {d: lr if lr.is_dir() and not args.regenerate_lr else None for d, lr in lr_dirs.items()}
+    try:  # every set checked before the first is scored
+        for d, lr in lr_dirs.items():
+            if lr is not None and not args.bicubic_fallback:
+                check_lr(d / "HR", lr, model.upscale)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"evaluate.py: {err}") from None
     results: dict[str, dict[str, Any]] = {}
-    for d in folders:
-        lr_dir = d / "LR_bicubic" / f"X{model.upscale}"
-        use_lr = lr_dir if lr_dir.is_dir() and not args.regenerate_lr else None
-        results[d.name] = evaluate_folder(model, d / "HR", use_lr, tile=args.tile)
-        results[d.name]["lr_source"] = str(use_lr) if use_lr else "matlab_bicubic(HR)"
+    for d, use_lr in lr_dirs.items():
+        try:
+            results[d.name] = evaluate_folder(model, d / "HR", use_lr, tile=args.tile,
+                                              bicubic_fallback=args.bicubic_fallback)
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"evaluate.py: {err}") from None
+        made = results[d.name].get("bicubic_lr", [])
+        results[d.name]["lr_source"] = (str(use_lr) if use_lr else "matlab_bicubic(HR)") + (
+            f" ({len(made)} of {results[d.name]['count']} made with matlab_bicubic(HR): {made})" if made else "")
     print(format_table(results))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

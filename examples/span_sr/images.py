@@ -10,7 +10,7 @@
 * a pre-decoded ``.npy`` array (uint8 or uint16, HxW or HxWx{1,3,4}, same rule);
 * a packed ``.u8.xz`` file (:func:`save_packed`: lossless, about 30% smaller than PNG, used to
   carry BSD200 + T91 to a GPU machine);
-* ``skimage:NAME``, a photo bundled with scikit-image (the demo's data).
+* ``skimage:NAME``, a photo bundled with scikit-image (the demo's data; :data:`SKIMAGE_PHOTOS`).
 
 Anything that cannot be decoded raises a ``ValueError`` naming the file.
 """
@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-__all__ = ["IMAGE_EXTS", "list_images", "load_packed", "read_image", "save_packed", "write_image"]
+__all__ = ["IMAGE_EXTS", "SKIMAGE_PHOTOS", "list_images", "load_packed", "read_image", "save_packed", "write_image"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".npy", ".u8.xz")
 """File endings :func:`read_image` decodes (case-insensitive)."""
@@ -95,14 +95,20 @@ def _array_to_rgb(arr: np.ndarray, ref: str) -> np.ndarray:
     return np.ascontiguousarray(arr[:, :, :3])
 
 
+SKIMAGE_PHOTOS = ("astronaut", "brick", "camera", "cat", "chelsea", "clock", "coffee", "coins", "colorwheel",
+                  "grass", "gravel", "hubble_deep_field", "immunohistochemistry", "logo", "microaneurysms", "moon",
+                  "page", "retina", "rocket", "text", "stereo_motorcycle_left", "stereo_motorcycle_right")
+"""The names ``skimage:NAME`` accepts: images bundled with scikit-image (nothing is downloaded)."""
+
+
 def _skimage(ref: str) -> np.ndarray:
     import skimage.data
 
     name = ref.split(":", 1)[1]
+    if name not in SKIMAGE_PHOTOS:  # only these: skimage.data also holds downloaders (download_all, ...)
+        raise ValueError(f"{ref!r}: scikit-image has no bundled image {name!r}; use one of {', '.join(SKIMAGE_PHOTOS)}.")
     pair = {"stereo_motorcycle_left": 0, "stereo_motorcycle_right": 1}
-    fn = getattr(skimage.data, "stereo_motorcycle" if name in pair else name, None)
-    if fn is None:
-        raise ValueError(f"{ref!r}: scikit-image has no bundled image {name!r}.")
+    fn = getattr(skimage.data, "stereo_motorcycle" if name in pair else name)
     return _array_to_rgb(np.asarray(fn()[pair[name]] if name in pair else fn()), ref)
 
 

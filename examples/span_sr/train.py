@@ -39,6 +39,7 @@ from tqdm import tqdm
 import convlora
 from examples.span_sr import checkpoint as ckpt
 from examples.span_sr import dsclora, report
+from examples.span_sr.arch import SPAN
 from examples.span_sr.config import Config, TrainConfig, dump_yaml, load_config, parse_args
 from examples.span_sr.data import (
     ImageSet,
@@ -105,6 +106,10 @@ def distill_checks(cfg: Config, world: int) -> None:
                          f"divisible by {world} processes; choose a share whose rows split evenly over the ranks.")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run training as configured by ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
@@ -120,6 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"train.py: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("train.py: interrupted; every file already written is complete (written atomically). During "
+              "training the run continues with --resume OUT; the final export and evaluation run again "
+              "when it is resumed", file=sys.stderr)
+        return 130
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -154,9 +164,10 @@ def _run(argv: list[str]) -> int:
                              "demo substitute (--demo.enabled true).")
         elif not (role == "teacher" and spec == "base"):
             weights[role] = str(dsclora.resolve_weights(spec, cfg.model.weights_dir))
-    if not substitutes:
-        with torch.random.fork_rng():  # a check only: the models are loaded again below, in the seeded order
-            dsclora.load_pair(weights["base"], weights.get("teacher"), scale)
+    with torch.random.fork_rng():  # checks only: the models are loaded again below, in the seeded order
+        check_base = (SPAN(feature_channels=cfg.demo.base_width, upscale=scale, form="deploy") if substitutes
+                      else dsclora.load_pair(weights["base"], weights.get("teacher"), scale)[0])
+        dsclora.build_student(check_base, lora)  # a rank_pattern key matching no layer stops here
     refs = image_refs(cfg.data.train)
     if not refs:
         raise ValueError("no training data: set --data.train to one or more HR image folders.")
@@ -294,7 +305,10 @@ def _run(argv: list[str]) -> int:
                    "teacher_cache": cache_info}))
     log = report.MetricsLog(run / "metrics.jsonl", truncate_after=start if resume else -1, enabled=main_proc)
 
+    saved: dict[str, int | None] = {"step": start if state is not None else None}  # what checkpoint.pt holds
+
     def checkpoint(step: int) -> None:
+        saved["step"] = step
         if main_proc:
             ckpt.save_checkpoint(run / "checkpoint.pt", step=step, params=ckpt.trainable_state(student),
                                  optimizer=opt.state_dict(), scheduler=sched.state_dict(), rng=ckpt.rng_state(),
@@ -355,9 +369,11 @@ def _run(argv: list[str]) -> int:
                 sums /= world
             mean = dict(zip(("loss", "rec", "out", "aff"), (sums / count).tolist()))  # the global batch's mean
             if not all(math.isfinite(v) for v in mean.values()):
+                kept = (f"the last good checkpoint (step {saved['step']}) is kept in {run / 'checkpoint.pt'}; resume "
+                        f"it with --resume {run} and a lower --train.lr" if saved["step"] is not None else
+                        "no checkpoint was written yet; start again with a lower --train.lr")
                 say(f"step {step}: loss is {mean['loss']} (" + ", ".join(f"{k} {mean[k]}" for k in in_use)
-                    + f"): stopping. The last good checkpoint is kept in {run / 'checkpoint.pt'}; lower --train.lr "
-                    "or check the data.")
+                    + f"): stopping; {kept}, or check the data.")
                 exit_code = 3
                 break
             log.write({"step": step, **mean, "lr": sched.get_last_lr()[0], "it_s": count / (time.time() - t_log)})
@@ -385,6 +401,8 @@ def _run(argv: list[str]) -> int:
             checkpoint(step)
             break
     bar.close()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # from here on (export, final evaluation) an interrupt stops at once
+        signal.signal(sig, _interrupt)
     finished = not exit_code and (step >= cfg.train.steps or timeout)
 
     # ------------------------------------------------------------------ best step, export, report (rank 0)

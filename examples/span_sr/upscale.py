@@ -35,6 +35,7 @@ from examples.span_sr.dsclora import deploy, load_deployed
 from examples.span_sr.fast import fast_span
 from examples.span_sr.images import list_images, read_image, write_image
 from examples.span_sr.metrics import to_uint8
+from examples.span_sr.outputs import folder_outputs, refuse_inputs
 from examples.span_sr.spandrel_format import SUFFIXES, save_spandrel
 
 __all__ = ["SPAN_RF_RADIUS", "check_onnx", "export_onnx", "main", "tiles", "upscale_image", "upscale_tensor"]
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", required=True, help="SPAN checkpoint (.pth or .safetensors)")
     ap.add_argument("--lora-adapter", help="convlora adapter (.safetensors) to apply and merge")
     ap.add_argument("--input", help="image file or folder of images")
-    ap.add_argument("--output", help="output folder (same file names, PNG)")
+    ap.add_argument("--output", help="output folder (same file names, PNG); not the input's folder; two inputs "
+                    "with one name (a.png, a.jpg) are refused")
     ap.add_argument("--tile", type=int, default=None, help="LR tile size; bounds memory. Same result as untiled up to float "
                     "round-off: at most one uint8 level, in at most 1 in 10,000 values")
     ap.add_argument("--device", default="cpu")
@@ -184,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         for f in files:
             if not f.is_file():
                 raise FileNotFoundError(f"input image {str(f)!r} does not exist.")
+        dests = folder_outputs(files, args.output) if files else []  # never over an input, one per stem
+        refuse_inputs(dests, [args.weights, args.lora_adapter])
+        refuse_inputs([args.onnx] if args.onnx else [], [args.weights, args.lora_adapter, *files], "--onnx")
         model = load_deployed(args.weights, args.lora_adapter)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"upscale.py: {err}") from None
@@ -211,10 +216,12 @@ def main(argv: list[str] | None = None) -> int:
         model = fast_span(model)
     from tqdm import tqdm
 
-    for f in tqdm(files, disable=len(files) == 1, unit="img"):
+    written = 0
+    for f, dest in tqdm(list(zip(files, dests)), disable=len(files) == 1, unit="img"):
         sr = upscale_image(model, read_image(f), tile=args.tile)
-        write_image(Path(args.output) / f"{f.stem}.png", sr)
-    print(f"wrote {len(files)} image(s) to {args.output}")
+        write_image(dest, sr)
+        written += 1
+    print(f"wrote {written} image(s) to {args.output}")
     return 0
 
 

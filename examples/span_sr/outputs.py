@@ -1,0 +1,86 @@
+"""Where the example tools write: never over an input, one output per input, files as the umask says.
+
+Every example tool that writes files (``examples/span_sr``: ``upscale.py``, ``evaluate.py``,
+``train.py``; ``examples/restoration``: ``train.py``, ``evaluate.py``, ``restore.py``) checks its
+outputs here before any work starts:
+
+* :func:`refuse_inputs` - an output that is one of the inputs (same path after resolving links,
+  or the same file through a hard link) is an error;
+* :func:`folder_outputs` - a folder output gets ``<stem><suffix>`` per input; the output folder
+  must not be a folder an input lies in (the results would sit among, and possibly over, the
+  inputs), and two inputs with one stem (``a.png`` and ``a.jpg``) are an error naming both:
+  nothing is renamed silently;
+* :func:`follow_umask` - a file written by a writer that ignores the umask (``tempfile.mkstemp``,
+  safetensors' ``save_file``: mode ``0o600``) gets ``0o666`` filtered by the process umask, as
+  ``open(path, "w")`` would give it.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+__all__ = ["folder_outputs", "follow_umask", "refuse_inputs", "same_file"]
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """Whether ``a`` and ``b`` name one file: equal resolved paths, or one inode (hard links)."""
+    pa, pb = Path(a), Path(b)
+    if pa.resolve() == pb.resolve():
+        return True
+    try:
+        return pa.exists() and pb.exists() and os.path.samefile(pa, pb)
+    except OSError:
+        return False
+
+
+def refuse_inputs(outputs: Iterable[str | os.PathLike[str]], inputs: Iterable[str | os.PathLike[str] | None],
+                  option: str = "--output") -> None:
+    """Raise when any of ``outputs`` is one of ``inputs`` (``None`` inputs are skipped).
+
+    Raises:
+        ValueError: naming the option, the output and the input it would overwrite.
+    """
+    ins = [Path(p) for p in inputs if p is not None]
+    for out in outputs:
+        for src in ins:
+            if same_file(out, src):
+                raise ValueError(f"{option} {str(out)!r} would overwrite the input {str(src)!r}; "
+                                 "write the output somewhere else.")
+
+
+def folder_outputs(files: Sequence[str | os.PathLike[str]], folder: str | os.PathLike[str],
+                   suffix: str = ".png", option: str = "--output") -> list[Path]:
+    """The output path ``folder/<stem><suffix>`` of each input file, checked.
+
+    Raises:
+        ValueError: no inputs; ``folder`` holds one of the inputs (or is one); two inputs share a
+            stem (both named); an output would be an input file.
+    """
+    paths = [Path(f) for f in files]
+    if not paths:
+        raise ValueError("no input images; give image files or a folder that holds some.")
+    out = Path(folder)
+    for p in paths:
+        if same_file(p.parent, out) or same_file(p, out):
+            raise ValueError(f"{option} {str(out)!r} is the folder of the input {str(p)!r}: the results would be "
+                             "written among (and over) the inputs; give a new or another folder.")
+    seen: dict[str, Path] = {}
+    for p in paths:
+        name = p.name[:-len(".u8.xz")] if p.name.lower().endswith(".u8.xz") else p.stem
+        if name in seen:
+            raise ValueError(f"inputs {str(seen[name])!r} and {str(p)!r} would both be written as "
+                             f"{name}{suffix}; rename one of them or upscale them separately.")
+        seen[name] = p
+    dests = [out / f"{name}{suffix}" for name in seen]
+    refuse_inputs(dests, paths, option)
+    return dests
+
+
+def follow_umask(path: str | os.PathLike[str]) -> None:
+    """Give ``path`` the mode ``0o666 & ~umask`` (what ``open(path, "w")`` gives a new file)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, (stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH) & ~umask)
