@@ -214,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         model = model.half()
     if args.fast:
         model = fast_span(model)
+        if len(files) == 1:
+            print("upscale.py: --fast pays a one-off setup (ONNX export or compile) that one small "
+                  "image does not win back; it pays off over a folder (docs/span_sr.md).")
     from tqdm import tqdm
 
     written = 0
