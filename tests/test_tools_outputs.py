@@ -17,7 +17,7 @@ import convlora
 from convlora.cli import main as cli_main
 from examples.restoration import restore
 from examples.restoration.model import build_model, save_model
-from examples.span_sr import evaluate, upscale
+from examples.span_sr import efficiency, evaluate, upscale
 from examples.span_sr.arch import SPAN
 from examples.span_sr.checkpoint import save_checkpoint, write_atomically
 from examples.span_sr.images import save_packed, write_image
@@ -171,3 +171,10 @@ def test_example_writes_follow_the_umask(tmp_path: Path, umask_027: int) -> None
     convlora.save_adapter(model, tmp_path / "adapter.safetensors")
     for name in ("checkpoint.pt", "x.bin", "base.safetensors", "adapter.safetensors"):
         assert (tmp_path / name).stat().st_mode & 0o777 == umask_027, name
+
+
+def test_efficiency_json_never_overwrites_the_weights(span_weights: Path) -> None:
+    before = span_weights.read_bytes()
+    with pytest.raises(SystemExit, match="would overwrite the input"):
+        efficiency.main(["--weights", str(span_weights), "--json", str(span_weights), "--no-runtime"])
+    assert span_weights.read_bytes() == before

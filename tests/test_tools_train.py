@@ -5,6 +5,7 @@ layer is an error before the run folder exists. Reuses the tiny runs of test_spa
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -68,3 +69,13 @@ def test_rank_pattern_typo_is_an_error_before_the_run_folder(tiny: dict[str, Pat
     with pytest.raises(ValueError, match="'blok_1\\*' matches no adapted layer"):
         train.main(_args(tiny, tmp_path / "run", "--model.lora", str(path)))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_fresh_run_never_overwrites_the_weights_it_reads(tiny: dict[str, Path], tmp_path: Path) -> None:  # noqa: F811
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny["base"], run / "merged.pth")  # an earlier run's export, now the base of a new run there
+    with pytest.raises(ValueError, match="would overwrite the input"):
+        train.main(_args(tiny, run, "--base", str(run / "merged.pth")))
+    assert (run / "merged.pth").read_bytes() == tiny["base"].read_bytes()
+    assert sorted(p.name for p in run.iterdir()) == ["merged.pth"]

@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from examples.span_sr.dsclora import load_deployed
 from examples.span_sr.fast import fast_span
+from examples.span_sr.outputs import refuse_inputs
 
 __all__ = ["complexity", "count_convs", "count_params", "main", "measure_runtime", "runtime_inputs"]
 
@@ -157,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
+        refuse_inputs([args.json] if args.json else [], [args.weights, args.lora_adapter], "--json")
         model = load_deployed(args.weights, args.lora_adapter).to(args.device)
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"efficiency.py: {err}") from None

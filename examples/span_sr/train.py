@@ -54,6 +54,7 @@ from examples.span_sr.degrade import imresize_matlab
 from examples.span_sr.demo import train_substitute
 from examples.span_sr.evaluate import score
 from examples.span_sr.images import write_image
+from examples.span_sr.outputs import refuse_inputs
 from examples.span_sr.teacher_cache import CacheSpec, TeacherCache, weights_digest
 from examples.span_sr.upscale import upscale_image
 
@@ -168,6 +169,10 @@ def _run(argv: list[str]) -> int:
         check_base = (SPAN(feature_channels=cfg.demo.base_width, upscale=scale, form="deploy") if substitutes
                       else dsclora.load_pair(weights["base"], weights.get("teacher"), scale)[0])
         dsclora.build_student(check_base, lora)  # a rank_pattern key matching no layer stops here
+    exports = ["adapter.safetensors", "merged.safetensors", "merged.pth", "checkpoint.pt", "metrics.jsonl",
+               "provenance.json", "results.json", *([] if resume else ["config.yaml"])]
+    refuse_inputs([run / n for n in exports], [weights.get(r) for r in ("base", "teacher") if r not in substitutes]
+                  + [None if resume else config_path, None if lora is None else str(cfg.model.lora)], "--out")
     refs = image_refs(cfg.data.train)
     if not refs:
         raise ValueError("no training data: set --data.train to one or more HR image folders.")
