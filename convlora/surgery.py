@@ -240,10 +240,13 @@ def adapt_problems(model: nn.Module, names: list[str]) -> dict[str, str]:
     """
     modules = dict(model.named_modules())
     places = _tensor_places(model)
+    every: dict[int, list[str]] = {}
+    for n, mod in model.named_modules(remove_duplicate=False):
+        every.setdefault(id(mod), []).append(n)
     out: dict[str, str] = {}
     for name in names:
         m = modules[name]
-        aliases = _aliases(model, m)
+        aliases = every[id(m)]
         reason = None if isinstance(m, LoRALayer) else unsupported_reason(m)
         reason = reason or _read_by_parent(model, aliases) or _shared_weight(name, m, places)
         if reason:
