@@ -44,12 +44,28 @@ place of some entries.
 
 All arithmetic runs in [`compute_dtype`][convlora.functional.compute_dtype] (at least float32,
 float64 stays float64) and ``W'`` is cast to the weight's dtype once.
+
+How ``W'`` is computed (the same math, arranged to touch the weight-sized tensors as few times as
+possible, since that traffic is what a weight-space method adds to a training step):
+
+* LoHa with ``rank <= 8`` uses the Khatri-Rao identity
+  ``(W1a @ W1b) * (W2a @ W2b) = KRa @ KRb`` with ``KRa[i, (p, q)] = W1a[i, p] * W2a[i, q]`` and
+  ``KRb[(p, q), j] = W1b[p, j] * W2b[q, j]``: one ``addmm`` of inner size ``rank**2`` builds ``W'``
+  (a LoRA of rank ``rank**2`` whose factors are built from the small LoHa factors), and its
+  backward reads the weight gradient twice instead of materialising the two products.
+* LoKr adds ``s * W1[i, l] * W2[j, m]`` to ``W`` viewed as ``(a, b, c, d * prod(kernel))`` in one
+  broadcasting ``addcmul``, without materialising the Kronecker product.
+* DoRA on ``Conv``/``Linear`` with ``"kernel"`` factors runs one autograd function whose backward
+  forms the factor gradients as ``s * diag(m / ||V||) @ G @ A^T`` and
+  ``s * (diag(m / ||V||) @ B)^T @ G`` and the magnitude's as a row-wise dot product: three reads
+  of the weight gradient ``G``, no weight-sized temporaries.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -164,6 +180,30 @@ def _scale_channels(v: Tensor, per_channel: Tensor, groups: int, transposed: boo
     return (g * per_channel.reshape(1, -1, 1)).reshape(v.shape)
 
 
+class _DoRAWeight(torch.autograd.Function):
+    """``W' = (m / ||V||) * V`` with ``V = W + s * B @ A`` (rows = output channels, norm detached)."""
+
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, a: Tensor, b: Tensor, m: Tensor, scale: float) -> Tensor:
+        v = torch.addmm(w, b, a, alpha=scale)
+        norm = channel_norm(v)
+        norm = torch.where(norm == 0, torch.ones_like(norm), norm)
+        ratio = m / norm
+        ctx.save_for_backward(a, b, v, norm, ratio)
+        ctx.scale = scale
+        return v * ratio[:, None]
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
+        a, b, v, norm, ratio = ctx.saved_tensors
+        row = (ratio * ctx.scale)[:, None]
+        gw = g * ratio[:, None] if ctx.needs_input_grad[0] else None
+        ga = (b * row).T @ g if ctx.needs_input_grad[1] else None
+        gb = (g @ a.T) * row if ctx.needs_input_grad[2] else None
+        gm = torch.bmm(g.unsqueeze(1), v.unsqueeze(2)).reshape(-1) / norm if ctx.needs_input_grad[3] else None
+        return gw, ga, gb, gm, None
+
+
 def init_factors_(method: str, factors: Mapping[str, Tensor], weight: Tensor, groups: int = 1,
                   transposed: bool = False) -> None:
     """Initialise fresh factors in place so that the adapter starts as the identity."""
@@ -211,12 +251,31 @@ def effective_weight(method: str, weight: Tensor, factors: Mapping[str, Tensor],
     if method == "lora":
         return merged_weight(weight, factors["lora_A"], factors["lora_B"], scale)
     dtype = compute_dtype(weight, *factors.values())
+    f = {k: v.to(dtype) for k, v in factors.items()}
+    w = weight.to(dtype)
+    if method == "loha" and f["hada_w1_a"].shape[1] <= 8:
+        w1a, w1b, w2a, w2b = f["hada_w1_a"], f["hada_w1_b"], f["hada_w2_a"], f["hada_w2_b"]
+        kra = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], -1)
+        krb = (w1b[:, None, :] * w2b[None, :, :]).reshape(-1, w1b.shape[1])
+        out = torch.addmm(w.reshape(kra.shape[0], krb.shape[1]), kra, krb, alpha=scale)
+        return out.view(weight.shape).to(weight.dtype)
+    if method == "lokr":
+        w1 = f["lokr_w1"]
+        w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+        w2 = w2.reshape(w2.shape[0], -1)
+        (a1, c1), (b2, d2) = w1.shape, w2.shape
+        out = torch.addcmul(w.reshape(a1, b2, c1, d2), w1[:, None, :, None], w2[None, :, None, :],
+                            value=scale)
+        return out.view(weight.shape).to(weight.dtype)
     if method == "dora":
-        a, b = factors["lora_A"].to(dtype), factors["lora_B"].to(dtype)
-        flat = weight.to(dtype).reshape(b.shape[0], a.shape[1])
+        a, b = f["lora_A"], f["lora_B"]
+        flat = w.reshape(b.shape[0], a.shape[1])
+        if not transposed and b.shape[0] == weight.shape[0]:  # rows are the output channels
+            out = _DoRAWeight.apply(flat, a, b, f["lora_magnitude"], scale)
+            return out.view(weight.shape).to(weight.dtype)
         v = torch.addmm(flat, b, a, alpha=scale).view(weight.shape)
         norm = channel_norm(v.detach(), groups, transposed)
         norm = torch.where(norm == 0, torch.ones_like(norm), norm)
-        ratio = factors["lora_magnitude"].to(dtype) / norm
+        ratio = f["lora_magnitude"] / norm
         return _scale_channels(v, ratio, groups, transposed).to(weight.dtype)
-    return (weight.to(dtype) + method_delta(method, factors, weight.shape, scale)).to(weight.dtype)
+    return (w + method_delta(method, factors, weight.shape, scale)).to(weight.dtype)
