@@ -200,7 +200,7 @@ class _DoRAWeight(torch.autograd.Function):
         gw = g * ratio[:, None] if ctx.needs_input_grad[0] else None
         ga = (b * row).T @ g if ctx.needs_input_grad[1] else None
         gb = (g @ a.T) * row if ctx.needs_input_grad[2] else None
-        gm = torch.bmm(g.unsqueeze(1), v.unsqueeze(2)).reshape(-1) / norm if ctx.needs_input_grad[3] else None
+        gm = torch.linalg.vecdot(g, v, dim=1) / norm if ctx.needs_input_grad[3] else None
         return gw, ga, gb, gm, None
 
 
