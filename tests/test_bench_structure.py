@@ -98,9 +98,12 @@ SCRIPTS = {
     "bench_inference.py": ["A/A control", "merged + unloaded", "ConvLoRA unmerged", "timm resnet18"],
     "bench_merge_switch.py": ["merge()", "unmerge()", "set_adapter('b')", "ratio vs one forward"],
     "bench_teacher_cache.py": ["plain L1", "cached teacher", "live teacher", "cache build"],
+    "bench_methods.py": ["A/A", "convlora dora", "convlora loha", "convlora lokr", "ratio vs full FT",
+                         "ratio vs original", "timm resnet18"],
 }
 if importlib.util.find_spec("peft") is not None:
     SCRIPTS["bench_train_step.py"].append("PEFT LoRA")
+    SCRIPTS["bench_methods.py"].append("PEFT ")
 
 
 @pytest.fixture(scope="module")
