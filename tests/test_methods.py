@@ -363,3 +363,28 @@ def test_peft_export_refuses_what_it_cannot_write(method: str, rslora: bool, tmp
     with pytest.raises(UnsupportedLayerError, match="layer '0' uses .*PEFT export writes plain LoRA"):
         convlora.save_peft_adapter(model, tmp_path / "peft")
     assert not (tmp_path / "peft").exists()
+
+
+@pytest.mark.parametrize("method", ["dora", "loha", "lokr"])
+def test_cli_inspect_and_merge_every_method(method: str, tmp_path: Path, capsys) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from convlora.cli import main
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
+                         nn.ConvTranspose2d(8, 4, 3, stride=2, output_padding=1))
+    model = copy.deepcopy(base)
+    convlora.inject(model, rank=2, method=method, rslora=True)
+    randomize_adapters(model, std=0.3)
+    path = convlora.save_adapter(model, tmp_path / "a.safetensors")
+    assert main(["inspect", str(path)]) == 0
+    assert f"{method}+rs" in capsys.readouterr().out
+    save_file(base.state_dict(), str(tmp_path / "base.safetensors"))
+    out = tmp_path / "merged.safetensors"
+    assert main(["merge", "--adapter", str(path), "--base", str(tmp_path / "base.safetensors"),
+                 "--out", str(out)]) == 0
+    merged = load_file(str(out))
+    expected = convlora.unload(copy.deepcopy(model)).state_dict()
+    assert set(merged) == set(expected)
+    assert all(torch.equal(merged[k], v) for k, v in expected.items())
