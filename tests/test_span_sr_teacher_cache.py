@@ -151,6 +151,12 @@ def test_cached_targets_equal_the_live_teacher_on_whole_image_patches(images: Im
         with torch.no_grad():
             live = teacher(lr.float() / 255)
         assert ((target - live).abs() <= 1e-5 * live.abs().max() + rtol * live.abs()).all(), dtype
+    # a tiled build (margin = SPAN's receptive-field radius) gives the whole-image entries to round-off
+    whole = TeacherCache(tmp_path, _spec(teacher=weights_digest(teacher)))
+    tiled = TeacherCache(tmp_path, _spec(teacher=weights_digest(teacher), tile=8, pad=21))
+    tiled.build(teacher, lrs, progress=False)
+    for a, b in zip(whole.read(lrs), tiled.read(lrs)):
+        assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
     # the loss: cached equals live on these batches (float32 targets)
     loss = LossConfig()
     cached = dsclora.make_loss(student, teacher, loss, None, 0.0, cached=True)
@@ -277,6 +283,7 @@ def test_upcycled_training_runs_live_and_cached(photos: dict[str, Path], tmp_pat
     (("--teacher_cache.enabled", "true", "--data.lr_mode", "float"), "lr_mode 'cache'"),
     (("--teacher_cache.enabled", "true", "--loss.w_aff", "0.1"), "features at every step"),
     (("--data.upcycle_share", "0.1"), "is no row"),
+    (("--data.upcycle_share", "0.5", "--data.upcycle_side", "8"), "smaller than the 16x16"),
     (("--data.upcycle_share", "1.5"), r"outside \[0.0, 1.0\]"),
     (("--teacher_cache.tile", "-1"), "outside"),
     (("--teacher_cache.dtype", "uint8"), "not one of"),

@@ -98,6 +98,9 @@ def distill_checks(cfg: Config, world: int) -> None:
     if cfg.teacher_cache.enabled and cfg.loss.w_aff:
         raise ValueError(f"loss.w_aff={cfg.loss.w_aff} needs the teacher's features at every step, which cached "
                          "outputs do not have: set --teacher_cache.enabled false or --loss.w_aff 0.")
+    if cfg.data.upcycle_share and 0 < cfg.data.upcycle_side < cfg.data.patch:
+        raise ValueError(f"data.upcycle_side={cfg.data.upcycle_side} is smaller than the {cfg.data.patch}x{cfg.data.patch} "
+                         "LR patch cut from it; raise it to at least data.patch (0 = whole images).")
     m = round(cfg.data.upcycle_share * cfg.data.batch)
     if cfg.data.upcycle_share and m == 0:
         raise ValueError(f"data.upcycle_share={cfg.data.upcycle_share} of a batch of {cfg.data.batch} is no row; "
