@@ -492,7 +492,7 @@ def test_cli_convert_both_ways(tmp_path: Path, capsys: pytest.CaptureFixture[str
     peft_files = {p.name: p.read_bytes() for p in (tmp_path / "p").iterdir()}
     refusals = [
         (["--to", "peft", "--adapter", str(src), "--out", str(tmp_path / "p")], "already exists"),
-        (["--to", "peft", "--adapter", str(src), "--out", str(src)], "already exists"),
+        (["--to", "peft", "--adapter", str(src), "--out", str(src)], "is the --adapter input"),
         (["--to", "convlora", "--adapter", str(tmp_path / "p"), "--out", str(out)], "needs --base"),
         (["--to", "convlora", "--adapter", str(tmp_path / "p"), "--base", str(tmp_path / "base.safetensors"),
           "--out", str(tmp_path / "base.safetensors")], "is the --base input"),
