@@ -2,10 +2,9 @@
 
     python examples/span_sr/upscale.py --weights ../shared/data/weights/dsclora_ch26.pth \\
         --input ../shared/data/sr_bench/Set5/LR_bicubic/X4 --output runs/sr_set5
-    python examples/span_sr/upscale.py --weights W --input photo.png --output out/ --tile 128
+    python examples/span_sr/upscale.py --weights W --input photo.png --output out/ --tile 128 --fast
     python examples/span_sr/upscale.py --weights W --onnx span.onnx   # checked with onnxruntime
     python examples/span_sr/upscale.py --weights W --export-spandrel W_spandrel.safetensors  # chaiNNer/ComfyUI
-    python examples/span_sr/upscale.py --weights W --input folder/ --output out/ --fast  # fast.py
 
 Tiling: each tile is cut with a margin of the receptive-field radius (21 LR pixels for SPAN) and
 only its core is kept, so the tiled result is the untiled one up to float round-off (the CPU
@@ -149,7 +148,7 @@ def check_onnx(path: str | Path, model: nn.Module, x: torch.Tensor) -> float:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", required=True, help="SPAN checkpoint (.pth or .safetensors)")
-    ap.add_argument("--lora-adapter", help="convlora adapter (.safetensors) to apply and merge")
+    ap.add_argument("--lora-adapter", metavar="FILE", help="convlora adapter (.safetensors) to apply and merge")
     ap.add_argument("--input", help="image file or folder of images")
     ap.add_argument("--output", help="output folder (same file names, PNG); not the input's folder; two inputs "
                     "with one name (a.png, a.jpg) are refused")
