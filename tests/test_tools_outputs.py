@@ -21,7 +21,7 @@ from examples.span_sr import efficiency, evaluate, upscale
 from examples.span_sr.arch import SPAN
 from examples.span_sr.checkpoint import save_checkpoint, write_atomically
 from examples.span_sr.images import save_packed, write_image
-from examples.span_sr.outputs import folder_outputs
+from examples.span_sr.outputs import folder_outputs, stopped
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -178,3 +178,19 @@ def test_efficiency_json_never_overwrites_the_weights(span_weights: Path) -> Non
     with pytest.raises(SystemExit, match="would overwrite the input"):
         efficiency.main(["--weights", str(span_weights), "--json", str(span_weights), "--no-runtime"])
     assert span_weights.read_bytes() == before
+
+
+def test_an_interrupted_image_write_leaves_no_partial_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys) -> None:
+    from PIL import Image
+
+    def partial(self: Image.Image, fp: str, *args: object, **kwargs: object) -> None:
+        Path(fp).write_bytes(b"\x89PNG half an image")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", partial)
+    with pytest.raises(KeyboardInterrupt):
+        write_image(tmp_path / "a.png", np.zeros((4, 4, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []  # no half-written a.png, no temporary file
+    assert stopped("upscale.py") == 130
+    assert capsys.readouterr().err.count("\n") == 1

@@ -50,6 +50,7 @@ from examples.restoration.kernels import (
 from examples.restoration.model import load_model
 from examples.restoration.train import pick_device
 from examples.span_sr.metrics import psnr_rgb, ssim, to_uint8
+from examples.span_sr.outputs import stopped
 
 __all__ = ["Case", "degraded_cases", "eval_kernels", "eval_set", "main", "score"]
 
@@ -228,3 +229,5 @@ if __name__ == "__main__":
         main()
     except (FileNotFoundError, ValueError) as err:  # a missing run folder, weights or image file: one line
         raise SystemExit(f"error: {err}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(stopped("evaluate.py")) from None

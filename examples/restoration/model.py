@@ -26,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from examples.span_sr.outputs import follow_umask
+from examples.span_sr.checkpoint import write_atomically
 
 __all__ = ["ResidualCNN", "SmallUNet", "build_model", "load_model", "receptive_field", "save_model"]
 
@@ -180,8 +180,7 @@ def save_model(model: nn.Module, path: str | os.PathLike[str], *, extra: dict | 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata=meta)
-    follow_umask(path)  # safetensors' save_file leaves 0o600
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=meta))  # mode as the umask says
     return path
 
 

@@ -35,7 +35,7 @@ from examples.restoration.kernels import GAUSSIAN_TEST, gaussian_kernel, load_ke
 from examples.restoration.model import load_model
 from examples.span_sr.images import list_images, read_image, write_image
 from examples.span_sr.metrics import to_uint8
-from examples.span_sr.outputs import folder_outputs, refuse_inputs
+from examples.span_sr.outputs import folder_outputs, refuse_inputs, stopped
 
 __all__ = ["build", "main"]
 
@@ -115,3 +115,5 @@ if __name__ == "__main__":
         main()
     except (FileNotFoundError, ValueError) as err:  # a missing file, an empty folder, an output over an input
         raise SystemExit(f"error: {err}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(stopped("restore.py")) from None

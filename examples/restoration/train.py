@@ -48,7 +48,7 @@ from examples.restoration.data import SAMPLE_TRAIN, PatchSampler, folder_images,
 from examples.restoration.degrade import Task, degrade, get_task, seeded_generator
 from examples.restoration.kernels import kernel_pool
 from examples.restoration.model import build_model, load_model, save_model
-from examples.span_sr.outputs import refuse_inputs
+from examples.span_sr.outputs import refuse_inputs, stopped
 
 __all__ = ["adapter_config", "blur_margin", "draw_batch", "kernel_pools", "main", "pick_device",
            "task_stream", "train_images", "train_steps"]
@@ -277,3 +277,5 @@ if __name__ == "__main__":
         main()
     except FileNotFoundError as err:  # a missing run folder, weights or image file: one line
         raise SystemExit(f"error: {err}") from None
+    except KeyboardInterrupt:
+        raise SystemExit(stopped("train.py")) from None

@@ -39,7 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from examples.span_sr.dsclora import load_deployed
 from examples.span_sr.fast import fast_span
-from examples.span_sr.outputs import refuse_inputs
+from examples.span_sr.outputs import refuse_inputs, stopped
 
 __all__ = ["complexity", "count_convs", "count_params", "main", "measure_runtime", "runtime_inputs"]
 
@@ -192,4 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        raise SystemExit(stopped("efficiency.py")) from None

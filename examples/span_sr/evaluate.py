@@ -37,7 +37,7 @@ from examples.span_sr.dsclora import load_deployed
 from examples.span_sr.fast import fast_span
 from examples.span_sr.images import list_images, read_image
 from examples.span_sr.metrics import psnr_rgb, psnr_y, ssim_y
-from examples.span_sr.outputs import refuse_inputs
+from examples.span_sr.outputs import refuse_inputs, stopped
 from examples.span_sr.upscale import upscale_image
 
 __all__ = ["METRICS", "check_lr", "dataset_dirs", "evaluate_folder", "format_table", "main", "score", "sr_pairs"]
@@ -225,4 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        raise SystemExit(stopped("evaluate.py")) from None

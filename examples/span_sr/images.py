@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from examples.span_sr.checkpoint import write_atomically
+
 __all__ = ["IMAGE_EXTS", "SKIMAGE_PHOTOS", "list_images", "load_packed", "read_image", "save_packed", "write_image"]
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".npy", ".u8.xz")
@@ -138,13 +140,15 @@ def read_image(ref: str | Path) -> np.ndarray:
 
 
 def write_image(path: str | Path, img: np.ndarray) -> None:
-    """Write a uint8 HxWx3 (or HxW) array; the format follows the suffix (PNG is lossless)."""
+    """Write a uint8 HxWx3 (or HxW) array atomically; the format follows the suffix (PNG is lossless)."""
     if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim not in (2, 3):
         desc = f"{getattr(img, 'dtype', type(img).__name__)} {getattr(img, 'shape', '')}"
         raise ValueError(f"write_image needs a uint8 HxW or HxWx3 array, got {desc}.")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(img).save(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"write_image: {str(path)!r} has no image suffix Pillow writes; use .png (lossless).")
+    write_atomically(path, lambda tmp: Image.fromarray(img).save(tmp, format=fmt))  # whole or not at all
 
 
 def save_packed(path: str | Path, img: np.ndarray) -> None:

@@ -12,17 +12,19 @@ outputs here before any work starts:
   nothing is renamed silently;
 * :func:`follow_umask` - a file written by a writer that ignores the umask (``tempfile.mkstemp``,
   safetensors' ``save_file``: mode ``0o600``) gets ``0o666`` filtered by the process umask, as
-  ``open(path, "w")`` would give it.
+  ``open(path, "w")`` would give it;
+* :func:`stopped` - the one line and the exit status (130) of a tool stopped by Ctrl-C.
 """
 
 from __future__ import annotations
 
 import os
 import stat
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
-__all__ = ["folder_outputs", "follow_umask", "refuse_inputs", "same_file"]
+__all__ = ["folder_outputs", "follow_umask", "refuse_inputs", "same_file", "stopped"]
 
 
 def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
@@ -84,3 +86,10 @@ def follow_umask(path: str | os.PathLike[str]) -> None:
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(path, (stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH) & ~umask)
+
+
+def stopped(tool: str) -> int:
+    """Print the one line of a tool stopped by Ctrl-C and return its exit status, 130."""
+    print(f"{tool}: interrupted; the images and weights already written are complete (each is written to a "
+          "temporary file, then renamed), the others were not written", file=sys.stderr)
+    return 130

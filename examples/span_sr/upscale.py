@@ -34,7 +34,7 @@ from examples.span_sr.dsclora import deploy, load_deployed
 from examples.span_sr.fast import fast_span
 from examples.span_sr.images import list_images, read_image, write_image
 from examples.span_sr.metrics import to_uint8
-from examples.span_sr.outputs import folder_outputs, refuse_inputs
+from examples.span_sr.outputs import folder_outputs, refuse_inputs, stopped
 from examples.span_sr.spandrel_format import SUFFIXES, save_spandrel
 
 __all__ = ["SPAN_RF_RADIUS", "check_onnx", "export_onnx", "main", "tiles", "upscale_image", "upscale_tensor"]
@@ -228,4 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        raise SystemExit(main())
+    except KeyboardInterrupt:
+        raise SystemExit(stopped("upscale.py")) from None
