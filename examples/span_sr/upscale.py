@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--weights", required=True, help="SPAN checkpoint (.pth or .safetensors)")
     ap.add_argument("--lora-adapter", metavar="FILE", help="convlora adapter (.safetensors) to apply and merge")
     ap.add_argument("--input", help="image file or folder of images")
-    ap.add_argument("--output", help="output folder (same file names, PNG); not the input's folder; two inputs "
-                    "with one name (a.png, a.jpg) are refused")
+    ap.add_argument("--output", help="a new output folder (same names, PNG)")
     ap.add_argument("--tile", type=int, default=None, help="LR tile size; bounds memory. Same result as untiled up to float "
                     "round-off: at most one uint8 level, in at most 1 in 10,000 values")
     ap.add_argument("--device", default="cpu")
