@@ -8,6 +8,7 @@ original architecture, parameter count and speed.
 from . import distill
 from ._version import __version__
 from .adapters import load_adapter, read_adapter, save_adapter
+from .composition import combine_adapters, per_sample, scaled
 from .config import LoRAConfig
 from .errors import (
     AdapterFormatError,
@@ -53,6 +54,7 @@ __all__ = [
     "UnsupportedLayerError",
     "__version__",
     "active_adapter",
+    "combine_adapters",
     "delete_adapter",
     "disabled",
     "distill",
@@ -72,10 +74,12 @@ __all__ = [
     "merge",
     "merge_state_dict",
     "merged",
+    "per_sample",
     "read_adapter",
     "save_adapter",
     "save_peft_adapter",
     "save_state_dict",
+    "scaled",
     "set_adapter",
     "summary",
     "unload",

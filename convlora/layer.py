@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from .combination import grouped_forward, weighted_weight
 from .errors import MergeStateError, UnsupportedLayerError
 from .functional import factorization_problem, max_rank
 from .methods import effective_weight as _effective_weight
@@ -117,6 +118,10 @@ class LoRALayer(nn.Module):
         self.method: dict[str, str] = {}
         self.rslora: dict[str, bool] = {}
         self.active_adapter: str | None = None
+        # Several active adapters with weights (first key == active_adapter), set by set_adapter.
+        self.adapter_weights: dict[str, float] | None = None
+        # One adapter name per sample of the batch, set by convlora.per_sample for its block.
+        self.sample_adapters: tuple[str | None, ...] | None = None
         self.merged_adapter: str | None = None
         self.disabled = False
         self.register_buffer("unmerged_weight", None, persistent=False)
@@ -210,6 +215,8 @@ class LoRALayer(nn.Module):
             meta.pop(name)
         if self.active_adapter == name:
             self.active_adapter = None
+        if self.adapter_weights is not None and name in self.adapter_weights:
+            self.adapter_weights = None
 
     def scale(self, name: str) -> float:
         """``alpha / rank`` of adapter ``name`` (``alpha / sqrt(rank)`` with rsLoRA)."""
@@ -230,6 +237,17 @@ class LoRALayer(nn.Module):
         return _effective_weight(self.method[name], self.weight, self.factors(name), self.scale(name),
                                  self.groups, self.transposed)
 
+    def composition(self) -> dict[str, float] | None:
+        """The active weighted adapters ``{name: weight}``, or ``None`` for one adapter at weight 1."""
+        w = self.adapter_weights
+        if w is None or self.active_adapter is None or next(iter(w), None) != self.active_adapter:
+            return None
+        return w
+
+    def composed_weight(self, weights: dict[str, float]) -> Tensor:
+        """``W + sum_i w_i * delta_i`` with ``delta_i = W'_i - W`` (see [convlora.composition][])."""
+        return weighted_weight(self.weight, [(w, self.delta(n)) for n, w in weights.items()])
+
     # -- merge ---------------------------------------------------------------------------------
     def merge(self) -> None:
         """Fold the active adapter into ``weight``; keeps the original for exact unmerge."""
@@ -239,8 +257,9 @@ class LoRALayer(nn.Module):
         name = self.active_adapter
         if name is None:
             return
+        weights = self.composition()
         with torch.no_grad():
-            merged = self.effective_weight(name)
+            merged = self.effective_weight(name) if weights is None else self.composed_weight(weights)
             self.unmerged_weight = self.weight.detach().clone()
             self.weight.copy_(merged)
         self.merged_adapter = name
@@ -291,15 +310,25 @@ class LoRALayer(nn.Module):
                                                  self.ndim, list(self.dilation))
         elif output_size is not None:
             raise TypeError(f"output_size applies to transposed convolutions, not to {self.base_type}.")
-        name = self.active_adapter
-        if name is None or self.disabled or self.merged_adapter is not None:
+        if self.sample_adapters is not None:
+            return grouped_forward(x, self.sample_adapters,
+                                   lambda xs, name: self._adapter_forward(xs, name, None, op))
+        return self._adapter_forward(x, self.active_adapter, self.composition(), op)
+
+    def _adapter_forward(self, x: Tensor, name: str | None, weights: dict[str, float] | None,
+                         op: Any) -> Tensor:
+        if name not in self.rank or self.disabled or self.merged_adapter is not None:
             return self._base_forward(x, self.weight, self.bias, op)
-        p = self.dropout[name]
-        if p > 0.0 and self.training:
-            delta = self.delta(name).to(self.weight.dtype)
-            return (self._base_forward(x, self.weight, self.bias, op)
-                    + self._base_forward(F.dropout(x, p, True), delta, None, op))
-        return self._base_forward(x, self.effective_weight(name), self.bias, op)
+        assert name is not None
+        terms = weights or {name: 1.0}
+        if self.training and any(self.dropout[n] > 0.0 for n in terms):  # one branch per adapter
+            out = self._base_forward(x, self.weight, self.bias, op)
+            for n, w in terms.items():
+                delta = (self.delta(n) * w).to(self.weight.dtype)
+                out = out + self._base_forward(F.dropout(x, self.dropout[n], True), delta, None, op)
+            return out
+        weight = self.effective_weight(name) if weights is None else self.composed_weight(weights)
+        return self._base_forward(x, weight, self.bias, op)
 
 
 def _remerge_after_load(layer: nn.Module, incompatible_keys: Any) -> None:

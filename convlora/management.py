@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import math
+from collections.abc import Iterator, Sequence
 
 from torch import Tensor, nn
 
@@ -28,23 +29,46 @@ def list_adapters(model: nn.Module) -> list[str]:
     return list(seen)
 
 
-def set_adapter(model: nn.Module, name: str) -> None:
-    """Make ``name`` the active adapter; layers without it run their base weights.
+def set_adapter(model: nn.Module, name: str | Sequence[str],
+                weights: Sequence[float] | None = None) -> None:
+    """Make ``name`` the active adapter, or several adapters active at once with ``weights``.
+
+    With one name (and no weights) each layer runs ``W'`` of that adapter. With a list of names
+    each layer runs one convolution with ``W + sum_i w_i * delta_i`` over the listed adapters it
+    carries, where ``delta_i = W'_i - W`` (for DoRA too: its ``delta`` is taken at weight 1, see
+    [convlora.composition][]); ``weights`` defaults to all ones. Layers with none of the adapters
+    run their base weights. Biases are the model's own parameters, shared by every adapter:
+    a composition uses the biases currently loaded and does not weight them.
 
     Switching only changes which factors the forward reads: it is exact and costs nothing.
 
     Raises:
         MergeStateError: the model is merged (unmerge first).
-        ConvLoRAError: no layer has an adapter ``name``.
+        ConvLoRAError: no layer has an adapter of that name, a name is repeated, or ``weights``
+            does not give one finite number per name.
     """
+    names = [name] if isinstance(name, str) else list(name)
+    if weights is None:
+        ws = [1.0] * len(names)
+    else:
+        ws = [float(w) for w in weights]
+        if len(ws) != len(names) or not all(math.isfinite(w) for w in ws):
+            raise ConvLoRAError(f"set_adapter(): weights={list(weights)} must give one finite "
+                                f"number per adapter of {names}.")
     layers = lora_layers(model)
     if any(layer.merged_adapter is not None for layer in layers.values()):
         raise MergeStateError(f"set_adapter({name!r}): the model is merged; call "
                               "convlora.unmerge() before switching adapters.")
-    if not any(name in layer.rank for layer in layers.values()):
-        raise ConvLoRAError(f"no adapter named {name!r}; this model has {list_adapters(model)}.")
+    if not names or len(set(names)) != len(names):
+        raise ConvLoRAError(f"set_adapter(): adapter names {names} must be non-empty and distinct.")
+    for n in names:
+        if not any(n in layer.rank for layer in layers.values()):
+            raise ConvLoRAError(f"no adapter named {n!r}; this model has {list_adapters(model)}.")
+    single = len(names) == 1 and ws[0] == 1.0
     for layer in layers.values():
-        layer.active_adapter = name if name in layer.rank else None
+        mine = {n: w for n, w in zip(names, ws) if n in layer.rank}
+        layer.active_adapter = next(iter(mine), None)
+        layer.adapter_weights = None if single or not mine else mine
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
