@@ -49,10 +49,14 @@ def grouped_forward(x: Tensor, names: Sequence[str | None],
         return run(x, names[0] if names else None)
     out: Tensor | None = None
     for name, idx in rows.items():
+        contiguous = idx == list(range(idx[0], idx[-1] + 1))  # a slice: a view, no gather
         index = torch.tensor(idx, device=x.device)
-        y = run(x.index_select(0, index), name)
+        y = run(x[idx[0]:idx[-1] + 1] if contiguous else x.index_select(0, index), name)
         if out is None:
             out = y.new_empty((x.shape[0], *y.shape[1:]))
-        out = out.index_copy(0, index, y)
+        if contiguous:
+            out[idx[0]:idx[-1] + 1] = y
+        else:
+            out.index_copy_(0, index, y)
     assert out is not None
     return out

@@ -100,10 +100,13 @@ SCRIPTS = {
     "bench_teacher_cache.py": ["plain L1", "cached teacher", "live teacher", "cache build"],
     "bench_methods.py": ["A/A", "convlora dora", "convlora loha", "convlora lokr", "ratio vs full FT",
                          "ratio vs original", "timm resnet18"],
+    "bench_mixed_batch.py": ["convlora per_sample", "convlora 4 separate forwards",
+                             "ratio vs 4 separate"],
 }
 if importlib.util.find_spec("peft") is not None:
     SCRIPTS["bench_train_step.py"].append("PEFT LoRA")
     SCRIPTS["bench_methods.py"].append("PEFT ")
+    SCRIPTS["bench_mixed_batch.py"].append("PEFT ")
 
 
 @pytest.fixture(scope="module")
