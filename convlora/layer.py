@@ -206,7 +206,8 @@ class LoRALayer(nn.Module):
 
     def delete_adapter(self, name: str) -> None:
         """Remove adapter ``name`` (it must not be merged)."""
-        if self.merged_adapter == name:
+        if self.merged_adapter == name or (self.merged_adapter is not None
+                                           and name in (self.composition() or {})):
             raise MergeStateError(f"adapter {name!r} is merged; unmerge() before deleting it.")
         for factor in self.factors(name):
             del self.factor_store(factor)[name]
@@ -215,8 +216,11 @@ class LoRALayer(nn.Module):
             meta.pop(name)
         if self.active_adapter == name:
             self.active_adapter = None
-        if self.adapter_weights is not None and name in self.adapter_weights:
-            self.adapter_weights = None
+        if self.adapter_weights is not None and name in self.adapter_weights:  # drop it from the mix
+            rest = {n: w for n, w in self.adapter_weights.items() if n != name}
+            self.adapter_weights = rest or None
+            if self.active_adapter is None and rest:
+                self.active_adapter = next(iter(rest))
 
     def scale(self, name: str) -> float:
         """``alpha / rank`` of adapter ``name`` (``alpha / sqrt(rank)`` with rsLoRA)."""

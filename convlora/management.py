@@ -76,7 +76,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     layers = [layer for layer in lora_layers(model).values() if name in layer.rank]
     if not layers:
         raise ConvLoRAError(f"no adapter named {name!r}; this model has {list_adapters(model)}.")
-    if any(layer.merged_adapter == name for layer in layers):
+    if any(layer.merged_adapter == name or (layer.merged_adapter is not None
+                                            and name in (layer.composition() or {}))
+           for layer in layers):
         raise MergeStateError(f"adapter {name!r} is merged; call convlora.unmerge() first.")
     for layer in layers:
         layer.delete_adapter(name)

@@ -247,3 +247,15 @@ def test_training_with_dropout_composition_runs_per_adapter_branches() -> None:
     y_train.sum().backward()
     layer = convlora.lora_layers(model)["0"]
     assert layer.factors("b")["lora_A"].grad is not None
+
+
+def test_delete_adapter_of_a_composition() -> None:
+    base, model, x = _model(2, ["lora", "loha", "lora"], [2, 2, 2])
+    convlora.set_adapter(model, NAMES, weights=[1.0, 0.5, -0.3])
+    with convlora.merged(model), pytest.raises(MergeStateError, match="merged"):
+        convlora.delete_adapter(model, "b")
+    assert convlora.list_adapters(model) == NAMES
+    convlora.delete_adapter(model, "a")  # the rest of the mix stays active, with its weights
+    y = model(x)
+    ref = _reference(base, model, {"b": 0.5, "c": -0.3})
+    torch.testing.assert_close(y.double(), ref(x.double()), atol=1e-4, rtol=1e-4)
