@@ -34,7 +34,6 @@ from .errors import (
     AdapterMismatchError,
     ConvLoRAError,
     FingerprintMismatchError,
-    MergeStateError,
 )
 from .fingerprint import base_mismatch, dtype_name, fingerprint, sketch
 from .functional import FACTORIZATIONS, factorization_problem, max_rank
@@ -396,11 +395,7 @@ def _check(model: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any], n
     for lname, lm in layers.items():
         mod = modules[lname]
         if isinstance(mod, LoRALayer):
-            if mod.merged_adapter is not None:
-                raise MergeStateError(f"layer {lname!r} is merged; unmerge() before loading adapters.")
-            if name in mod.rank:
-                raise AdapterMismatchError(f"layer {lname!r} already has an adapter {name!r}; "
-                                           "load it under another name= or delete_adapter() first.")
+            mod.check_can_load(lname, name)
         kind = mod.base_type if isinstance(mod, LoRALayer) else type(mod).__name__
         weight = getattr(mod, "weight", None)
         if not isinstance(weight, Tensor) or list(weight.shape) != lm["weight_shape"] or kind != lm["type"]:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .combination import grouped_forward, weighted_weight
-from .errors import MergeStateError, UnsupportedLayerError
+from .errors import AdapterMismatchError, MergeStateError, UnsupportedLayerError
 from .functional import factorization_problem, max_rank
 from .methods import effective_weight as _effective_weight
 from .methods import factor_shapes, init_factors_, method_delta, method_problem, scale_for
@@ -151,6 +151,15 @@ class LoRALayer(nn.Module):
                 f"merged={self.merged_adapter!r}")
 
     # -- adapters ------------------------------------------------------------------------------
+    def check_can_load(self, layer_name: str, name: str) -> None:
+        """Raise unless adapter ``name`` can be loaded here: the layer is unmerged and has no
+        adapter of that name (the one check behind loading a convlora or a PEFT file)."""
+        if self.merged_adapter is not None:
+            raise MergeStateError(f"layer {layer_name!r} is merged; unmerge() before loading adapters.")
+        if name in self.rank:
+            raise AdapterMismatchError(f"layer {layer_name!r} already has an adapter {name!r}; load it "
+                                       "under another name= or delete_adapter() first.")
+
     def add_adapter(self, name: str, rank: int, alpha: float, factorization: str = "kernel",
                     dropout: float = 0.0, layer_name: str = "?", method: str = "lora",
                     rslora: bool = False) -> None:

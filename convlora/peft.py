@@ -50,7 +50,6 @@ from .errors import (
     AdapterFormatError,
     AdapterMismatchError,
     ConvLoRAError,
-    MergeStateError,
     UnsupportedLayerError,
 )
 from .layer import LoRALayer, unsupported_reason
@@ -595,11 +594,7 @@ def _plan(model: nn.Module, tensors: dict[str, Tensor], cfg: dict[str, Any], nam
         if reason:
             raise UnsupportedLayerError(f"layer {lname!r} cannot take a LoRA adapter: {reason}.")
         if isinstance(mod, LoRALayer):
-            if mod.merged_adapter is not None:
-                raise MergeStateError(f"layer {lname!r} is merged; unmerge() before loading adapters.")
-            if name in mod.rank:
-                raise AdapterMismatchError(f"layer {lname!r} already has an adapter {name!r}; load it "
-                                           "under another name= or delete_adapter() first.")
+            mod.check_can_load(lname, name)
         problem = _peft_problem(spec)
         if problem:
             raise UnsupportedLayerError(f"layer {lname!r}: {problem}; convlora does not import it.")
