@@ -35,6 +35,15 @@ __all__ = ["conv3x3_cat_kernel", "conv_kernel", "conv_shuffle_kernel"]
 
 
 @triton.jit
+def _pixels(N, H, W, BLOCK_M: tl.constexpr):
+    """This program's ``BLOCK_M`` flat pixel indices, the pixel count, and each index's
+    ``(n, h, w)`` in an ``N x H x W`` grid (the rows every kernel here works on)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    hw = offs_m % (H * W)
+    return offs_m, N * H * W, offs_m // (H * W), hw // W, hw % W
+
+
+@triton.jit
 def _conv_tile(x_ptr, w_ptr, mean_ptr, scale, offs_m, n, h, w, H, W, total, c_in,
                sxn, sxh, sxw, sxc,
                KS: tl.constexpr, CPI: tl.constexpr, CPO: tl.constexpr, NORM: tl.constexpr,
@@ -72,12 +81,7 @@ def conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, mean_ptr, scale, N, H, W, c
     ``MODE`` 0: identity; 1: SiLU; 2: the SPAB tail ``(v + res) * (sigmoid(v) - 0.5)`` with
     ``res`` a padded NHWC tensor like ``y``. ``NORM``: normalise the input while loading it.
     """
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    total = N * H * W
-    n = offs_m // (H * W)
-    hw = offs_m % (H * W)
-    h = hw // W
-    w = hw % W
+    offs_m, total, n, h, w = _pixels(N, H, W, BLOCK_M)
     acc = _conv_tile(x_ptr, w_ptr, mean_ptr, scale, offs_m, n, h, w, H, W, total, c_in,
                      sxn, sxh, sxw, sxc, KS, CPI, CPO, NORM, DOT_PREC)
     co = tl.arange(0, CPO)
@@ -101,12 +105,7 @@ def conv3x3_cat_kernel(x_ptr, w_ptr, b_ptr, feat_ptr, b1_ptr, b61_ptr, wcat_ptr,
 
     ``wcat`` holds four ``[CP, CPC]`` slabs, one per concatenated input, in that order.
     """
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    total = N * H * W
-    n = offs_m // (H * W)
-    hw = offs_m % (H * W)
-    h = hw // W
-    w = hw % W
+    offs_m, total, n, h, w = _pixels(N, H, W, BLOCK_M)
     acc = _conv_tile(x_ptr, w_ptr, b_ptr, 1.0, offs_m, n, h, w, H, W, total, c_in,
                      H * W * CP, W * CP, CP, 1, 3, CP, CP, False, DOT_PREC)
     c = tl.arange(0, CP)
@@ -137,12 +136,7 @@ def conv_shuffle_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, H, W, c_in, c_out,
     Conv output channel ``k = c * S * S + i * S + j`` at LR pixel ``(h, w)`` is output channel
     ``c`` at ``(h * S + i, w * S + j)``; ``y`` has ``c_out`` (image) channels.
     """
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    total = N * H * W
-    n = offs_m // (H * W)
-    hw = offs_m % (H * W)
-    h = hw // W
-    w = hw % W
+    offs_m, total, n, h, w = _pixels(N, H, W, BLOCK_M)
     acc = _conv_tile(x_ptr, w_ptr, b_ptr, 1.0, offs_m, n, h, w, H, W, total, c_in,
                      H * W * CPI, W * CPI, CPI, 1, 3, CPI, CPO, False, DOT_PREC)
     k = tl.arange(0, CPO)
