@@ -229,7 +229,11 @@ def test_bad_inputs_fail_before_training(tiny: dict[str, Path], tmp_path: Path) 
         train.main(_args(tiny, tmp_path / "e", "--teacher", str(x2)))
     with pytest.raises(ValueError, match="smaller than"):
         train.main(_args(tiny, tmp_path / "f", "--data.patch", "32"))
-    assert not any((tmp_path / n).exists() for n in "abcde")  # no run folder is left behind
+    with pytest.raises(ValueError, match="no single feature map"):  # the affinity of a self-ensemble
+        train.main(_args(tiny, tmp_path / "g", "--model.teacher_ensemble", "8"))
+    with pytest.raises(ValueError, match=r"'model.teacher_ensemble': '3' is not one of \[1, 2, 4, 8\]"):
+        train.main(_args(tiny, tmp_path / "h", "--model.teacher_ensemble", "3"))
+    assert not any((tmp_path / n).exists() for n in "abcdegh")  # no run folder is left behind
     assert not (tmp_path / "f" / "checkpoint.pt").exists()
 
 
@@ -297,3 +301,24 @@ def test_full_finetune_baseline_trains_every_parameter(tiny: dict[str, Path], tm
     assert merged.keys() == base.keys()
     changed = [k for k in base if not torch.equal(merged[k], base[k])]
     assert "conv_1.eval_conv.weight" in changed and "conv_cat.weight" in changed  # not only the adapted convs
+
+
+def test_self_ensemble_teacher_trains_from_cached_targets(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """x2 self-ensemble of the base as the teacher, through the cache: its targets are E(LR), not base(LR)."""
+    run = tmp_path / "ens"
+    assert train.main(_args(tiny, run, "--teacher", "base", "--model.teacher_ensemble", "2", "--loss.w_aff", "0",
+                            "--teacher_cache.enabled", "true", "--teacher_cache.dtype", "float32",
+                            "--train.steps", "2")) == 0
+    cached = json.loads((run / "provenance.json").read_text())["teacher_cache"]["lr"]
+    assert Path(cached["folder"]).is_dir()
+    val = json.loads((run / "results.json").read_text())["y_psnr_db"]["val"]
+    assert val["teacher"] != val["base"]  # the ensemble is not the base it averages
+
+
+def test_validation_images_inside_the_training_folders_are_left_out_of_training(tiny: dict[str, Path],
+                                                                                 tmp_path: Path) -> None:
+    run = tmp_path / "leak"
+    held = sorted(tiny["train"].iterdir())[:2]
+    assert train.main(_args(tiny, run, "--data.val", *map(str, held), "--train.steps", "1")) == 0
+    prov = json.loads((run / "provenance.json").read_text())
+    assert prov["data"]["train"]["images"] == 6 - 2

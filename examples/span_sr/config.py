@@ -96,6 +96,8 @@ class ModelConfig:
     teacher: str = "span_ch28"
     weights_dir: str = "../shared/data/weights"  # relative paths are relative to the repo root
     lora: str = "configs/dsclora_lora.yaml"
+    teacher_ensemble: int = 1  # x8 = the teacher's geometric self-ensemble (ensemble.py): the mean over the
+    # eight flips/transposes of its input; 1 = the plain teacher
     full_finetune: bool = False  # baseline: no adapters, every parameter of the student trains (`lora` unused);
     # the run then writes no adapter.safetensors, only the merged (plain SPAN) weights
 
@@ -211,6 +213,7 @@ _CHOICES: dict[str, Rule] = {
     "teacher_cache.compute": ("float32", "bfloat16", "float16"),
     "teacher_cache.build_device": ("auto", "cpu", "cuda"),
     "train.schedule": ("cosine", "multistep", "constant"),
+    "model.teacher_ensemble": (1, 2, 4, 8),
     "train.device": ("auto", "cpu", "cuda"),
     "data.val_holdout": _NONNEG, "data.scale": Range(1, 8), "data.patch": Range(1, 4096),
     "data.batch": Range(1, 1 << 16), "data.workers": Range(0, 256), "data.val_max_side": _NONNEG,

@@ -52,6 +52,7 @@ from examples.span_sr.data import (
 )
 from examples.span_sr.degrade import imresize_matlab
 from examples.span_sr.demo import train_substitute
+from examples.span_sr.ensemble import SelfEnsemble
 from examples.span_sr.evaluate import score
 from examples.span_sr.images import write_image
 from examples.span_sr.outputs import refuse_inputs
@@ -89,7 +90,8 @@ def distill_checks(cfg: Config, world: int) -> None:
     """The teacher-cache and upcycling settings that cannot work together, refused before any work.
 
     Raises:
-        ValueError: the cache with ``lr_mode: float`` or with the affinity term; an upcycled share
+        ValueError: the cache with ``lr_mode: float`` or with the affinity term; the affinity term
+            with a self-ensemble teacher; an upcycled share
             whose rows per batch cannot be split evenly over the DDP ranks.
     """
     if cfg.teacher_cache.enabled and cfg.data.lr_mode != "cache":
@@ -98,6 +100,10 @@ def distill_checks(cfg: Config, world: int) -> None:
     if cfg.teacher_cache.enabled and cfg.loss.w_aff:
         raise ValueError(f"loss.w_aff={cfg.loss.w_aff} needs the teacher's features at every step, which cached "
                          "outputs do not have: set --teacher_cache.enabled false or --loss.w_aff 0.")
+    if cfg.model.teacher_ensemble > 1 and cfg.loss.w_aff:
+        raise ValueError(f"loss.w_aff={cfg.loss.w_aff} with model.teacher_ensemble={cfg.model.teacher_ensemble}: a "
+                         "self-ensemble has no single feature map to take the affinity of; set one of them off "
+                         "(--loss.w_aff 0 or --model.teacher_ensemble 1).")
     if cfg.data.upcycle_share and 0 < cfg.data.upcycle_side < cfg.data.patch:
         raise ValueError(f"data.upcycle_side={cfg.data.upcycle_side} is smaller than the {cfg.data.patch}x{cfg.data.patch} "
                          "LR patch cut from it; raise it to at least data.patch (0 = whole images).")
@@ -179,8 +185,10 @@ def _run(argv: list[str]) -> int:
     refs = image_refs(cfg.data.train)
     if not refs:
         raise ValueError("no training data: set --data.train to one or more HR image folders.")
-    if cfg.data.val:
-        train_refs, val_refs = refs, image_refs(cfg.data.val)
+    if cfg.data.val:  # a validation image inside the training folders is left out of training (no leak)
+        val_refs = image_refs(cfg.data.val)
+        held = {str(Path(r).resolve()) for r in val_refs}
+        train_refs = [r for r in refs if str(Path(r).resolve()) not in held]
     else:
         train_refs, val_refs = split_holdout(refs, cfg.data.val_holdout)
     tests = {Path(f).name: image_refs([str(Path(f) / "HR") if (Path(f) / "HR").is_dir() else f])
@@ -236,6 +244,8 @@ def _run(argv: list[str]) -> int:
                 dist.barrier()
     torch.manual_seed(cfg.train.seed)  # same adapter init whether or not demo substitutes just trained
     base, teacher = dsclora.load_pair(weights["base"], weights.get("teacher"), scale)
+    if cfg.model.teacher_ensemble > 1:  # the teacher's mean over flips/transposes (ensemble.py); the student stays one forward
+        teacher = SelfEnsemble(teacher, cfg.model.teacher_ensemble).eval()
     upcycle = [upcycle_region(np.asarray(hr), cfg.data.upcycle_side) for hr in train_set.hr] \
         if cfg.data.upcycle_share else None
     targets, upcycle_targets, cache_info = None, None, {}
