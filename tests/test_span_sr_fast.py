@@ -27,6 +27,8 @@ CASES = {
     "w8_x3_one_row": dict(width=8, cat=None, scale=3, shape=(1, 3, 1, 4)),  # 27 out ch -> 32
     "w8_channels_last": dict(width=8, cat=None, scale=4, shape=(1, 3, 6, 5), channels_last=True),
     "w26_fp16": dict(width=26, cat=None, scale=4, shape=(1, 3, 8, 8), dtype="float16"),
+    # the CUDA schedule's float32 settings (the interpreter's dots are numpy float32 matmuls)
+    "w26_tf32x3_warps2": dict(width=26, cat=None, scale=4, shape=(1, 3, 7, 9), precision="tf32x3"),
 }
 
 WORKER = r"""
@@ -35,7 +37,8 @@ os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, sys.argv[1])
 import torch
 from tests.test_span_sr_fast import CASES, _model
-from examples.span_sr.fast import FastSPAN, _TritonSPAN, fast_span
+from examples.span_sr.fast import FastSPAN, fast_span
+from examples.span_sr.fast_cuda import TritonSPAN
 torch.set_num_threads(1)
 out = {}
 for name, c in CASES.items():
@@ -44,7 +47,10 @@ for name, c in CASES.items():
     if c.get("channels_last"):
         x = x.contiguous(memory_format=torch.channels_last)
     if "dtype" in c:  # fp16 storage: kept in the kernels for the GPU work, not offered (bound)
-        fast = FastSPAN(m, _TritonSPAN(m, getattr(torch, c["dtype"]), 16), "triton", torch.float16)
+        fast = FastSPAN(m, TritonSPAN(m, getattr(torch, c["dtype"]), 16), "triton", torch.float16)
+    elif "precision" in c:
+        run = TritonSPAN(m, torch.float32, 32, precision=c["precision"], num_warps=2)
+        fast = FastSPAN(m, run, "triton", torch.float32)
     else:
         fast = fast_span(m, backend="triton", block_m=16)
     with torch.no_grad():

@@ -6,7 +6,7 @@
 
 Backends. ``backend="auto"`` picks, on CPU, ``"onnxruntime"`` when it is installed (the ``[onnx]``
 extra), else ``"inductor"`` when a C++ compiler is found, else ``"eager"`` (printing one line);
-on other devices ``"eager"``. The CPU order was chosen by measurement
+on CUDA ``"triton"`` (else ``"eager"``, printing one line); on other devices ``"eager"``. The CPU order was chosen by measurement
 (``benchmarks/bench_span_fast.py``, docs/span_sr.md): both are 1.3x to 2.3x faster than the
 eager forward at one thread, ONNX Runtime much more so with two threads on a loaded machine,
 and it costs a few seconds once instead of a compile of half a minute per new input shape.
@@ -19,10 +19,12 @@ and it costs a few seconds once instead of a compile of half a minute per new in
   without one it is not picked, and when compiling fails it falls back to the eager forward,
   printing one line. The first call for each new input shape compiles (tens of seconds on a
   loaded 2-core machine); later calls are fast.
-* ``"triton"`` (CUDA; opt-in, not a default until it is timed on a GPU): the fused kernels of
+* ``"triton"`` (CUDA; what ``"auto"`` picks there when triton is installed): the CUDA schedule
+  of [`fast_cuda`][examples.span_sr.fast_cuda]: the fused kernels of
   [`fast_kernels`][examples.span_sr.fast_kernels], one launch per conv with its epilogue (bias,
   SiLU, the SPAB gate and residual, the concat feeding ``conv_cat``, the pixel shuffle) fused in,
-  NHWC activations with channels padded to a power of two (26 -> 32). On CPU it runs only under
+  NHWC float32 activations with channels padded to a power of two (26 -> 32), tensor-core
+  ``tf32x3`` dots, replayed as one CUDA graph per input shape. On CPU it runs only under
   Triton's interpreter (``TRITON_INTERPRET=1``), which the tests use.
 * ``"eager"``: the deploy model's own forward (the fallback; no speed-up).
 
@@ -47,6 +49,7 @@ import torch
 from torch import nn
 
 from examples.span_sr.arch import SPAN, Conv3XC
+from examples.span_sr.fast_cuda import cuda_schedule
 
 __all__ = ["OFFERED_DTYPES", "Backend", "FastSPAN", "check_deploy", "fast_span", "resolve_backend"]
 
@@ -103,10 +106,15 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"backend={backend!r} is not one of {_BACKENDS}.")
     if backend != "auto":
         return backend
-    # CUDA: "triton" stays opt-in until its GPU figure is measured (the GPU-schedule issue)
+    import importlib.util
+
+    if device.type == "cuda":  # the CUDA schedule of examples/span_sr/fast_cuda.py
+        if importlib.util.find_spec("triton") is not None:
+            return "triton"
+        print("fast_span: triton is not installed (pip install triton); using the eager forward.")
+        return "eager"
     if device.type != "cpu":
         return "eager"
-    import importlib.util
 
     if importlib.util.find_spec("onnxruntime") is not None:
         return "onnxruntime"
@@ -115,94 +123,6 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     print("fast_span: neither onnxruntime nor a C++ compiler (for torch.compile) is available; "
           "using the eager forward.")
     return "eager"
-
-
-def _pad(c: int) -> int:
-    p = 16
-    while p < c:
-        p *= 2
-    return p
-
-
-class _TritonSPAN:
-    """Packed, padded weights of a deploy SPAN and the 21 launches of its forward."""
-
-    def __init__(self, model: SPAN, dtype: torch.dtype, block_m: int) -> None:
-        self.dtype, self.block_m = dtype, block_m
-        self.c, self.cat = model.feature_channels, model.conv_cat_channels
-        self.cp, self.cpc, self.cpi = _pad(self.c), _pad(self.cat), _pad(model.num_in_ch)
-        self.c_in, self.c_out, self.s = model.num_in_ch, model.num_out_ch, model.upscale
-        self.cpo = _pad(self.c_out * self.s**2)
-        self.scale = float(model.img_range)
-        dev = model.mean.device
-        self.mean = torch.zeros(self.cpi, device=dev)
-        self.mean[: self.c_in] = model.mean.detach().float().flatten()
-        self.conv_1 = self._conv(model.conv_1.eval_conv, self.cpi, self.cp)
-        self.blocks = [tuple(self._conv(getattr(b, f"c{i}_r").eval_conv, self.cp, self.cp) for i in (1, 2, 3))
-                       for b in (model.block_1, model.block_2, model.block_3, model.block_4,
-                                 model.block_5, model.block_6)]
-        self.conv_2 = self._conv(model.conv_2.eval_conv, self.cp, self.cp)
-        wc = model.conv_cat.weight.detach().float()[:, :, 0, 0].t()  # (4C, cat)
-        self.wcat = torch.zeros(4, self.cp, self.cpc, device=dev)
-        for i in range(4):
-            self.wcat[i, : self.c, : self.cat] = wc[i * self.c: (i + 1) * self.c]
-        self.wcat = self.wcat.to(dtype).contiguous()
-        self.bcat = self._bias(model.conv_cat, self.cpc)
-        self.up = self._conv(cast(nn.Conv2d, model.upsampler[0]), self.cpc, self.cpo)
-        self.prec = "ieee" if dtype == torch.float32 else "tf32"
-
-    def _bias(self, conv: nn.Conv2d, cpo: int) -> torch.Tensor:
-        b = torch.zeros(cpo, device=conv.weight.device)
-        if conv.bias is not None:
-            b[: conv.out_channels] = conv.bias.detach().float()
-        return b
-
-    def _conv(self, conv: nn.Conv2d, cpi: int, cpo: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w = conv.weight.detach().float()
-        k = w.shape[-1]
-        taps = w.permute(2, 3, 1, 0).reshape(k * k, w.shape[1], w.shape[0])
-        packed = torch.zeros(k * k, cpi, cpo, device=w.device)
-        packed[:, : w.shape[1], : w.shape[0]] = taps
-        return packed.to(self.dtype).contiguous(), self._bias(conv, cpo)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        from examples.span_sr import fast_kernels as fk  # needs triton: imported only here
-
-        n, _, h, w = x.shape
-        bm, cp, dt = self.block_m, self.cp, self.dtype
-        grid = ((n * h * w + bm - 1) // bm,)
-
-        def act(c: int) -> torch.Tensor:
-            return torch.empty(n, h, w, c, device=x.device, dtype=dt)
-
-        def conv(src: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor], mode: int,
-                 res: torch.Tensor | None = None) -> torch.Tensor:
-            out = act(cp)
-            fk.conv_kernel[grid](src, wb[0], wb[1], out if res is None else res, out, self.mean, 1.0,
-                              n, h, w, self.c, h * w * cp, w * cp, cp, 1, KS=3, CPI=cp, CPO=cp,
-                              MODE=mode, NORM=False, BLOCK_M=bm, DOT_PREC=self.prec)
-            return out
-
-        feat = act(cp)
-        fk.conv_kernel[grid](x, self.conv_1[0], self.conv_1[1], feat, feat, self.mean, self.scale,
-                          n, h, w, self.c_in, x.stride(0), x.stride(2), x.stride(3), x.stride(1),
-                          KS=3, CPI=self.cpi, CPO=cp, MODE=0, NORM=True, BLOCK_M=bm,
-                          DOT_PREC=self.prec)
-        cur, b1, b61 = feat, feat, feat
-        for i, (w1, w2, w3) in enumerate(self.blocks):
-            t1 = conv(cur, w1, 1)
-            cur = conv(conv(t1, w2, 1), w3, 2, res=cur)
-            b1 = cur if i == 0 else b1
-            b61 = t1
-        cat = act(self.cpc)
-        fk.conv3x3_cat_kernel[grid](cur, self.conv_2[0], self.conv_2[1], feat, b1, b61, self.wcat,
-                                 self.bcat, cat, n, h, w, self.c, CP=cp, CPC=self.cpc,
-                                 BLOCK_M=bm, DOT_PREC=self.prec)
-        y = torch.empty(n, self.c_out, h * self.s, w * self.s, device=x.device, dtype=torch.float32)
-        fk.conv_shuffle_kernel[grid](cat, self.up[0], self.up[1], y, n, h, w, self.cat, self.c_out,
-                                  CPI=self.cpc, CPO=self.cpo, S=self.s, BLOCK_M=bm,
-                                  DOT_PREC=self.prec)
-        return y
 
 
 class FastSPAN(nn.Module):
@@ -301,8 +221,8 @@ def fast_span(model: nn.Module, dtype: torch.dtype = torch.float32, backend: Bac
             train-form convs fused (``model.reparameterize()``). It is not modified.
         dtype: Compute dtype; one of ``OFFERED_DTYPES[backend]`` (float32 only: float16 and
             bfloat16 exceed the output bound).
-        backend: ``"auto"`` (on CPU onnxruntime, else inductor, else eager; eager elsewhere),
-            or one by name.
+        backend: ``"auto"`` (on CPU onnxruntime, else inductor, else eager; on CUDA triton;
+            eager elsewhere), or one by name.
         block_m: Pixels per program of the triton kernels.
 
     Returns:
@@ -326,7 +246,7 @@ def fast_span(model: nn.Module, dtype: torch.dtype = torch.float32, backend: Bac
         if device.type != "cuda" and not _interpreting():
             raise ValueError(f"the triton backend needs a CUDA model (got {device}); on CPU use "
                              "backend='inductor', or set TRITON_INTERPRET=1 before importing triton (tests).")
-        return FastSPAN(spanm, _TritonSPAN(spanm, dtype, block_m), name, dtype, block_m)
+        return FastSPAN(spanm, cuda_schedule(spanm, dtype, block_m), name, dtype, block_m)
     if name == "inductor" and not _has_cxx():
         raise ValueError("backend='inductor' needs a C++ compiler (set CXX or install g++); use "
                          "backend='auto' or 'onnxruntime'.")

@@ -19,8 +19,14 @@ Activations are NHWC with the channel dimension zero-padded to a power of two of
 padded biases are zero, so padded channels are exactly zero after every epilogue (SiLU(0) = 0,
 and the tail multiplies by ``sigmoid(0) - 0.5 = 0``): padding changes no output bit of the real
 channels' arithmetic except through summation order. Accumulation is float32; activations are
-stored in the weights' dtype (float32, float16 or bfloat16); fp32 dots use ``input_precision=
-"ieee"`` (no TF32).
+stored in the weights' dtype (float32, float16 or bfloat16); fp32 dots take their
+``input_precision`` from ``DOT_PREC``: ``"tf32x3"`` on GPUs with TF32 (tensor cores at about
+fp32 accuracy), ``"ieee"`` elsewhere (see [`dot_precision`][examples.span_sr.fast_cuda.dot_precision]).
+
+The batch and image size (``N``, ``H``, ``W``) are not specialised on, so a new input shape
+reuses the compiled kernels (Triton would otherwise compile again for every new combination of
+sizes divisible by 16 or equal to 1). The launches and their CUDA graphs are in
+[`fast_cuda`][examples.span_sr.fast_cuda].
 
 The kernels run on CUDA and, for the tests, on CPU through Triton's interpreter
 (``TRITON_INTERPRET=1`` set before Triton is imported).
@@ -71,7 +77,7 @@ def _conv_tile(x_ptr, w_ptr, mean_ptr, scale, offs_m, n, h, w, H, W, total, c_in
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "W", "sxn", "sxh", "sxw", "sxc"])
 def conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, mean_ptr, scale, N, H, W, c_in,
                 sxn, sxh, sxw, sxc,
                 KS: tl.constexpr, CPI: tl.constexpr, CPO: tl.constexpr, MODE: tl.constexpr,
@@ -79,11 +85,18 @@ def conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, mean_ptr, scale, N, H, W, c
     """``y = epilogue(conv(x) + b)`` into a padded NHWC ``y`` of ``CPO`` channels.
 
     ``MODE`` 0: identity; 1: SiLU; 2: the SPAB tail ``(v + res) * (sigmoid(v) - 0.5)`` with
-    ``res`` a padded NHWC tensor like ``y``. ``NORM``: normalise the input while loading it.
+    ``res`` a padded NHWC tensor like ``y``. ``NORM``: the input is the image, read through its
+    strides ``sx*`` (any layout) and normalised while loading; otherwise it is a padded NHWC
+    activation of ``CPI`` channels and the strides passed are ignored (they follow from ``CPI``,
+    which keeps the loads' alignment known to the compiler).
     """
     offs_m, total, n, h, w = _pixels(N, H, W, BLOCK_M)
-    acc = _conv_tile(x_ptr, w_ptr, mean_ptr, scale, offs_m, n, h, w, H, W, total, c_in,
-                     sxn, sxh, sxw, sxc, KS, CPI, CPO, NORM, DOT_PREC)
+    if NORM:
+        acc = _conv_tile(x_ptr, w_ptr, mean_ptr, scale, offs_m, n, h, w, H, W, total, c_in,
+                         sxn, sxh, sxw, sxc, KS, CPI, CPO, True, DOT_PREC)
+    else:
+        acc = _conv_tile(x_ptr, w_ptr, mean_ptr, scale, offs_m, n, h, w, H, W, total, c_in,
+                         H * W * CPI, W * CPI, CPI, 1, KS, CPI, CPO, False, DOT_PREC)
     co = tl.arange(0, CPO)
     acc += tl.load(b_ptr + co)[None, :]
     out_offs = offs_m[:, None] * CPO + co[None, :]
@@ -96,7 +109,7 @@ def conv_kernel(x_ptr, w_ptr, b_ptr, res_ptr, y_ptr, mean_ptr, scale, N, H, W, c
     tl.store(y_ptr + out_offs, acc.to(y_ptr.dtype.element_ty), mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "W"])
 def conv3x3_cat_kernel(x_ptr, w_ptr, b_ptr, feat_ptr, b1_ptr, b61_ptr, wcat_ptr, bcat_ptr, y_ptr,
                        N, H, W, c_in,
                        CP: tl.constexpr, CPC: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -127,7 +140,7 @@ def conv3x3_cat_kernel(x_ptr, w_ptr, b_ptr, feat_ptr, b1_ptr, b61_ptr, wcat_ptr,
     tl.store(y_ptr + offs_m[:, None] * CPC + cc[None, :], out.to(y_ptr.dtype.element_ty), mask=m_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "H", "W"])
 def conv_shuffle_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, H, W, c_in, c_out,
                         CPI: tl.constexpr, CPO: tl.constexpr, S: tl.constexpr,
                         BLOCK_M: tl.constexpr, DOT_PREC: tl.constexpr):
