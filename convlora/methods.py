@@ -55,10 +55,13 @@ possible, since that traffic is what a weight-space method adds to a training st
   backward reads the weight gradient twice instead of materialising the two products.
 * LoKr adds ``s * W1[i, l] * W2[j, m]`` to ``W`` viewed as ``(a, b, c, d * prod(kernel))`` in one
   broadcasting ``addcmul``, without materialising the Kronecker product.
-* DoRA on ``Conv``/``Linear`` with ``"kernel"`` factors runs one autograd function whose backward
-  forms the factor gradients as ``s * diag(m / ||V||) @ G @ A^T`` and
-  ``s * (diag(m / ||V||) @ B)^T @ G`` and the magnitude's as a row-wise dot product: three reads
-  of the weight gradient ``G``, no weight-sized temporaries.
+* DoRA runs one autograd function. Its forward allocates one weight-sized tensor: ``V`` from one
+  ``addmm``, rescaled in place into ``W'`` after the norm; it keeps no weight-sized tensor for
+  backward besides ``W`` itself. On ``Conv``/``Linear`` with ``"kernel"`` factors its backward forms
+  the factor gradients as ``s * diag(m / ||V||) @ (G @ A^T)`` and ``s * (diag(m / ||V||) @ B)^T @ G``
+  and the magnitude's as ``(<G, W> + s * <G @ A^T, B>) / ||V||`` row by row: three reads of the
+  weight gradient ``G``, nothing weight-sized allocated. (A fresh weight-sized allocation costs as
+  much as several passes over warm memory on CPU, so the count of those is what this minimises.)
 """
 
 from __future__ import annotations
@@ -173,35 +176,93 @@ def channel_norm(v: Tensor, groups: int = 1, transposed: bool = False) -> Tensor
     return torch.linalg.vector_norm(g, dim=2).reshape(-1)
 
 
-def _scale_channels(v: Tensor, per_channel: Tensor, groups: int, transposed: bool) -> Tensor:
-    g = _grouped_view(v, groups, transposed)
+def _per_channel(values: Tensor, groups: int, transposed: bool) -> Tensor:
+    """``values`` (one per output channel) shaped to broadcast against ``_grouped_view``."""
+    return values.reshape(groups, 1, -1, 1) if transposed else values.reshape(1, -1, 1)
+
+
+def _channel_scale_(v: Tensor, per_channel: Tensor, groups: int, transposed: bool) -> Tensor:
+    """Multiply each output channel of the contiguous ``v`` by its entry of ``per_channel``, in place."""
+    _grouped_view(v, groups, transposed).mul_(_per_channel(per_channel, groups, transposed))
+    return v
+
+
+def _channel_dot(u: Tensor, v: Tensor, groups: int, transposed: bool) -> Tensor:
+    """Per-output-channel dot product of two weight-shaped tensors, shape ``(out,)``."""
+    gu, gv = _grouped_view(u, groups, transposed), _grouped_view(v, groups, transposed)
     if transposed:
-        return (g * per_channel.reshape(groups, 1, -1, 1)).reshape(v.shape)
-    return (g * per_channel.reshape(1, -1, 1)).reshape(v.shape)
+        return (gu * gv).sum(dim=(1, 3)).reshape(-1)
+    return torch.linalg.vecdot(gu, gv, dim=2).reshape(-1)
+
+
+_ROWDOT_CHUNK_BYTES = 1 << 20
+
+
+def _rowdot(u: Tensor, v: Tensor) -> Tensor:
+    """Row-wise dot product of two ``rows x cols`` matrices, in row blocks of about 1 MiB.
+
+    ``vecdot`` forms the elementwise product first; in blocks that temporary stays small and in
+    cache instead of being a fresh weight-sized allocation (page faults on CPU).
+    """
+    n = max(1, _ROWDOT_CHUNK_BYTES // max(1, u.shape[1] * u.element_size()))
+    if n >= u.shape[0]:
+        return torch.linalg.vecdot(u, v, dim=1)
+    return torch.cat([torch.linalg.vecdot(x, y, dim=1) for x, y in zip(u.split(n), v.split(n))])
 
 
 class _DoRAWeight(torch.autograd.Function):
-    """``W' = (m / ||V||) * V`` with ``V = W + s * B @ A`` (rows = output channels, norm detached)."""
+    """``W' = (m / ||V||) * V`` with ``V = W + s * B @ A``, the norm per output channel, detached.
+
+    ``w`` is the base weight as the ``rows x cols`` matrix of ``B @ A`` and ``shape`` the
+    weight's shape. The forward allocates one weight-sized tensor (``V``, rescaled in place into
+    ``W'``) and saves no weight-sized tensor besides ``w`` itself. When the rows are the output
+    channels (``Conv``/``Linear`` with ``"kernel"`` factors) the backward reads the weight
+    gradient ``G`` three times and allocates nothing weight-sized:
+    ``dA = s * (diag(r) @ B)^T @ G``, ``dB = s * diag(r) @ (G @ A^T)`` with ``r = m / ||V||``, and
+    ``dm = <G, V> / ||V||`` per row, where ``<G, V> = <G, W> + s * <G @ A^T, B>``. Otherwise
+    (``ConvTranspose``, ``"loralib"`` factors) it forms ``dL/dV = diag(r) G`` once and
+    recomputes ``V`` for ``dm``.
+    """
 
     @staticmethod
-    def forward(ctx: Any, w: Tensor, a: Tensor, b: Tensor, m: Tensor, scale: float) -> Tensor:
-        v = torch.addmm(w, b, a, alpha=scale)
-        norm = channel_norm(v)
-        norm = torch.where(norm == 0, torch.ones_like(norm), norm)
+    def forward(ctx: Any, w: Tensor, a: Tensor, b: Tensor, m: Tensor, scale: float,
+                shape: tuple[int, ...], groups: int, transposed: bool) -> Tensor:
+        v = torch.addmm(w, b, a, alpha=scale).view(shape)
+        norm = channel_norm(v, groups, transposed)
+        norm = torch.where(norm == 0, 1.0, norm)
         ratio = m / norm
-        ctx.save_for_backward(a, b, v, norm, ratio)
-        ctx.scale = scale
-        return v * ratio[:, None]
+        ctx.save_for_backward(w, a, b, norm, ratio)
+        ctx.scale, ctx.shape, ctx.groups, ctx.transposed = scale, shape, groups, transposed
+        return _channel_scale_(v, ratio, groups, transposed)
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, ...]:
-        a, b, v, norm, ratio = ctx.saved_tensors
-        row = (ratio * ctx.scale)[:, None]
-        gw = g * ratio[:, None] if ctx.needs_input_grad[0] else None
-        ga = (b * row).T @ g if ctx.needs_input_grad[1] else None
-        gb = (g @ a.T) * row if ctx.needs_input_grad[2] else None
-        gm = torch.linalg.vecdot(g, v, dim=1) / norm if ctx.needs_input_grad[3] else None
-        return gw, ga, gb, gm, None
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        w, a, b, norm, ratio = ctx.saved_tensors
+        scale, shape, groups, transposed = ctx.scale, ctx.shape, ctx.groups, ctx.transposed
+        need_w, need_a, need_b, need_m = ctx.needs_input_grad[:4]
+        g = grad.reshape(w.shape)
+        gw = ga = gb = gm = None
+        if not transposed and w.shape[0] == shape[0]:  # rows are the output channels
+            col = ratio[:, None]
+            col_s = col * scale
+            gw = g * col if need_w else None
+            ga = (b * col_s).T @ g if need_a else None
+            if need_b or need_m:
+                g_at = g @ a.T  # G @ A^T, rows x rank
+                gb = g_at * col_s if need_b else None
+                if need_m:
+                    gm = (_rowdot(g, w) + scale * torch.linalg.vecdot(g_at, b, dim=1)) / norm
+            return gw, ga, gb, gm, None, None, None, None
+        if need_w or need_a or need_b:
+            gv = (_grouped_view(grad, groups, transposed)
+                  * _per_channel(ratio, groups, transposed)).reshape(w.shape)
+            gw = gv if need_w else None
+            ga = (b.T @ gv) * scale if need_a else None
+            gb = (gv @ a.T) * scale if need_b else None
+        if need_m:
+            v = torch.addmm(w, b, a, alpha=scale).view(shape)
+            gm = _channel_dot(grad.reshape(shape), v, groups, transposed) / norm
+        return gw, ga, gb, gm, None, None, None, None
 
 
 def init_factors_(method: str, factors: Mapping[str, Tensor], weight: Tensor, groups: int = 1,
@@ -270,12 +331,7 @@ def effective_weight(method: str, weight: Tensor, factors: Mapping[str, Tensor],
     if method == "dora":
         a, b = f["lora_A"], f["lora_B"]
         flat = w.reshape(b.shape[0], a.shape[1])
-        if not transposed and b.shape[0] == weight.shape[0]:  # rows are the output channels
-            out = _DoRAWeight.apply(flat, a, b, f["lora_magnitude"], scale)
-            return out.view(weight.shape).to(weight.dtype)
-        v = torch.addmm(flat, b, a, alpha=scale).view(weight.shape)
-        norm = channel_norm(v.detach(), groups, transposed)
-        norm = torch.where(norm == 0, torch.ones_like(norm), norm)
-        ratio = f["lora_magnitude"] / norm
-        return _scale_channels(v, ratio, groups, transposed).to(weight.dtype)
+        out = _DoRAWeight.apply(flat, a, b, f["lora_magnitude"], scale, tuple(weight.shape), groups,
+                                transposed)
+        return out.to(weight.dtype)
     return (w + method_delta(method, factors, weight.shape, scale)).to(weight.dtype)

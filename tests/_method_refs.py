@@ -30,8 +30,8 @@ def from_out_major(m: Tensor, shape: tuple[int, ...], groups: int, transposed: b
 
 
 def reference_weight(method: str, w: Tensor, f: dict[str, Tensor], scale: float, groups: int = 1,
-                     transposed: bool = False) -> Tensor:
-    """``W'`` in float64 from the method's definition."""
+                     transposed: bool = False, detach_norm: bool = False) -> Tensor:
+    """``W'`` in float64 from the method's definition (DoRA's norm detached from autograd if asked)."""
     w = w.double()
     f = {k: v.double() for k, v in f.items()}
     shape = tuple(w.shape)
@@ -41,6 +41,7 @@ def reference_weight(method: str, w: Tensor, f: dict[str, Tensor], scale: float,
             return v
         rows = out_major(v, groups, transposed)
         norm = rows.pow(2).sum(dim=1).sqrt()
+        norm = norm.detach() if detach_norm else norm
         return from_out_major(rows * (f["lora_magnitude"] / norm)[:, None], shape, groups, transposed)
     if method == "loha":
         h = torch.einsum("or,rc->oc", f["hada_w1_a"], f["hada_w1_b"]) * torch.einsum(
