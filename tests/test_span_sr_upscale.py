@@ -56,13 +56,25 @@ def test_receptive_field_radius_is_21():
     assert reach == SPAN_RF_RADIUS
 
 
-def test_tiles_cover_the_image_once():
-    seen = np.zeros((37, 50), int)
-    for rows, cols, core_r, core_c in tiles(37, 50, 16, 5):
-        assert rows.start >= 0 and rows.stop <= 37 and cols.stop <= 50
+@pytest.mark.parametrize(("h", "w", "same_shape"), [(37, 50, False), (37, 50, True), (20, 50, True)])
+def test_tiles_cover_the_image_once(h, w, same_shape):
+    """Every pixel is one tile's core, with ``pad`` context on each side or the image border;
+    ``same_shape`` (``--fast``) windows all have one shape."""
+    seen = np.zeros((h, w), int)
+    shapes = set()
+    for rows, cols, core_r, core_c in tiles(h, w, 16, 5, same_shape):
+        assert rows.start >= 0 and rows.stop <= h and cols.start >= 0 and cols.stop <= w
+        for win, core, n in ((rows, core_r, h), (cols, core_c, w)):
+            assert core.start >= 5 or win.start == 0
+            assert win.stop - win.start - core.stop >= 5 or win.stop == n
         seen[rows.start + core_r.start: rows.start + core_r.stop,
              cols.start + core_c.start: cols.start + core_c.stop] += 1
+        shapes.add((rows.stop - rows.start, cols.stop - cols.start))
     assert (seen == 1).all()
+    if same_shape:
+        assert shapes == {(min(26, h), min(26, w))}
+    else:
+        assert len(shapes) > 1
     with pytest.raises(ValueError, match="tile=0"):
         list(tiles(8, 8, 0, 1))
 
@@ -79,13 +91,18 @@ def test_tiling_needs_the_full_margin(shared_data):
         full = model(x)
     exact = upscale_tensor(model, x, tile=24)  # three tiles side by side
     torch.testing.assert_close(exact, full, rtol=0, atol=1e-12)
+    # --fast's windows of one shape (shifted inward at the border) are just as exact
+    for tile in (24, 20):
+        same = upscale_tensor(model, x, tile=tile, same_shape=True)
+        torch.testing.assert_close(same, full, rtol=0, atol=1e-12)
     short = upscale_tensor(model, x, tile=24, pad=SPAN_RF_RADIUS - 1)
     assert (short - full).abs().max().item() > 1e-11
 
 
 @requires_shared
 @pytest.mark.usefixtures("one_thread")
-def test_tiling_guarantee_on_set5_and_set14(shared_data):
+@pytest.mark.parametrize("same_shape", [False, True], ids=["tiles", "same_shape_tiles"])
+def test_tiling_guarantee_on_set5_and_set14(shared_data, same_shape):
     """The guarantee stated in docs/span_sr.md ("Tiling"), on every Set5 and Set14 LR image at
     three tile sizes (all smaller than the smallest image side, 57, so every image is tiled).
 
@@ -109,7 +126,7 @@ def test_tiling_guarantee_on_set5_and_set14(shared_data):
             level = (full[0].clamp(0, 1) * 255.0).permute(1, 2, 0).double().numpy()  # as to_uint8
             to_boundary = np.abs(level - np.floor(level) - 0.5)
             for tile in TILE_SIZES:
-                tiled = upscale_tensor(model, x, tile=tile)
+                tiled = upscale_tensor(model, x, tile=tile, same_shape=same_shape)
                 assert tiled.shape == full.shape
                 diff = (tiled - full).abs().max().item()
                 assert diff <= TILE_FP32_TOL, f"{f.name} tile={tile}: max |diff| {diff:.2e}"
@@ -121,7 +138,8 @@ def test_tiling_guarantee_on_set5_and_set14(shared_data):
                 fraction = np.count_nonzero(moved) / moved.size
                 assert fraction <= TILE_U8_MAX_FRACTION, f"{f.name} tile={tile}: {fraction:.1e}"
     # upscale_image's uint8 tiles are the same arithmetic as upscale_tensor's float tiles
-    assert np.array_equal(upscale_image(model, lr, tile=40), to_uint8(upscale_tensor(model, x, tile=40)))
+    assert np.array_equal(upscale_image(model, lr, tile=40, same_shape=same_shape),
+                          to_uint8(upscale_tensor(model, x, tile=40, same_shape=same_shape)))
 
 
 def test_cli_folder_and_onnx(tmp_path):

@@ -1,24 +1,28 @@
 """The fast SPAN deploy forward behind one call, [`fast_span`][examples.span_sr.fast.fast_span].
 
     from examples.span_sr.fast import fast_span
-    fast = fast_span(load_span("span_tiny_ch26.pth"))   # CPU: ONNX Runtime
+    fast = fast_span(load_span("span_tiny_ch26.pth"))   # CPU: torch.compile (inductor)
     sr = fast(lr)                                        # same output as the eager forward
 
-Backends. ``backend="auto"`` picks, on CPU, ``"onnxruntime"`` when it is installed (the ``[onnx]``
-extra), else ``"inductor"`` when a C++ compiler is found, else ``"eager"`` (printing one line);
-on CUDA ``"triton"`` (else ``"eager"``, printing one line); on other devices ``"eager"``. The CPU order was chosen by measurement
-(``benchmarks/bench_span_fast.py``, docs/span_sr.md): both are 1.3x to 2.3x faster than the
-eager forward at one thread, ONNX Runtime much more so with two threads on a loaded machine,
-and it costs a few seconds once instead of a compile of half a minute per new input shape.
+Backends. ``backend="auto"`` picks, on CPU, ``"inductor"`` when a C++ compiler is found, else
+``"onnxruntime"`` when it is installed (the ``[onnx]`` extra), else ``"eager"``, printing one
+line for each fallback; on CUDA ``"triton"`` (else ``"eager"``, printing one line);
+on other devices ``"eager"``. The CPU order was chosen by measurement
+(``benchmarks/bench_span_fast.py``, docs/benchmarks.md, "SPAN fast path on CPU"): on the 2-core
+CPU with 2 threads, inductor is at least 1.5x faster than both the eager forward and spandrel's
+SPAN at LR 128x128 and 256x256, batch 1 and 8, and ONNX Runtime is not at batch 1. Inductor
+pays a compile (seconds) per new input shape, ONNX Runtime about a second once; ``upscale.py
+--fast`` therefore takes ONNX Runtime for a single image run in one piece.
 
 * ``"onnxruntime"`` (CPU): ONNX Runtime (CPU provider, all graph optimisations) on the model
   exported in memory; batch, height and width are dynamic, so no per-shape cost. The session
   uses ``torch.get_num_threads()`` threads.
-* ``"inductor"`` (CPU): ``torch.compile`` with inductor's freezing (weights constant-folded and
-  prepacked for oneDNN, the element-wise tails fused into the convs). It needs a C++ compiler;
-  without one it is not picked, and when compiling fails it falls back to the eager forward,
-  printing one line. The first call for each new input shape compiles (tens of seconds on a
-  loaded 2-core machine); later calls are fast.
+* ``"inductor"`` (CPU, the default): ``torch.compile`` with inductor's freezing (weights
+  constant-folded and prepacked for oneDNN, the element-wise tails fused into the convs). The
+  first input shape compiles with static sizes; a second distinct shape compiles once more with
+  dynamic sizes, which serve every later shape. Tiles of one shape (``upscale.py --fast
+  --tile``) compile once. When compiling fails it falls back to ONNX Runtime, else the eager
+  forward, printing one line.
 * ``"triton"`` (CUDA; what ``"auto"`` picks there when triton is installed): the CUDA schedule
   of [`fast_cuda`][examples.span_sr.fast_cuda]: the fused kernels of
   [`fast_kernels`][examples.span_sr.fast_kernels], one launch per conv with its epilogue (bias,
@@ -100,8 +104,18 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def _has_onnxruntime() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """The concrete backend ``"auto"`` stands for on ``device`` (other names pass through)."""
+    """The concrete backend ``"auto"`` stands for on ``device`` (other names pass through).
+
+    On CPU: ``"inductor"`` when a C++ compiler is found, else ``"onnxruntime"`` when it is
+    installed, else ``"eager"``; each fallback prints one line saying why.
+    """
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {_BACKENDS}.")
     if backend != "auto":
@@ -115,12 +129,13 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         return "eager"
     if device.type != "cpu":
         return "eager"
-
-    if importlib.util.find_spec("onnxruntime") is not None:
-        return "onnxruntime"
     if _has_cxx():
         return "inductor"
-    print("fast_span: neither onnxruntime nor a C++ compiler (for torch.compile) is available; "
+    if _has_onnxruntime():
+        print("fast_span: no C++ compiler found for torch.compile (set CXX or install g++); "
+              "using ONNX Runtime.")
+        return "onnxruntime"
+    print("fast_span: neither a C++ compiler (for torch.compile) nor onnxruntime is available; "
           "using the eager forward.")
     return "eager"
 
@@ -133,7 +148,8 @@ class FastSPAN(nn.Module):
     float ``(N, C, H, W)`` image in [0, 1] to the float32 SR output, without gradients.
 
     Attributes:
-        backend: The concrete backend (``"triton"``, ``"inductor"`` or ``"eager"``).
+        backend: The concrete backend (``"inductor"``, ``"onnxruntime"``, ``"triton"`` or
+            ``"eager"``).
         dtype: The compute dtype.
     """
 
@@ -162,27 +178,37 @@ class FastSPAN(nn.Module):
 
 
 class _Inductor:
-    """torch.compile (inductor, freezing) of a copy of the model; eager if compiling fails."""
+    """torch.compile (inductor, freezing) of a copy of the model.
+
+    Shapes: the first input shape compiles with static sizes; a second distinct shape compiles
+    once more with dynamic sizes (torch's automatic dynamic shapes), which then serves every
+    later shape, so a run meets at most a few compiles (one per changed dimension). When
+    compiling fails, it falls back to ONNX Runtime, else to the eager forward, printing one line.
+    """
 
     def __init__(self, model: SPAN) -> None:
+        self.model = model
         self.net = copy.deepcopy(model).eval().requires_grad_(False)
         self.run: Any = torch.compile(self.net, options={"freezing": True})
+        self.compiled = True
         self.first = True
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.first:
             self.first = False
-            print("fast_span: compiling (torch.compile, inductor); the first call for each new input "
-                  "shape takes seconds, later calls are fast.")
+            print("fast_span: compiling (torch.compile, inductor): the first call takes seconds, and "
+                  "so does the first call at a second input shape; later calls are fast.")
         try:
             return cast(torch.Tensor, self.run(x.float()))
         except Exception as err:  # noqa: BLE001 - a broken toolchain falls back, saying so
-            if self.run is self.net:
+            if not self.compiled:
                 raise
+            self.compiled = False
+            self.run = _OnnxRuntime(self.model) if _has_onnxruntime() else self.net
+            name = "ONNX Runtime" if _has_onnxruntime() else "the eager forward"
             print(f"fast_span: torch.compile failed ({type(err).__name__}: {str(err)[:120]}); "
-                  "using the eager forward.")
-            self.run = self.net
-            return cast(torch.Tensor, self.net(x.float()))
+                  f"using {name}.")
+            return cast(torch.Tensor, self.run(x.float()))
 
 
 class _OnnxRuntime:
@@ -221,7 +247,7 @@ def fast_span(model: nn.Module, dtype: torch.dtype = torch.float32, backend: Bac
             train-form convs fused (``model.reparameterize()``). It is not modified.
         dtype: Compute dtype; one of ``OFFERED_DTYPES[backend]`` (float32 only: float16 and
             bfloat16 exceed the output bound).
-        backend: ``"auto"`` (on CPU onnxruntime, else inductor, else eager; on CUDA triton;
+        backend: ``"auto"`` (on CPU inductor, else onnxruntime, else eager; on CUDA triton;
             eager elsewhere), or one by name.
         block_m: Pixels per program of the triton kernels.
 

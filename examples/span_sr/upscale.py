@@ -43,16 +43,28 @@ SPAN_RF_RADIUS = 21
 """Receptive-field radius of SPAN in LR pixels: the 3x3 convs on its longest path (docs/span_sr.md)."""
 
 
-def tiles(h: int, w: int, tile: int, pad: int) -> Iterator[tuple[slice, slice, slice, slice]]:
+def tiles(h: int, w: int, tile: int, pad: int, same_shape: bool = False
+          ) -> Iterator[tuple[slice, slice, slice, slice]]:
     """Yield ``(in_rows, in_cols, core_rows, core_cols)``: the padded input window and the
-    core's position *inside* that window, all in LR pixels, covering an ``h x w`` image."""
+    core's position *inside* that window, all in LR pixels, covering an ``h x w`` image.
+
+    With ``same_shape``, a window that would be cut short by the image border is shifted inward
+    instead, so every window is ``min(tile + 2 * pad, h) x min(tile + 2 * pad, w)`` (one input
+    shape: one compile for ``--fast``). Each core still has ``pad`` pixels of context on every
+    side or reaches the image border, so the tiling guarantee is unchanged.
+    """
     if tile < 1 or pad < 0:
         raise ValueError(f"tile={tile} must be >= 1 and pad={pad} >= 0.")
     for y0 in range(0, h, tile):
         for x0 in range(0, w, tile):
             y1, x1 = min(y0 + tile, h), min(x0 + tile, w)
-            ya, xa = max(y0 - pad, 0), max(x0 - pad, 0)
-            yb, xb = min(y1 + pad, h), min(x1 + pad, w)
+            if same_shape:
+                wh, ww = min(tile + 2 * pad, h), min(tile + 2 * pad, w)
+                ya, xa = min(max(y0 - pad, 0), h - wh), min(max(x0 - pad, 0), w - ww)
+                yb, xb = ya + wh, xa + ww
+            else:
+                ya, xa = max(y0 - pad, 0), max(x0 - pad, 0)
+                yb, xb = min(y1 + pad, h), min(x1 + pad, w)
             yield (slice(ya, yb), slice(xa, xb),
                    slice(y0 - ya, y1 - ya), slice(x0 - xa, x1 - xa))
 
@@ -64,11 +76,12 @@ def _scale_of(model: nn.Module) -> int:
     return scale
 
 
-def _cores(model: nn.Module, x: torch.Tensor, tile: int, pad: int
+def _cores(model: nn.Module, x: torch.Tensor, tile: int, pad: int, same_shape: bool = False
            ) -> Iterator[tuple[tuple[slice, slice], torch.Tensor]]:
     """The one tiled forward: ``(output rows and columns, output core)`` of each tile cut with a ``pad`` margin."""
     s = _scale_of(model)
-    for rows, cols, core_r, core_c in tiles(*x.shape[-2:], tile, pad):
+    h, w = x.shape[-2:]
+    for rows, cols, core_r, core_c in tiles(h, w, tile, pad, same_shape):
         y = model(x[..., rows, cols])
         y = y[..., core_r.start * s: core_r.stop * s, core_c.start * s: core_c.stop * s]
         r0, c0 = (rows.start + core_r.start) * s, (cols.start + core_c.start) * s
@@ -77,29 +90,31 @@ def _cores(model: nn.Module, x: torch.Tensor, tile: int, pad: int
 
 @torch.no_grad()
 def upscale_tensor(model: nn.Module, x: torch.Tensor, tile: int | None = None,
-                   pad: int = SPAN_RF_RADIUS) -> torch.Tensor:
+                   pad: int = SPAN_RF_RADIUS, same_shape: bool = False) -> torch.Tensor:
     """Run ``model`` on a float ``(N, 3, H, W)`` tensor, tile by tile when ``tile`` is set.
 
     Returns the raw (unclamped) output. ``pad`` must be at least the model's receptive-field
-    radius (21 for SPAN) for the result to equal the untiled one.
+    radius (21 for SPAN) for the result to equal the untiled one. ``same_shape`` cuts every
+    tile at one input shape (see [`tiles`][examples.span_sr.upscale.tiles]), for compiled models.
     """
     h, w = x.shape[-2:]
     if tile is None or (h <= tile and w <= tile):
         return model(x)
     s = _scale_of(model)
     out = x.new_empty(*x.shape[:-2], h * s, w * s)
-    for (rows, cols), y in _cores(model, x, tile, pad):
+    for (rows, cols), y in _cores(model, x, tile, pad, same_shape):
         out[..., rows, cols] = y
     return out
 
 
 @torch.no_grad()
 def upscale_image(model: nn.Module, img: np.ndarray, tile: int | None = None,
-                  pad: int = SPAN_RF_RADIUS) -> np.ndarray:
+                  pad: int = SPAN_RF_RADIUS, same_shape: bool = False) -> np.ndarray:
     """Upscale a ``uint8`` HxWx3 image; returns ``uint8`` (clamped, rounded).
 
     The input follows the model's device and dtype (``model.half()`` gives fp16 inference).
-    With ``tile``, only one tile's activations and the ``uint8`` output are held in memory.
+    With ``tile``, only one tile's activations and the ``uint8`` output are held in memory;
+    ``same_shape`` as in [`upscale_tensor`][examples.span_sr.upscale.upscale_tensor].
     """
     if not isinstance(img, np.ndarray) or img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3:
         raise ValueError(f"upscale_image needs a uint8 HxWx3 array, got {getattr(img, 'dtype', img)} "
@@ -111,7 +126,7 @@ def upscale_image(model: nn.Module, img: np.ndarray, tile: int | None = None,
         return to_uint8(model(x))
     s = _scale_of(model)
     out = np.empty((h * s, w * s, 3), np.uint8)
-    for (rows, cols), y in _cores(model, x, tile, pad):
+    for (rows, cols), y in _cores(model, x, tile, pad, same_shape):
         out[rows, cols] = to_uint8(y)
     return out
 
@@ -143,6 +158,29 @@ def check_onnx(path: str | Path, model: nn.Module, x: torch.Tensor) -> float:
     with torch.no_grad():
         ref = deploy(model)(x.float().cpu()).numpy()
     return float(np.abs(got - ref).max())
+
+
+def _fast_model(model: nn.Module, files: list[Path], tile: int | None) -> nn.Module:
+    """``--fast``: the fast path, with ONNX Runtime for one image that is run in one piece.
+
+    ``fast_span``'s CPU default compiles (seconds) for each new input shape; one image in one
+    piece meets one shape and never wins that back, so it gets ONNX Runtime's smaller setup.
+    Either setup costs more than one small image's forward saves, which the line printed says.
+    """
+    import importlib.util
+
+    one_piece = len(files) == 1 and (tile is None or max(read_image(files[0]).shape[:2]) <= tile)
+    cpu = next(model.parameters()).device.type == "cpu"
+    if one_piece and cpu and importlib.util.find_spec("onnxruntime") is not None:
+        print("upscale.py: --fast on one image: ONNX Runtime (about 1 s of export and setup, not a "
+              "compile); on a small image that setup costs more than the faster forward saves, "
+              "so --fast pays off from a few images or tiles on (docs/span_sr.md).")
+        return fast_span(model, backend="onnxruntime")
+    fast = fast_span(model)
+    if len(files) == 1 and fast.backend != "eager":
+        print(f"upscale.py: --fast ({fast.backend}) pays a one-off setup that one small image does "
+              "not win back; it pays off over a folder or many tiles (docs/span_sr.md).")
+    return fast
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,15 +249,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.half:
         model = model.half()
     if args.fast:
-        model = fast_span(model)
-        if len(files) == 1:
-            print("upscale.py: --fast pays a one-off setup (ONNX export or compile) that one small "
-                  "image does not win back; it pays off over a folder (docs/span_sr.md).")
+        model = _fast_model(model, files, args.tile)
     from tqdm import tqdm
 
     written = 0
     for f, dest in tqdm(list(zip(files, dests)), disable=len(files) == 1, unit="img"):
-        sr = upscale_image(model, read_image(f), tile=args.tile)
+        sr = upscale_image(model, read_image(f), tile=args.tile, same_shape=args.fast)
         write_image(dest, sr)
         written += 1
     print(f"wrote {written} image(s) to {args.output}")
