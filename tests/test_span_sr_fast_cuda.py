@@ -9,6 +9,8 @@ replays, new shapes, eviction and tiling.
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -191,6 +193,39 @@ def test_an_error_of_the_forward_is_raised_not_a_fallback() -> None:
 
 def test_cuda_schedule_on_cpu_has_no_graphs() -> None:
     assert isinstance(fast_cuda.cuda_schedule(_model(), graphs=True), TritonSPAN)
+
+
+# ------------------------------------------------------------------ benchmarks/bench_span_gpu.py
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA exit")
+def test_gpu_benchmark_without_cuda_exits_with_one_line() -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_span_gpu.py"), "--quick"],
+                          capture_output=True, text=True, timeout=120, cwd=repo,
+                          env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.count("\n") == 1 and "no CUDA device" in proc.stdout
+
+
+def test_split_dot_emulation_of_the_gpu_benchmark() -> None:
+    """``--emulate``'s TF32 rounding keeps 10 mantissa bits, and the three-product split
+    (tf32x3) is far closer to the fp32 conv than one TF32 product."""
+    from benchmarks.bench_span_gpu import _SplitConv, _tf32
+
+    t = torch.randn(10_000) * 100
+    rel = ((_tf32(t) - t).abs() / t.abs()).max()
+    assert 2.0**-13 < rel <= 2.0**-11 and torch.equal(_tf32(_tf32(t)), _tf32(t))
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(26, 26, 3, padding=1)
+    x = torch.randn(1, 26, 12, 12) * 50
+    with torch.no_grad():
+        ref = conv(x)
+        one = float((_SplitConv(conv, _tf32, 1)(x) - ref).abs().max())
+        three = float((_SplitConv(conv, _tf32, 3)(x) - ref).abs().max())
+    assert three * 100 < one
 
 
 # ------------------------------------------------------------------ on CUDA

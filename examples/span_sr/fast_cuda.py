@@ -47,8 +47,8 @@ from examples.span_sr.arch import SPAN
 __all__ = ["CapturedGraph", "CudaGraphs", "DotPrecision", "ScheduleCost", "TritonSPAN",
            "cuda_schedule", "dot_precision", "pad_channels"]
 
-DotPrecision = Literal["ieee", "tf32x3", "tf32"]
-_PRECISIONS = ("ieee", "tf32x3", "tf32")
+DotPrecision = Literal["ieee", "tf32x3", "bf16x3", "tf32"]
+_PRECISIONS = ("ieee", "tf32x3", "bf16x3", "tf32")
 
 
 def pad_channels(c: int) -> int:
