@@ -86,6 +86,19 @@ def test_total_and_parts_match_hand_written_loss(models, p):
     assert aff > 0 and sr.shape == hr.shape
 
 
+def test_mse_pixel_loss_is_the_squared_error_of_both_output_terms(models):
+    student, teacher = models
+    lr, hr = batch()
+    total, parts, sr = Distiller(student, teacher, w_rec=0.3, w_out=0.7, pixel="mse")(lr, hr)
+    with torch.no_grad():
+        t_sr = teacher.eval()(lr)
+    rec, out = ((sr - hr) ** 2).mean(), ((sr - t_sr) ** 2).mean()
+    torch.testing.assert_close(parts["rec"], rec.detach())
+    torch.testing.assert_close(parts["out"], out.detach())
+    torch.testing.assert_close(total, 0.3 * rec + 0.7 * out)
+    assert not torch.allclose(parts["rec"], F.l1_loss(sr, hr).detach())  # not the L1 default
+
+
 def test_teacher_is_isolated(models):
     student, teacher = models
     teacher.b1.eval()  # a mixed train/eval state must survive the call
@@ -168,6 +181,7 @@ def test_training_lora_student_lowers_the_loss(models):
         ({"tap_weights": [1.0]}, "one weight per tap"),
         ({"tap_weights": {"zz": 1.0}}, "zz"),
         ({"aff_warmup_steps": -1}, "aff_warmup_steps"),
+        ({"pixel": "l2"}, "pixel='l2' is not a known pixel loss"),
     ],
 )
 def test_constructor_errors(models, kwargs, match):

@@ -157,18 +157,22 @@ def test_cached_targets_equal_the_live_teacher_on_whole_image_patches(images: Im
     tiled.build(teacher, lrs, progress=False)
     for a, b in zip(whole.read(lrs), tiled.read(lrs)):
         assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
-    # the loss: cached equals live on these batches (float32 targets)
-    loss = LossConfig()
-    cached = dsclora.make_loss(student, teacher, loss, None, 0.0, cached=True)
-    live_loss = dsclora.make_loss(student, teacher, loss, None, 0.0)
+    # the loss: cached equals live on these batches (float32 targets), for each pixel loss
     cache = TeacherCache(tmp_path, _spec(teacher=weights_digest(teacher)))
     ds = PatchDataset(images, 16, seed=0, augment=False, targets=cache.read(lrs))
     lr, hr, target, _ = (torch.stack(t) for t in zip(*(ds[k] for k in range(4))))
     x, y = lr.float() / 255, hr.float() / 255
-    a, pa, _ = cached(x, y, step=0, target=target)
-    b, pb, _ = live_loss(x, y, step=0)
-    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-    assert pa.keys() == pb.keys()
+    totals = {}
+    for pixel in ("l1", "mse"):
+        loss = LossConfig(pixel=pixel)
+        cached = dsclora.make_loss(student, teacher, loss, None, 0.0, cached=True)
+        live_loss = dsclora.make_loss(student, teacher, loss, None, 0.0)
+        a, pa, _ = cached(x, y, step=0, target=target)
+        b, pb, _ = live_loss(x, y, step=0)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+        assert pa.keys() == pb.keys()
+        totals[pixel] = float(a)
+    assert totals["l1"] != totals["mse"]
     with pytest.raises(ValueError, match="w_aff"):
         dsclora.make_loss(student, teacher, loss, None, 0.1, cached=True)
 

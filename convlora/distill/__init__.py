@@ -4,7 +4,7 @@ Depends on nothing but torch. See ``docs/distillation.md`` for the math and benc
 """
 
 from .affinity import affinity_loss, spatial_affinity
-from .distiller import Distiller
+from .distiller import PIXEL_LOSSES, Distiller, pixel_loss
 from .taps import FeatureTaps
 
-__all__ = ["Distiller", "FeatureTaps", "affinity_loss", "spatial_affinity"]
+__all__ = ["PIXEL_LOSSES", "Distiller", "FeatureTaps", "affinity_loss", "pixel_loss", "spatial_affinity"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -12,7 +12,10 @@ from torch import Tensor, nn
 from .affinity import affinity_loss
 from .taps import FeatureTaps, Selector
 
-__all__ = ["Distiller"]
+__all__ = ["PIXEL_LOSSES", "Distiller", "pixel_loss"]
+
+PIXEL_LOSSES = {"l1": F.l1_loss, "mse": F.mse_loss}
+"""The pixel losses of the output terms, by name."""
 
 _Select = Selector | Mapping[str, Selector] | None
 
@@ -29,6 +32,17 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
             m.training = flag
 
 
+def pixel_loss(name: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The pixel loss called ``name`` (a key of ``PIXEL_LOSSES``), mean-reduced.
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones).
+    """
+    if name not in PIXEL_LOSSES:
+        raise ValueError(f"pixel={name!r} is not a known pixel loss; use one of {sorted(PIXEL_LOSSES)}.")
+    return PIXEL_LOSSES[name]
+
+
 def _check_weight(name: str, value: float) -> float:
     value = float(value)
     if not value >= 0.0 or value == float("inf"):
@@ -39,7 +53,8 @@ def _check_weight(name: str, value: float) -> float:
 class Distiller:
     """Loss for distilling a teacher SR network into a student.
 
-    ``total = w_rec·L1(sr, hr) + w_out·L1(sr, sr_teacher) + w·aff`` where
+    ``total = w_rec·D(sr, hr) + w_out·D(sr, sr_teacher) + w·aff`` where ``D`` is the
+    pixel loss (``pixel="l1"``, the default, or ``"mse"``, the squared error PSNR measures), and
     ``aff`` is the (optionally weighted) mean over taps of
     [`affinity_loss`][convlora.distill.affinity_loss] between the student's and the
     teacher's features, and ``w`` ramps linearly from 0 to ``w_aff`` over
@@ -56,8 +71,8 @@ class Distiller:
         teacher: the frozen reference model.
         taps: ``{student_layer: teacher_layer}`` qualified module names whose
             outputs are compared (same spatial size, channels may differ).
-        w_rec: weight of the reconstruction term ``L1(sr, hr)``.
-        w_out: weight of the output term ``L1(sr, sr_teacher)``.
+        w_rec: weight of the reconstruction term ``D(sr, hr)``.
+        w_out: weight of the output term ``D(sr, sr_teacher)``.
         w_aff: weight of the affinity term (needs ``taps``).
         p: 1 (FAKD mean absolute difference) or 2 (mean squared difference).
         tap_weights: per-tap weights, a mapping keyed by student layer or a
@@ -69,6 +84,7 @@ class Distiller:
             ``(student_select, teacher_select)``.
         pool: optional average-pooling factor before the affinity (approximate).
         block_size: row block of the ``p=1`` affinity loss (memory knob).
+        pixel: the pixel loss ``D`` of both output terms, ``"l1"`` or ``"mse"``.
     """
 
     def __init__(
@@ -86,8 +102,10 @@ class Distiller:
         select: _Select | tuple[_Select, _Select] = None,
         pool: int | None = None,
         block_size: int | None = None,
+        pixel: str = "l1",
     ) -> None:
         self.student, self.teacher = student, teacher
+        self.pixel = pixel_loss(pixel)
         self.taps = dict(taps or {})
         self.w_rec = _check_weight("w_rec", w_rec)
         self.w_out = _check_weight("w_out", w_out)
@@ -168,8 +186,8 @@ class Distiller:
         else:
             sr, s_feats = self.student(lr), {}
         zero = sr.new_zeros((), dtype=torch.float32)
-        rec = F.l1_loss(sr, hr) if hr is not None and self.w_rec > 0 else zero
-        out = F.l1_loss(sr, t_sr) if t_sr is not None else zero
+        rec = self.pixel(sr, hr) if hr is not None and self.w_rec > 0 else zero
+        out = self.pixel(sr, t_sr) if t_sr is not None else zero
         aff = self._affinity(s_feats, t_feats) if use_aff else zero
         total = self.w_rec * rec + self.w_out * out + w_aff * aff
         parts = {"rec": rec.detach().float(), "out": out.detach().float(),

@@ -104,11 +104,12 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """Distillation loss: ``w_rec*L1(SR,HR) + w_out*L1(SR,SR_teacher) + w_aff*mean_taps(aff)``."""
+    """Distillation loss: ``w_rec*D(SR,HR) + w_out*D(SR,SR_teacher) + w_aff*mean_taps(aff)``, ``D`` = ``pixel``."""
 
     w_rec: float = 0.2
     w_out: float = 0.8
     w_aff: float = 0.0
+    pixel: str = "l1"  # pixel loss of both output terms: "l1" or "mse" (the squared error PSNR measures)
     p: int = 2  # affinity loss exponent: 1 = FAKD's mean |A_s - A_t|, 2 = squared (Gram identity)
     pool: int = 0  # average-pool factor before the affinity (0 = exact)
     aff_warmup: int = 0  # steps over which w_aff ramps up linearly from 0
@@ -213,6 +214,7 @@ _CHOICES: dict[str, Rule] = {
     "teacher_cache.compute": ("float32", "bfloat16", "float16"),
     "teacher_cache.build_device": ("auto", "cpu", "cuda"),
     "train.schedule": ("cosine", "multistep", "constant"),
+    "loss.pixel": ("l1", "mse"),
     "model.teacher_ensemble": (1, 2, 4, 8),
     "train.device": ("auto", "cpu", "cuda"),
     "data.val_holdout": _NONNEG, "data.scale": Range(1, 8), "data.patch": Range(1, 4096),

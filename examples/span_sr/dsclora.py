@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
 import convlora
 from convlora.config import match_pattern
-from convlora.distill import Distiller, FeatureTaps, affinity_loss
+from convlora.distill import Distiller, FeatureTaps, affinity_loss, pixel_loss
 from examples.span_sr.arch import SPAN, load_span
 from examples.span_sr.config import LossConfig
 from examples.span_sr.teacher import SpandrelTeacher, load_teacher, teacher_scale, teacher_tap
@@ -252,12 +251,13 @@ class DSCLoRALoss:
             raise ValueError(f"loss.w_aff={w_aff} needs the teacher's features at every step; cached teacher "
                              "outputs have none: set --teacher_cache.enabled false (live teacher) or --loss.w_aff 0.")
         self.student, self.w_rec, self.w_out, self.cached = student, loss.w_rec, loss.w_out, cached
+        self.pixel = pixel_loss(loss.pixel)
         self.distiller: Distiller | None = None
         self.no_rec: Distiller | None = None
         if not cached:
             kw = dict(taps=tap_map(teacher, loss), w_out=loss.w_out, w_aff=w_aff, p=loss.p, pool=loss.pool or None,
                       tap_weights=tap_weights, aff_warmup_steps=loss.aff_warmup,
-                      select=(first_tensor, teacher_select(teacher)))
+                      select=(first_tensor, teacher_select(teacher)), pixel=loss.pixel)
             self.distiller = Distiller(student, teacher, w_rec=loss.w_rec, **kw)  # type: ignore[arg-type]
             self.no_rec = Distiller(student, teacher, w_rec=0.0, **kw)  # type: ignore[arg-type]
 
@@ -275,14 +275,14 @@ class DSCLoRALoss:
                 raise ValueError(f"cached teacher targets of shape {None if target is None else tuple(target.shape)} "
                                  f"for an HR batch of shape {tuple(hr.shape)}; rebuild the teacher cache.")
             sr = self.student(lr)
-            out = F.l1_loss(sr, target)
+            out = self.pixel(sr, target)
             total, parts = self.w_out * out, {"out": out.detach().float(), "aff": sr.new_zeros((), dtype=torch.float32)}
         zero = sr.new_zeros((), dtype=torch.float32)
         if mixed:
             assert real is not None
-            rec = F.l1_loss(sr[real], hr[real]) if self.w_rec and bool(real.any()) else zero
+            rec = self.pixel(sr[real], hr[real]) if self.w_rec and bool(real.any()) else zero
         else:
-            rec = F.l1_loss(sr, hr) if self.w_rec else zero
+            rec = self.pixel(sr, hr) if self.w_rec else zero
         total = self.w_rec * rec + total
         parts["rec"] = rec.detach().float()
         return total, parts, sr
