@@ -186,8 +186,8 @@ class LoRALayer(nn.Module):
 
     def factor_store(self, factor: str) -> nn.ParameterDict:
         """The ``ParameterDict`` holding factor ``factor`` of every adapter (made on first use)."""
-        if factor not in self._modules:
-            self.add_module(factor, nn.ParameterDict())
+        if factor not in self._modules:  # in the layer's train/eval mode, as every submodule
+            self.add_module(factor, nn.ParameterDict().train(self.training))
         store = self._modules[factor]
         assert isinstance(store, nn.ParameterDict)
         return store

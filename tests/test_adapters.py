@@ -34,6 +34,7 @@ def _trained(base: nn.Module, seed: int, **kw) -> nn.Module:
 
 
 X = torch.randn(2, 3, 9, 9)
+METHODS = ["lora", "dora", "loha", "lokr"]
 
 
 def test_round_trip_and_metadata(tmp_path: Path) -> None:
@@ -189,8 +190,9 @@ def test_lora_state_dict_is_the_active_adapter() -> None:
     assert set(convlora.lora_state_dict(model, "default")) == {f"{n}.lora_{s}" for n in "024" for s in "AB"}
 
 
-def test_fingerprint_mismatch_strict_and_not(tmp_path: Path) -> None:
-    path = convlora.save_adapter(_trained(_base(0), 1), tmp_path / "a.safetensors")
+@pytest.mark.parametrize("method", METHODS)
+def test_fingerprint_mismatch_strict_and_not(tmp_path: Path, method: str) -> None:
+    path = convlora.save_adapter(_trained(_base(0), 1, method=method), tmp_path / "a.safetensors")
     other = _base(seed=5)  # same architecture, different weights
     with pytest.raises(FingerprintMismatchError, match="base weights differ.*strict=False"):
         convlora.load_adapter(other, path)
@@ -199,9 +201,10 @@ def test_fingerprint_mismatch_strict_and_not(tmp_path: Path) -> None:
         convlora.load_adapter(other, path, strict=False)
 
 
-def test_fingerprint_matches_low_precision_copies(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_fingerprint_matches_low_precision_copies(tmp_path: Path, method: str) -> None:
     base = _base()
-    path = convlora.save_adapter(_trained(base, 1), tmp_path / "a.safetensors")
+    path = convlora.save_adapter(_trained(base, 1, method=method), tmp_path / "a.safetensors")
     for dtype in (torch.bfloat16, torch.float16):
         convlora.load_adapter(copy.deepcopy(base).to(dtype), path)
 

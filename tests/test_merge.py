@@ -10,19 +10,22 @@ import convlora
 from convlora import MergeStateError
 from tests._core_helpers import randomize_adapters
 
+METHODS = ["lora", "dora", "loha", "lokr"]
 
-def _model() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+
+def _model(method: str = "lora") -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1))
     x = torch.randn(2, 3, 10, 10)
     y0 = model(x)
-    convlora.inject(model, rank=2)
+    convlora.inject(model, rank=2, method=method)
     randomize_adapters(model)
     return model, x, y0
 
 
-def test_merge_twice_is_refused_and_changes_nothing() -> None:
-    model, x, _ = _model()
+@pytest.mark.parametrize("method", METHODS)
+def test_merge_twice_is_refused_and_changes_nothing(method: str) -> None:
+    model, x, _ = _model(method)
     convlora.merge(model)
     w = model[0].weight.detach().clone()
     with pytest.raises(MergeStateError, match="already merged; merging again would add their deltas twice"):
@@ -42,8 +45,9 @@ def test_merge_without_lora_layers() -> None:
         convlora.merge(nn.Sequential(nn.Conv2d(1, 1, 1)))
 
 
-def test_merged_context_restores_even_on_exception() -> None:
-    model, x, _ = _model()
+@pytest.mark.parametrize("method", METHODS)
+def test_merged_context_restores_even_on_exception(method: str) -> None:
+    model, x, _ = _model(method)
     y = model(x)
     w = model[0].weight.detach().clone()
     with pytest.raises(RuntimeError, match="boom"), convlora.merged(model):
@@ -54,8 +58,9 @@ def test_merged_context_restores_even_on_exception() -> None:
     assert torch.equal(model[0].weight, w)
 
 
-def test_disabled_gives_base_output_and_restores_merge_state() -> None:
-    model, x, y0 = _model()
+@pytest.mark.parametrize("method", METHODS)
+def test_disabled_gives_base_output_and_restores_merge_state(method: str) -> None:
+    model, x, y0 = _model(method)
     y = model(x)
     convlora.merge(model)
     with pytest.raises(KeyError), convlora.disabled(model):
@@ -65,10 +70,11 @@ def test_disabled_gives_base_output_and_restores_merge_state() -> None:
     torch.testing.assert_close(model(x), y, atol=1e-5, rtol=1e-5)
 
 
-def test_switch_while_merged_and_load_into_merged_are_refused(tmp_path) -> None:
-    model, x, _ = _model()
+@pytest.mark.parametrize("method", METHODS)
+def test_switch_while_merged_and_load_into_merged_are_refused(tmp_path, method: str) -> None:
+    model, x, _ = _model(method)
     convlora.save_adapter(model, tmp_path / "a.safetensors")
-    convlora.inject(model, convlora.LoRAConfig(rank=1), adapter_name="other")
+    convlora.inject(model, convlora.LoRAConfig(rank=1, method=method), adapter_name="other")
     convlora.merge(model)
     with pytest.raises(MergeStateError, match=r"model is merged; call convlora.unmerge\(\) before switching"):
         convlora.set_adapter(model, "default")

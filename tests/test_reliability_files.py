@@ -6,7 +6,9 @@ modules the adapter does not cover, tensors of other dtypes, shapes or with NaN,
 and check that ``load_adapter`` either loads a model that is still exact, or raises a
 ``ConvLoRAError`` (a malformed file: ``AdapterFormatError`` naming what is wrong) and leaves the
 model's module types, parameters and state-dict entries exactly as before; and that the command
-line answers every such file with one line and exit status 2, never a traceback.
+line answers every such file with one line and exit status 2, never a traceback. Every test
+that starts from a valid file runs it for each method (LoRA, LoRA with rsLoRA, DoRA, LoHa, LoKr):
+the property tests draw the method with the damage, the others are parametrised over it.
 """
 
 from __future__ import annotations
@@ -28,14 +30,18 @@ from torch import nn
 import convlora
 from convlora import AdapterFormatError, ConvLoRAError, FingerprintMismatchError
 from convlora.cli import main
+from convlora.methods import channel_norm
 from tests._core_helpers import module_types, randomize_adapters
 from tests.conftest import requires_shared
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=100, deadline=None, derandomize=True,  # ~20 per adapter kind
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 X = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+VARIANTS = {"lora": ("lora", False), "lora_rs": ("lora", True), "dora": ("dora", False),
+            "loha": ("loha", False), "lokr": ("lokr", False)}
+"""Adapter kinds the files are saved with: ``{id: (method, rslora)}``."""
 
 
 def _base() -> nn.Module:
@@ -57,22 +63,34 @@ def _assert_unchanged(model: nn.Module, before: tuple[list, list, dict[str, torc
     assert all(torch.equal(sd[k], before[2][k]) for k in sd), "state-dict values changed"
 
 
+def _trained(model: nn.Module, variant: str, **kwargs: Any) -> nn.Module:
+    """``model`` with a rank-2 adapter of ``variant`` on every conv, random non-zero factors."""
+    method, rslora = VARIANTS[variant]
+    convlora.inject(model, rank=2, method=method, rslora=rslora, **kwargs)
+    randomize_adapters(model, 1, std=0.1)
+    if method == "dora":  # the magnitude near ||W||, as after training, not 0.1 * noise
+        with torch.no_grad():
+            for layer in convlora.lora_layers(model).values():
+                for m in layer.lora_magnitude.values():
+                    m.copy_(channel_norm(layer.weight, layer.groups, layer.transposed) * (1 + m.abs()))
+    return model
+
+
 @pytest.fixture(scope="module")
-def valid_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """One valid adapter file per bias mode, saved from a trained copy of ``_base()``."""
+def valid_files(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    """One valid adapter file per (bias mode, variant), saved from a trained copy of ``_base()``."""
     out = {}
     folder = tmp_path_factory.mktemp("valid")
-    for bias in ("none", "lora_only", "all"):
-        model = _base()
-        convlora.inject(model, rank=2)
-        randomize_adapters(model, 1)
-        convlora.mark_only_lora_trainable(model, bias=bias)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n.endswith("bias") and p.requires_grad:
-                    p.add_(0.1)
-        out[bias] = convlora.save_adapter(model, folder / f"{bias}.safetensors", bias=bias,
-                                          metadata={"run": bias})
+    for variant in VARIANTS:
+        for bias in ("none", "lora_only", "all"):
+            model = _trained(_base(), variant)
+            convlora.mark_only_lora_trainable(model, bias=bias)
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if n.endswith("bias") and p.requires_grad:
+                        p.add_(0.1)
+            out[bias, variant] = convlora.save_adapter(model, folder / f"{variant}_{bias}.safetensors",
+                                                       bias=bias, metadata={"run": bias})
     return out
 
 
@@ -115,10 +133,11 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: Any,
 FIELDS = ["format", "format_version", "convlora_version", "adapter_name", "layers", "bias",
           "bias_keys", "base_fingerprint", "base_sketch", "user"]
 LAYER_FIELDS = ["type", "weight_shape", "groups", "rank", "alpha", "factorization", "dropout",
-                "base_dtype", "stride", "padding", "dilation", "padding_mode"]
+                "base_dtype", "method", "rslora", "stride", "padding", "dilation", "padding_mode"]
 BAD_VALUES = st.sampled_from([0, -4, 1, 2, 3, 1e30, -1e-3, math.nan, math.inf, "svd", "", "7", True, None,
                               [8, "3"], [8, 3, 3, 3], [12, 8, 3, 3], [], {}, [1, 2], "same", "float8",
-                              "Conv3d", "Linear", 0.5, 5])
+                              "Conv3d", "Linear", 0.5, 5, "lora", "dora", "loha", "lokr", "boft",
+                              "loralib", False])
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers(-3, 10) | st.floats(allow_nan=True)
                            | st.text(max_size=6), lambda inner: st.lists(inner, max_size=3)
                            | st.dictionaries(st.text(max_size=4), inner, max_size=3), max_leaves=6)
@@ -129,7 +148,8 @@ BIAS_NAMES = ["0.bias", "1.bias", "1.weight", "1.running_mean", "2.bias", "4.bia
 @st.composite
 def damaged(draw: st.DrawFn) -> dict[str, Any]:
     """A recipe for one damaged file: which valid file, and what to change in it."""
-    recipe: dict[str, Any] = {"bias": draw(st.sampled_from(["none", "lora_only", "all"])), "ops": []}
+    recipe: dict[str, Any] = {"bias": draw(st.sampled_from(["none", "lora_only", "all"])),
+                              "variant": draw(st.sampled_from(sorted(VARIANTS))), "ops": []}
     for _ in range(draw(st.integers(1, 3))):
         kind = draw(st.sampled_from(["field", "drop", "layer", "layer_drop", "layer_name", "bias_keys",
                                      "tensor", "header", "name"]))
@@ -150,7 +170,7 @@ def damaged(draw: st.DrawFn) -> dict[str, Any]:
             op = (kind, draw(st.lists(st.sampled_from(BIAS_NAMES), max_size=3)),
                   draw(st.sampled_from(["match", "wrong_shape", "none"])))
         elif kind == "tensor":
-            op = (kind, draw(st.sampled_from(["0.lora_A", "2.lora_B", "4.lora_A"])),
+            op = (kind, draw(st.integers(0, 11)),  # the i-th factor tensor of the file
                   draw(st.sampled_from(["int", "f64", "f16", "nan", "inf", "shape", "drop", "extra", "big"])))
         elif kind == "header":
             op = (kind, draw(st.sampled_from(["offsets", "entry", "truncate", "length", "garbage"])))
@@ -170,6 +190,7 @@ def _build(recipe: dict[str, Any], valid: Path, out: Path, model: nn.Module) -> 
     decoded = {k: json.loads(meta[k]) for k in ("layers", "bias_keys")}
     header_edit, name, words = None, None, set()
     params = dict(model.named_parameters()) | dict(model.named_buffers())
+    factor_keys = sorted(k for k in tensors if k not in decoded["bias_keys"])
     for op in recipe["ops"]:
         kind = op[0]
         if kind == "field":
@@ -202,8 +223,8 @@ def _build(recipe: dict[str, Any], valid: Path, out: Path, model: nn.Module) -> 
                     size = like.shape if like is not None and shape == "match" else (5,)
                     tensors[key] = torch.full(size, 7.0)
             words |= {"bias_keys", "bias", *keys}
-        elif kind == "tensor" and op[1] in tensors:
-            key, how = op[1], op[2]
+        elif kind == "tensor" and factor_keys[op[1] % len(factor_keys)] in tensors:
+            key, how = factor_keys[op[1] % len(factor_keys)], op[2]
             t = tensors[key]
             damage = {"int": lambda v: v.to(torch.int32), "f64": lambda v: v.double(),
                       "f16": lambda v: v.half(), "nan": lambda v: v.clone().fill_(math.nan),
@@ -228,9 +249,10 @@ def _build(recipe: dict[str, Any], valid: Path, out: Path, model: nn.Module) -> 
 @given(recipe=damaged())
 def test_a_damaged_file_loads_exactly_or_fails_changing_nothing(recipe, valid_files, tmp_path_factory) -> None:
     model = _base()
-    path, name, words = _build(recipe, valid_files[recipe["bias"]], tmp_path_factory.mktemp("bad") / "a.safetensors",
-                               model)
+    path, name, words = _build(recipe, valid_files[recipe["bias"], recipe["variant"]],
+                               tmp_path_factory.mktemp("bad") / "a.safetensors", model)
     before = _state(model)
+    event(f"variant {recipe['variant']}")
     try:
         loaded = convlora.load_adapter(model, path, name=name or None)
     except (ConvLoRAError, FileNotFoundError) as err:
@@ -256,7 +278,7 @@ def test_a_damaged_file_loads_exactly_or_fails_changing_nothing(recipe, valid_fi
 def test_the_cli_answers_a_damaged_file_with_one_line(recipe, valid_files, tmp_path_factory, capsys) -> None:
     folder = tmp_path_factory.mktemp("cli")
     model = _base()
-    path, _, _ = _build(recipe, valid_files[recipe["bias"]], folder / "a.safetensors", model)
+    path, _, _ = _build(recipe, valid_files[recipe["bias"], recipe["variant"]], folder / "a.safetensors", model)
     base = folder / "base.safetensors"
     convlora.save_state_dict(model.state_dict(), base)
     for argv in (["inspect", str(path)], ["merge", "--adapter", str(path), "--base", str(base),
@@ -276,8 +298,9 @@ def _meta_of(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return load_file(str(path)), json.loads(fh.read(n))["__metadata__"]
 
 
-def test_bias_entries_must_name_a_bias_the_file_may_carry(valid_files, tmp_path: Path) -> None:
-    tensors, meta = _meta_of(valid_files["all"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_bias_entries_must_name_a_bias_the_file_may_carry(valid_files, tmp_path: Path, variant: str) -> None:
+    tensors, meta = _meta_of(valid_files["all", variant])
     for key, value, message in (("1.weight", torch.full((8,), 7.0), "bias_keys"),
                                 ("1.running_mean", torch.full((8,), 7.0), "bias_keys"),
                                 ("9.bias", torch.full((8,), 7.0), r"9.bias: not a bias parameter")):
@@ -307,11 +330,13 @@ def test_bias_entries_must_name_a_bias_the_file_may_carry(valid_files, tmp_path:
     _assert_unchanged(model, before)
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 @pytest.mark.parametrize(("field", "value"), [("rank", 0), ("factorization", "svd"), ("alpha", math.nan),
-                                              ("alpha", -4), ("dropout", 5), ("alpha", 1e30)])
-def test_bad_layer_values_are_format_errors_naming_field_and_value(valid_files, tmp_path: Path,
+                                              ("alpha", -4), ("dropout", 5), ("alpha", 1e30),
+                                              ("method", "boft"), ("rslora", "yes")])
+def test_bad_layer_values_are_format_errors_naming_field_and_value(valid_files, tmp_path: Path, variant: str,
                                                                   field: str, value: object) -> None:
-    tensors, meta = _meta_of(valid_files["none"])
+    tensors, meta = _meta_of(valid_files["none", variant])
     layers = json.loads(meta["layers"])
     layers["2"][field] = value
     bad = _write(tmp_path / "bad.safetensors", tensors, {**meta, "layers": json.dumps(layers)})
@@ -322,7 +347,8 @@ def test_bad_layer_values_are_format_errors_naming_field_and_value(valid_files, 
     _assert_unchanged(model, before)
 
 
-def test_a_failure_while_loading_undoes_everything(valid_files, monkeypatch) -> None:
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_a_failure_while_loading_undoes_everything(valid_files, monkeypatch, variant: str) -> None:
     model = _base()
     before = _state(model)
     calls = []
@@ -336,17 +362,17 @@ def test_a_failure_while_loading_undoes_everything(valid_files, monkeypatch) -> 
 
     monkeypatch.setattr(convlora.LoRALayer, "add_adapter", flaky)
     with pytest.raises(RuntimeError, match="simulated"):
-        convlora.load_adapter(model, valid_files["all"])
+        convlora.load_adapter(model, valid_files["all", variant])
     _assert_unchanged(model, before)
 
 
-def test_adapter_files_name_the_unwrapped_layers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_adapter_files_name_the_unwrapped_layers(tmp_path: Path, variant: str) -> None:
     x = torch.randn(1, 3, 6, 6)
     for wrap in (torch.compile, nn.DataParallel):
         model = _base()
         wrapped = wrap(model)
-        convlora.inject(wrapped, rank=2)
-        randomize_adapters(model)
+        _trained(wrapped, variant)
         path = convlora.save_adapter(wrapped, tmp_path / "w.safetensors")
         _, meta = convlora.read_adapter(path)
         assert sorted(meta["layers"]) == ["0", "2", "4"]
@@ -363,14 +389,15 @@ def test_adapter_files_name_the_unwrapped_layers(tmp_path: Path) -> None:
     assert torch.equal(plain(x), model(x))
 
 
-def test_load_adapter_refuses_tied_weights_and_reading_parents(valid_files) -> None:
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_load_adapter_refuses_tied_weights_and_reading_parents(valid_files, variant: str) -> None:
     model = _base()
     model[4].weight = nn.Parameter(model[4].weight.detach().clone())
     model.add_module("tied", nn.Conv2d(8, 4, 1))
     model.tied.weight = model[4].weight  # tied to conv 4
     before = _state(model)
     with pytest.raises(convlora.AdapterMismatchError, match=r"4: .*shared with \['tied.weight'\]"):
-        convlora.load_adapter(model, valid_files["none"], strict=False)
+        convlora.load_adapter(model, valid_files["none", variant], strict=False)
     _assert_unchanged(model, before)
 
 
@@ -394,12 +421,12 @@ def _conv_tree(state: dict[str, torch.Tensor]) -> nn.Module:
 
 
 @requires_shared
-def test_fingerprint_tells_params_from_params_ema(shared_data: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_fingerprint_tells_params_from_params_ema(shared_data: Path, tmp_path: Path, variant: str) -> None:
     sd = torch.load(shared_data / "weights" / "span_ch28_ema_trainckpt.pth", map_location="cpu",
                     weights_only=True)
     ema, raw = _conv_tree(sd["params_ema"]), _conv_tree(sd["params"])
-    convlora.inject(ema, rank=2)
-    randomize_adapters(ema)
+    _trained(ema, variant)
     path = convlora.save_adapter(ema, tmp_path / "ema.safetensors")
     before = _state(raw)
     with pytest.raises(FingerprintMismatchError, match="base weights differ"):
@@ -432,11 +459,13 @@ def test_inject_refuses_the_alphas_a_file_may_not_carry(alpha: float) -> None:
     _assert_unchanged(model, before)
 
 
-def test_a_failed_write_leaves_the_old_file_and_no_temporary(valid_files, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(valid_files, tmp_path: Path, monkeypatch,
+                                                              variant: str) -> None:
     import convlora.adapters as adapters
 
     target = tmp_path / "a.safetensors"
-    target.write_bytes(valid_files["none"].read_bytes())
+    target.write_bytes(valid_files["none", variant].read_bytes())
     old = target.read_bytes()
 
     def half_then_fail(tensors, filename, metadata=None):
@@ -444,8 +473,7 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(valid_files, tmp_pa
         raise OSError(28, "No space left on device (simulated)")
 
     monkeypatch.setattr(adapters, "save_file", half_then_fail)
-    model = _base()
-    convlora.inject(model, rank=2)
+    model = _trained(_base(), variant)
     with pytest.raises(OSError, match="No space left"):
         convlora.save_adapter(model, target)
     assert target.read_bytes() == old and [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]

@@ -1,7 +1,8 @@
 """State across state-dict save/load and model wrappers (torch.compile, DataParallel, DDP).
 
 The state dict of a model with LoRA layers holds the base weights and the factors whatever the
-merge state; the property test saves and loads it across every pair of merge states.
+merge state; the property test saves and loads it across every pair of merge states, for every
+adapter method (drawn with the rest of the example).
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from tests._core_helpers import randomize_adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
+METHODS = ["lora", "dora", "loha", "lokr"]
 
 
 def _model(seed: int, dtype: torch.dtype) -> nn.Module:
@@ -34,9 +36,11 @@ def _model(seed: int, dtype: torch.dtype) -> nn.Module:
 @SETTINGS
 @given(seed=st.integers(0, 2**16), saved_merged=st.booleans(), target_merged=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16]),
-       names=st.sampled_from([("default",), ("a", "b")]))
+       names=st.sampled_from([("default",), ("a", "b")]), method=st.sampled_from(METHODS),
+       rslora=st.booleans())
 def test_state_dict_loads_right_across_merge_states(seed: int, saved_merged: bool, target_merged: bool,
-                                                    dtype: torch.dtype, names: tuple[str, ...]) -> None:
+                                                    dtype: torch.dtype, names: tuple[str, ...], method: str,
+                                                    rslora: bool) -> None:
     x = torch.randn(2, 3, 7, 7, generator=torch.Generator().manual_seed(seed)).to(dtype)
     plain = _model(seed, dtype)
     plain(x)  # materialise the lazy layer
@@ -44,7 +48,7 @@ def test_state_dict_loads_right_across_merge_states(seed: int, saved_merged: boo
     target(x)
     for model, s in ((source, seed), (target, seed + 7)):
         for name in names:
-            convlora.inject(model, rank=2, targets="*", adapter_name=name)
+            convlora.inject(model, rank=2, targets="*", adapter_name=name, method=method, rslora=rslora)
         randomize_adapters(model, s)
     with torch.no_grad():
         expected = source(x)
@@ -66,11 +70,12 @@ def test_state_dict_loads_right_across_merge_states(seed: int, saved_merged: boo
     assert all(torch.equal(now[n], w) for n, w in base.items()), "the base weights must load exactly"
 
 
-def test_state_dict_of_a_merged_model_holds_the_base_weights() -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_state_dict_of_a_merged_model_holds_the_base_weights(method: str) -> None:
     model = _model(0, torch.float32)
     model(torch.randn(1, 3, 7, 7))
     w = model[0].weight.detach().clone()
-    convlora.inject(model, rank=2)
+    convlora.inject(model, rank=2, method=method)
     randomize_adapters(model)
     with convlora.merged(model):
         assert not torch.equal(model[0].weight, w)

@@ -5,7 +5,8 @@ a conv called normally or twice, a parent that reads ``conv.weight`` instead of 
 never called, attention and transformer layers, tied parameters, modules registered twice,
 storage-sharing views -- and check that every configuration is either refused (with the model
 unchanged) or adapted exactly: merged and unmerged outputs agree, gradients reach every adapter
-and unmerge restores every weight bit for bit.
+and unmerge restores every weight bit for bit. Each runs for every adapter method: the property
+tests draw it with the model, the others are parametrised over it.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from tests._core_helpers import module_types, randomize_adapters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-SETTINGS = settings(max_examples=30, deadline=None, derandomize=True,
+SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 C = 4
+METHODS = ["lora", "dora", "loha", "lokr"]
 
 
 def _state(model: nn.Module) -> tuple[list, list, dict[str, torch.Tensor]]:
@@ -143,8 +145,8 @@ def block_models(draw: st.DrawFn) -> tuple[nn.Module, list[str], list[str], bool
 
 
 @SETTINGS
-@given(case=block_models())
-def test_bypassed_layers_are_refused_or_reported_and_accepted_ones_are_exact(case) -> None:
+@given(case=block_models(), method=st.sampled_from(METHODS))
+def test_bypassed_layers_are_refused_or_reported_and_accepted_ones_are_exact(case, method: str) -> None:
     model, kinds, targets, training, seed = case
     model.train(training)
     x = torch.randn(2, C, 5, 5, generator=torch.Generator().manual_seed(seed))
@@ -152,7 +154,7 @@ def test_bypassed_layers_are_refused_or_reported_and_accepted_ones_are_exact(cas
     bypassed = {f"{i}.{n}" for i, k in enumerate(kinds) for n in BYPASSED.get(k, ())} & set(targets)
     before = _state(model)
     try:
-        names = convlora.inject(model, rank=1, targets=targets)
+        names = convlora.inject(model, rank=1, targets=targets, method=method)
     except UnsupportedLayerError as err:
         event("refused by inject")
         assert refused, f"refused without a known reason: {err}"
@@ -171,8 +173,8 @@ def test_bypassed_layers_are_refused_or_reported_and_accepted_ones_are_exact(cas
         y = model(x)
         y.square().sum().backward()
         for name in names:
-            grad = convlora.lora_layers(model)[name].lora_B["default"].grad
-            assert grad is not None and grad.abs().sum() > 0, f"no gradient reaches {name}"
+            for factor, p in convlora.lora_layers(model)[name].factors("default").items():
+                assert p.grad is not None and p.grad.abs().sum() > 0, f"no gradient reaches {name}.{factor}"
         with torch.no_grad(), convlora.merged(model):
             torch.testing.assert_close(model(x), y.detach(), atol=1e-5, rtol=1e-5)
     else:
@@ -190,10 +192,11 @@ def test_transformer_encoder_layer_from_the_issue_is_refused_by_name() -> None:
     _assert_unchanged(model, before)
 
 
-def test_verify_leaves_the_model_as_it_was_and_runs_the_current_mode() -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_verify_leaves_the_model_as_it_was_and_runs_the_current_mode(method: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Conv2d(4, 4, 1))
-    convlora.inject(model, rank=1)
+    convlora.inject(model, rank=1, method=method)
     randomize_adapters(model)
     model.train()
     before = _state(model)
@@ -259,8 +262,8 @@ def tied_models(draw: st.DrawFn) -> tuple[nn.Module, list[set[str]], list[str], 
 
 
 @SETTINGS
-@given(case=tied_models())
-def test_tied_weights_are_refused_naming_both_places_or_adapted_exactly(case) -> None:
+@given(case=tied_models(), method=st.sampled_from(METHODS))
+def test_tied_weights_are_refused_naming_both_places_or_adapted_exactly(case, method: str) -> None:
     model, groups, targets, seed = case
     x = torch.randn(2, C, 6, 6, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -275,7 +278,7 @@ def test_tied_weights_are_refused_naming_both_places_or_adapted_exactly(case) ->
     before = _state(model)
     model_order = [n for n, _ in model.named_children()]
     try:
-        names = convlora.inject(model, rank=1, targets=targets)
+        names = convlora.inject(model, rank=1, targets=targets, method=method)
     except UnsupportedLayerError as err:
         event("tie refused")
         layer = re.search(r"layer '([^']+)'", str(err))[1]  # type: ignore[index]
@@ -307,14 +310,15 @@ def test_tied_weights_are_refused_naming_both_places_or_adapted_exactly(case) ->
     assert names == [t for t in model_order if t in targets]
 
 
-def test_module_registered_twice_is_one_layer_under_both_names(tmp_path) -> None:
+@pytest.mark.parametrize("method", METHODS)
+def test_module_registered_twice_is_one_layer_under_both_names(tmp_path, method: str) -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(C, C, 3, padding=1)
     model = nn.Sequential()
     model.add_module("a", conv)
     model.add_module("b", conv)
     plain = copy.deepcopy(model)
-    assert convlora.inject(model, rank=2, targets="b") == ["a"]
+    assert convlora.inject(model, rank=2, targets="b", method=method) == ["a"]
     assert model.a is model.b
     randomize_adapters(model)
     x = torch.randn(1, C, 5, 5)
@@ -348,12 +352,13 @@ def mode_models(draw: st.DrawFn) -> tuple[nn.Module, dict[str, tuple[str, bool]]
 
 
 @SETTINGS
-@given(case=mode_models())
-def test_new_lora_layers_take_the_mode_of_the_layer_they_replace(case, tmp_path_factory) -> None:
+@given(case=mode_models(), method=st.sampled_from(METHODS))
+def test_new_lora_layers_take_the_mode_of_the_layer_they_replace(case, method: str, tmp_path_factory) -> None:
     model, modes, dropout = case
+    dropout = 0.0 if method == "dora" else dropout  # DoRA refuses dropout (no additive branch)
     expected = {n: training for n, (_, training) in modes.items()}
     saved = copy.deepcopy(model)
-    convlora.inject(model, rank=1, targets="*", dropout=dropout)
+    convlora.inject(model, rank=1, targets="*", dropout=dropout, method=method)
     layers = convlora.lora_layers(model)
     assert {n: layer.training for n, layer in layers.items()} == expected
     assert all(m.training == layer.training for layer in layers.values() for m in layer.modules())
