@@ -113,12 +113,12 @@ def load_pack(folder: Path) -> tuple[SPAN, dict[str, list[tuple[str, np.ndarray,
     with np.load(io.BytesIO(lzma.decompress(path.read_bytes()))) as z:
         arrays = {k: z[k] for k in z.files}
     model = load_span({k[2:]: torch.from_numpy(v) for k, v in arrays.items() if k.startswith("w/")})
-    sets: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {}
+    sets: dict[str, list[tuple[str, np.ndarray, np.ndarray]]] = {s: [] for s in SETS}
     for k in sorted(arrays):
         if k.startswith("hr/"):
             _, s, name = k.split("/", 2)
             sets.setdefault(s, []).append((name, arrays[k], arrays[f"lr/{s}/{name}"]))
-    return model, sets
+    return model, {s: v for s, v in sets.items() if v}
 
 
 def natural_inputs(hrs: list[np.ndarray], device: torch.device) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -346,7 +346,8 @@ def bound(model: SPAN, sets: dict[str, list[tuple[str, np.ndarray, np.ndarray]]]
         rows.append([k, str(st["max"]), f"{st['off'] / max(pix, 1):.2e}",
                      ", ".join(f"{s} {v:+.4f}" for s, v in per_set.items()),
                      "yes" if ok else "no", "yes" if configs[k][1] else "no"])
-    print(f"\n{pix:,} output values compared per row, against fp32 eager (cuDNN TF32 off on CUDA)")
+    where = "with cuDNN TF32 off" if dev.type == "cuda" else "on CPU"
+    print(f"\n{pix:,} output values compared per row, against fp32 eager {where}")
     return rows, all_ok
 
 

@@ -17,10 +17,12 @@ on CUDA) runs [`cuda_schedule`][examples.span_sr.fast_cuda.cuda_schedule], which
    as ``tf32x3`` (each operand split into a TF32 high and low part, three TF32 products, fp32
    accumulation: about 2^-21 relative error instead of TF32's 2^-11), on GPUs with TF32
    (compute capability 8.0 and up; ``"ieee"`` FMA dots below, and in Triton's interpreter).
-   Plain TF32 dots or fp16 / bf16 storage are not offered: emulated on CPU over Set5, Set14 and
-   B100, any rounding of the weights or activations to a 10-bit mantissa moves some output
-   pixel by 5 uint8 levels (the bound is 1). The kernels still take fp16 / bf16 storage, which
-   the GPU benchmark measures as candidates.
+   Emulated on CPU over every pixel of Set5, Set14 and B100 (``bench_span_gpu.py --emulate``),
+   ``tf32x3`` stays within 1 uint8 level of fp32 eager (2.5e-5 of the values off) and so does
+   ``bf16x3`` (three bf16 products, 4.1e-4 off; a candidate), while one TF32 product is 5 levels
+   off somewhere, as fp16 storage is (``bench_span_fast.py --bound``): neither is offered. The
+   kernels still take fp16 / bf16 storage and TF32 / ``bf16x3`` dots, which the GPU benchmark
+   measures as candidates.
 4. **CUDA graphs**: the 21 launches (and the output allocation) of one input shape are
    captured once and replayed ([`CudaGraphs`][examples.span_sr.fast_cuda.CudaGraphs]); a new
    shape (batch, size, dtype or memory layout) is captured on first use, up to ``max_graphs``
