@@ -2,6 +2,7 @@
 
     python benchmarks/bench_span_fast.py                   # timing table, 2 threads
     python benchmarks/bench_span_fast.py --bound           # + the output bound on Set5/Set14/B100
+    python benchmarks/bench_span_fast.py --e2e             # + upscale.py end to end on one image
     python benchmarks/bench_span_fast.py --quick           # smoke test (tiny, random width-8 model)
 
 Part 1, timing (one run, cases interleaved round by round, ratios per round): LR 128x128 and
@@ -9,7 +10,9 @@ Part 1, timing (one run, cases interleaved round by round, ratios per round): LR
 
 * ``eager``: our deploy forward (``SPAN`` with one fused 3x3 ``eval_conv`` per ``Conv3XC``);
 * ``fast: inductor``: ``fast_span(model, backend="inductor")`` (torch.compile, inductor with
-  freezing); its first call per shape compiles: that time is reported separately;
+  freezing); its first call per shape compiles: that time is reported separately, with an empty
+  inductor cache (``cold``: the run uses a fresh ``TORCHINDUCTOR_CACHE_DIR``) and again after
+  ``torch._dynamo.reset()`` with that cache filled (``warm``, as a second process would meet it);
 * ``fast: onnxruntime``: ``fast_span(model, backend="onnxruntime")``, ONNX Runtime (CPU
   provider, all graph optimisations) on the ONNX export (export + session time reported);
 * ``spandrel``: spandrel's SPAN loaded from the spandrel-format export
@@ -23,18 +26,26 @@ MATLAB-exact bicubic) and the Y-PSNR change; a dtype offered by ``fast_span`` mu
 1 level and 0.01 dB. Rows: the CPU fast path (fp32), bf16 on CPU (eager, a candidate), and the
 triton path's fp16 / bf16 storage emulated on CPU (each conv in fp32 on the stored-dtype input
 and weights, every stored activation rounded as the kernels store it).
+
+Part 3 (``--e2e``): wall time of whole ``upscale.py`` processes on one Set14 LR image (start,
+imports, load, setup, forward, write), rounds interleaved: without ``--fast``, with ``--fast``
+(which takes ONNX Runtime for one image in one piece), and with ``--fast`` forced to inductor
+(the first inductor round compiles with the run's empty cache, later ones hit it).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -107,11 +118,13 @@ def timing(model: SPAN, images: list[np.ndarray], configs: list[tuple[int, int]]
     rows = []
     for batch, size in configs:
         x = lr_batch(images, batch, size)
-        torch._dynamo.reset()
-        t0 = time.perf_counter()
-        ind = fast_span(model, backend="inductor")
-        ind(x)  # the first call for a shape compiles
-        setup["fast: inductor"] = time.perf_counter() - t0
+        first = []
+        for _ in ("cold", "warm"):  # the run's fresh inductor cache, then the same cache filled
+            torch._dynamo.reset()
+            t0 = time.perf_counter()
+            ind = fast_span(model, backend="inductor")
+            ind(x)  # the first call for a shape compiles
+            first.append(time.perf_counter() - t0)
         runs: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
             "eager": model, "fast: inductor": ind, "fast: onnxruntime": ort_run, "spandrel": spd}
         with torch.no_grad():
@@ -133,8 +146,82 @@ def timing(model: SPAN, images: list[np.ndarray], configs: list[tuple[int, int]]
                          fmt_ratio(ratio_stats(times, "eager", name), 2),
                          fmt_ratio(ratio_stats(times, "spandrel", name), 2),
                          "" if name == "eager" else f"{diffs[name]:.1e}",
-                         f"{setup[name]:.1f} s" if name in setup else ""])
+                         f"cold {first[0]:.1f} s, warm {first[1]:.1f} s" if name == "fast: inductor"
+                         else f"{setup[name]:.1f} s" if name in setup else ""])
         print(f"  done {label} ({load_note()})", flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------ inductor variants
+def padded(model: SPAN) -> SPAN:
+    """``model`` with its feature channels zero-padded to a multiple of 16 (26 -> 32; the
+    padded channels stay 0, so the output is the same up to float reordering)."""
+    c, cat = model.feature_channels, model.conv_cat_channels
+    cp = -(-c // 16) * 16
+    p = SPAN(num_in_ch=model.num_in_ch, num_out_ch=model.num_out_ch, feature_channels=cp,
+             conv_cat_channels=cat, upscale=model.upscale, img_range=model.img_range).eval()
+    with torch.no_grad():
+        p.mean.copy_(model.mean)
+        for (name, dst), (_, src) in zip(p.named_modules(), model.named_modules()):
+            if isinstance(dst, torch.nn.Conv2d) and name != "conv_cat":
+                o, i = src.weight.shape[:2]
+                dst.weight.zero_()
+                dst.weight[:o, :i] = src.weight
+                bias = cast(torch.Tensor, dst.bias).zero_()
+                bias[:o] = src.bias
+        p.conv_cat.weight.zero_()
+        for k in range(4):
+            p.conv_cat.weight[:, k * cp: k * cp + c] = model.conv_cat.weight[:, k * c: (k + 1) * c]
+        cast(torch.Tensor, p.conv_cat.bias).copy_(cast(torch.Tensor, model.conv_cat.bias))
+    return p
+
+
+def variant_cases(model: SPAN) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """The torch.compile settings tried against ``fast_span``'s (freezing, static first shape)."""
+    def compiled(net: torch.nn.Module, cl: bool = False, **kw: Any) -> Callable[[torch.Tensor], torch.Tensor]:
+        net = copy.deepcopy(net).eval().requires_grad_(False)
+        if cl:
+            net = net.to(memory_format=torch.channels_last)
+        f = torch.compile(net, **kw)
+        return (lambda x: f(x.contiguous(memory_format=torch.channels_last))) if cl else f
+    pad = padded(model)
+    chans = f"channels {model.feature_channels} -> {pad.feature_channels}"
+    return {
+        "inductor freezing (fast_span's)": compiled(model, options={"freezing": True}),
+        "+ dynamic=True": compiled(model, dynamic=True, options={"freezing": True}),
+        "+ max_autotune": compiled(model, options={"freezing": True, "max_autotune": True}),
+        "+ cpp_wrapper": compiled(model, options={"freezing": True, "cpp_wrapper": True}),
+        "+ channels_last": compiled(model, cl=True, options={"freezing": True}),
+        f"+ {chans}": compiled(pad, options={"freezing": True}),
+        f"onnxruntime, {chans}": fast_span(pad, backend="onnxruntime"),
+    }
+
+
+def variants(model: SPAN, images: list[np.ndarray], configs: list[tuple[int, int]],
+             repeats: int) -> list[list[str]]:
+    rows = []
+    for batch, size in configs:
+        x = lr_batch(images, batch, size)
+        torch._dynamo.reset()
+        runs: dict[str, Callable[[torch.Tensor], Any]] = {"eager": model, **variant_cases(model)}
+        first = {}
+        with torch.no_grad():
+            ref = model(x)
+            diffs = {}
+            for name, f in runs.items():
+                t0 = time.perf_counter()
+                diffs[name] = float((f(x) - ref).abs().max())
+                first[name] = time.perf_counter() - t0
+
+            def call(f: Callable[[torch.Tensor], Any], x: torch.Tensor = x) -> Callable[[], Any]:
+                return lambda: f(x)
+            times = time_interleaved({k: call(f) for k, f in runs.items()}, repeats=repeats, warmup=1)
+        label = f"{batch}x{size}x{size}"
+        for name in runs:
+            rows.append([label, name, fmt_ms(Stats.of(times[name])),
+                         fmt_ratio(ratio_stats(times, "eager", name), 2),
+                         "" if name == "eager" else f"{diffs[name]:.1e}", f"{first[name]:.1f} s"])
+        print(f"  done variants {label} ({load_note()})", flush=True)
     return rows
 
 
@@ -205,6 +292,38 @@ def bound(model: SPAN, sets: tuple[str, ...]) -> list[list[str]]:
     return rows
 
 
+# ------------------------------------------------------------------ end to end
+E2E_DRIVER = r"""
+import sys
+sys.path.insert(0, sys.argv[1])
+from examples.span_sr import fast, upscale
+upscale._fast_model = lambda model, files, tile: fast.fast_span(model, backend="inductor")
+raise SystemExit(upscale.main(sys.argv[2:]))
+"""
+
+
+def end_to_end(weights: Path, image: Path, rounds: int, threads: int) -> list[list[str]]:
+    """Wall time of whole ``upscale.py`` processes on ``image``, the cases interleaved."""
+    script = str(REPO / "examples" / "span_sr" / "upscale.py")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
+    cases = {"eager (no --fast)": [sys.executable, script],
+             "--fast (one image: onnxruntime)": [sys.executable, script, "--fast"],
+             "--fast forced to inductor": [sys.executable, "-c", E2E_DRIVER, str(REPO), "--fast"]}
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(rounds):
+            for name, cmd in cases.items():
+                out = Path(tmp) / f"{len(times[name])}_{abs(hash(name))}"
+                t0 = time.perf_counter()
+                subprocess.run([*cmd, "--weights", str(weights), "--input", str(image),
+                                "--output", str(out)], check=True, env=env, capture_output=True)
+                times[name].append(time.perf_counter() - t0)
+            print(f"  e2e round {r + 1} ({load_note()})", flush=True)
+    ref = times["eager (no --fast)"]
+    return [[name, f"{Stats.of(t).median:.2f}", ", ".join(f"{v:.2f}" for v in t),
+             f"{Stats.of([a / b for a, b in zip(ref, t)]).median:.2f}"] for name, t in times.items()]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--weights", type=Path, default=SHARED / "weights" / "dsclora_ch26.pth")
@@ -213,9 +332,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--bound", action="store_true", help="also the output bound on Set5/Set14/B100")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--variants", action="store_true",
+                    help="also torch.compile settings (dynamic, max_autotune, cpp_wrapper, "
+                    "channels_last, channels padded 26 -> 32) at batch 1")
+    ap.add_argument("--e2e", action="store_true", help="also upscale.py end to end on one Set14 image")
+    ap.add_argument("--e2e-image", type=Path,
+                    default=BENCH / "Set14" / "LR_bicubic" / "X4" / "baboonx4.png")
+    ap.add_argument("--e2e-rounds", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="tiny inputs, 2 rounds: a smoke test")
     args = ap.parse_args(argv)
     set_threads(args.threads)
+    # a fresh inductor cache, so the first compile of each shape is a cold one (reported)
+    cache = tempfile.TemporaryDirectory(prefix="bench_span_fast_inductor_")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.name
     quick = args.quick
     model = (SPAN(feature_channels=8) if quick else load_span(args.weights)).eval()
     images = [img for _, img in hr_images(("Set14",) if quick else ("Set14", "B100"))]
@@ -229,6 +358,13 @@ def main(argv: list[str] | None = None) -> int:
               "speed-up = that case's time / this case's time, per round")
         print(markdown_table(["N x LR", "case", "ms", "speed-up vs eager", "speed-up vs spandrel",
                               "max |diff| vs eager", "setup + first call"], rows))
+    if args.variants:
+        configs = [(1, 16)] if quick else [(1, 128), (1, 256)]
+        rows = variants(model, images, configs, 2 if quick else args.repeats)
+        print(f"\ntorch.compile settings, batch 1 (median [IQR] of {2 if quick else args.repeats} "
+              "interleaved rounds; first call = compile, with this run's cache)")
+        print(markdown_table(["N x LR", "case", "ms", "speed-up vs eager", "max |diff| vs eager",
+                              "first call"], rows))
     if args.bound:
         rows = bound(model, ("Set5",) if quick else ("Set5", "Set14", "B100"))
         print("\noutput bound vs fp32 eager (uint8 outputs; offered when max <= 1 level and every "
@@ -236,7 +372,13 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(["path, dtype", "max |diff| (levels)", "fraction of values off",
                               "mean Y-PSNR change (dB)", "worst image |change| (dB)", "within bound"],
                              rows))
+    if args.e2e:
+        rows = end_to_end(args.weights, args.e2e_image, args.e2e_rounds, args.threads)
+        print(f"\nupscale.py end to end on {args.e2e_image.name}, {args.threads} thread(s), wall "
+              f"seconds of {args.e2e_rounds} interleaved rounds (speed-up = eager / this, per round)")
+        print(markdown_table(["upscale.py", "median s", "rounds (s)", "speed-up vs eager"], rows))
     print(f"\n{load_note()}")
+    cache.cleanup()
     return 0
 
 

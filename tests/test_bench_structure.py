@@ -103,6 +103,10 @@ SCRIPTS = {
     "bench_mixed_batch.py": ["convlora per_sample", "convlora 4 separate forwards",
                              "ratio vs 4 separate"],
 }
+if all(importlib.util.find_spec(m) is not None for m in ("spandrel", "onnxruntime")) and \
+        (REPO.parent / "shared" / "data" / "sr_bench" / "Set14").is_dir():  # its crops of Set14
+    SCRIPTS["bench_span_fast.py"] = ["eager", "fast: inductor (--fast)", "fast: onnxruntime",
+                                     "spandrel", "speed-up vs spandrel", "cold", "warm"]
 if importlib.util.find_spec("peft") is not None:
     SCRIPTS["bench_train_step.py"].append("PEFT LoRA")
     SCRIPTS["bench_methods.py"].append("PEFT ")
