@@ -21,7 +21,7 @@ Cases: our eager deploy forward (fp32, torch defaults); the re-fuse-every-forwar
 spandrel and the official eval code run: ``bench_span_forward.py``'s case); the best torch-only
 variant within 0.01 dB on the H100 (fp16 + channels_last + cudnn.benchmark + CUDA graphs);
 ``fast_span(model)`` (``backend="auto"``: the CUDA schedule of ``examples/span_sr/fast_cuda.py``);
-and the schedule's steps one by one (dot precision, graphs, ``block_m``, 16-bit storage) to
+and the schedule's steps one by one (dot precision, graphs, ``block_m``, warps, 16-bit storage) to
 show what each buys. Each case's output is compared with fp32 eager (TF32 off) in uint8 levels.
 
 Physical limit: the fused schedule's arithmetic (MACs of the real and of the padded channels)
@@ -153,8 +153,8 @@ def tf32_convs(allow: bool) -> Iterator[None]:
 
 
 def fused(model: SPAN, dtype: torch.dtype = torch.float32, precision: Any = None, block_m: int = 64,
-          graphs: bool = True) -> Run:
-    run = TritonSPAN(model, dtype, block_m, precision)
+          graphs: bool = True, num_warps: int = 8) -> Run:
+    run = TritonSPAN(model, dtype, block_m, precision, num_warps)
     return CudaGraphs(run) if graphs else run
 
 
@@ -172,6 +172,7 @@ def timing_cases(model: SPAN, quick: bool) -> dict[str, tuple[Callable[[], Run],
         "fused kernels, fp32 ieee dots + graphs": (lambda: fused(model, precision="ieee"), False),
         "fused, tf32x3 + graphs, block_m 32": (lambda: fused(model, block_m=32), False),
         "fused, tf32x3 + graphs, block_m 128": (lambda: fused(model, block_m=128), False),
+        "fused, tf32x3 + graphs, 4 warps": (lambda: fused(model, num_warps=4), False),
         "fused, bf16x3 dots + graphs (candidate)": (lambda: fused(model, precision="bf16x3"), False),
         "fused, tf32 dots + graphs (not offered)": (lambda: fused(model, precision="tf32"), False),
         "fused, fp16 storage + graphs (not offered)": (lambda: fused(model, torch.float16), True),

@@ -118,11 +118,12 @@ class TritonSPAN:
         block_m: Pixels per program (a power of two >= 16).
         precision: ``tl.dot`` input precision; default
             [`dot_precision`][examples.span_sr.fast_cuda.dot_precision].
-        num_warps: Warps per program (Triton's launch option).
+        num_warps: Warps per program (Triton's launch option). With 8 (and ``block_m`` 32 to
+            128) no kernel spills registers on sm_80 or sm_90; with 4 the fp32 ones come close.
     """
 
     def __init__(self, model: SPAN, dtype: torch.dtype = torch.float32, block_m: int = 64,
-                 precision: DotPrecision | None = None, num_warps: int = 4) -> None:
+                 precision: DotPrecision | None = None, num_warps: int = 8) -> None:
         dev = model.mean.device
         self.prec: DotPrecision = precision or dot_precision(dtype, dev)
         if self.prec not in _PRECISIONS:
