@@ -5,7 +5,7 @@
 #   here:  python benchmarks/bench_span_gpu.py --pack .carry/span_gpu   # Set5/Set14/B100, weights, safetensors
 #   there: bash benchmarks/gpu_fast.sh          (run tool: carry [".carry/span_gpu"], timeout_s 480)
 #
-# 1. the machine; 2. the GPU tests (tests/test_span_sr_fast_cuda.py, tests/test_cuda.py);
+# 1. the machine; 2. the GPU-marked tests (tests/test_span_sr_fast_cuda.py, tests/test_cuda.py);
 # 3. benchmarks/bench_span_gpu.py: NTIRE protocol, batch-16 throughput, physical limit;
 # 4. the output bound over Set5/Set14/B100 for every configuration (status 1 if an offered one fails).
 # Everything lands in $OUT: gpu_fast.log (all output), bench_span_gpu.json, bound.json.
@@ -30,7 +30,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=c
 python3 -c "import sys, torch, numpy, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'numpy', numpy.__version__, torch.cuda.get_device_name())"
 
 echo "== 1. GPU tests (left $(left)s)"
-timeout 150 python3 -m pytest tests/test_span_sr_fast_cuda.py tests/test_cuda.py -q -p no:cacheprovider -o addopts="" -rs 2>&1 | tail -25
+timeout 150 python3 -m pytest tests/test_span_sr_fast_cuda.py tests/test_cuda.py -m gpu -q -p no:cacheprovider -o addopts="" -rs 2>&1 | tail -25
 
 echo "== 2. benchmark (left $(left)s)"
 timeout 220 python3 benchmarks/bench_span_gpu.py --data "$DATA" --out "$OUT/bench_span_gpu.json"

@@ -362,6 +362,7 @@ def test_cuda_graphs_replay_new_data_and_evict(no_tf32) -> None:
 @pytest.mark.gpu
 @CUDA
 def test_cuda_tiles_agree_with_the_whole_image(no_tf32) -> None:
+    pytest.importorskip("PIL")  # upscale.py reads images (the GPU machine may lack Pillow)
     from examples.span_sr.upscale import SPAN_RF_RADIUS, upscale_tensor
 
     m = _model(26).cuda()
