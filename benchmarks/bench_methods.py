@@ -10,7 +10,9 @@ interleaved in one process, with adapters of rank ``--rank`` on every conv:
 * inference (``torch.inference_mode``, eval mode): the original model (reference), an A/A
   copy, and the same adapted models unmerged.
 
-Ratios are per round against the reference of the same round (median [IQR]).
+Ratios are per round against the reference of the same round (median [IQR]). The train table
+also gives, per case, the memory one forward keeps for backward (the tensors autograd saves,
+parameters not counted: activations, and for a weight-space method the effective weights).
 
     python benchmarks/bench_methods.py                         # SR 48ch batch 4 of 64x64, resnet18 batch 2 of 128
     python benchmarks/bench_methods.py --models sr --what train
@@ -92,6 +94,22 @@ def adapted(base: nn.Module, rank: int) -> tuple[dict[str, nn.Module], list[str]
     return models, notes
 
 
+def saved_for_backward_mb(model: nn.Module, x: torch.Tensor) -> float:
+    """MB autograd keeps for backward after one forward of ``model`` (parameters not counted)."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(storages.values()) / 1e6
+
+
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     """One Adam training step over the model's trainable parameters."""
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -121,11 +139,12 @@ def run(label: str, base: nn.Module, x: torch.Tensor, target: torch.Tensor,
         cases_m = {"full fine-tuning": copy.deepcopy(base).train(),
                    "full fine-tuning, 2nd copy (A/A)": copy.deepcopy(base).train(),
                    **{k: m.train() for k, m in models.items()}}
+        saved = {k: saved_for_backward_mb(m, x) for k, m in cases_m.items()}
         cases = {k: make_step(m, x, target) for k, m in cases_m.items()}
         times = time_interleaved(cases, repeats=args.repeats, warmup=args.warmup, device=x.device)
         for k, t in times.items():
             n = sum(p.numel() for p in cases_m[k].parameters() if p.requires_grad)
-            train_rows.append([label, shape, k, f"{n:,}", fmt_ms(Stats.of(t)),
+            train_rows.append([label, shape, k, f"{n:,}", f"{saved[k]:.1f}", fmt_ms(Stats.of(t)),
                                fmt_ratio(ratio_stats(times, k, "full fine-tuning"))])
     if "inference" in args.what:
         cases_m = {"original": copy.deepcopy(base).eval(),
@@ -179,8 +198,8 @@ def main(argv: list[str] | None = None) -> None:
         train_rows, infer_rows, notes = train_rows + t, infer_rows + i, notes + n
     if train_rows:
         print(f"## Training step per method, rank {args.rank} on every conv, Adam, L1 loss\n")
-        print(markdown_table(["model", "input", "case", "trainable params", "step ms: median [IQR]",
-                              "ratio vs full FT: median [IQR]"], train_rows))
+        print(markdown_table(["model", "input", "case", "trainable params", "saved for backward MB",
+                              "step ms: median [IQR]", "ratio vs full FT: median [IQR]"], train_rows))
         print()
     if infer_rows:
         print(f"## Unmerged inference per method (torch.inference_mode), rank {args.rank} on every conv\n")
