@@ -5,10 +5,12 @@
     python benchmarks/bench_span_gpu.py --data .carry/span_gpu --bound --no-timing
     python benchmarks/bench_span_gpu.py --quick                   # smoke test (needs CUDA)
 
-Without a CUDA device it prints one line and exits (status 0); ``--pack`` and ``--emulate``
-(the dot precisions' output bound emulated on CPU: ``tf32x3``, ``bf16x3``, ``tf32``) run anywhere:
+Without a CUDA device it prints one line and exits (status 0); ``--pack``, ``--emulate``
+(the dot precisions' output bound emulated on CPU: ``tf32x3``, ``bf16x3``, ``tf32``) and
+``--resources`` (registers and spills of the kernels compiled for sm_80 / sm_90) run anywhere:
 
     python benchmarks/bench_span_gpu.py --data .carry/span_gpu --emulate --threads 2
+    python benchmarks/bench_span_gpu.py --resources
 
 Timing (one run, every case in the same process, one after the other; CUDA events around
 ``--inner`` forwards, after ``--warmup`` untimed ones, which include compiling and capturing):
@@ -251,6 +253,78 @@ def limit_rows(model: SPAN, peaks: dict[str, float], measured: dict[str, float])
     return rows
 
 
+# ---------------------------------------------------------------- compiled code, no GPU needed
+def kernel_resources(model: SPAN, caps: tuple[int, ...] = (80, 90)) -> list[dict[str, Any]]:
+    """Registers and local-memory stack per thread of every kernel variant the schedule launches
+    (float32, ``tf32x3``, its default ``block_m`` and warps), compiled ahead of time for each
+    ``sm_<cap>`` by Triton's CUDA backend and its bundled ptxas, read from the cubin with the
+    bundled cuobjdump. Pointers are taken 16-byte aligned, as the JIT sees torch's tensors."""
+    import os
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from examples.span_sr import fast_kernels as fk
+
+    if not hasattr(fk.conv_kernel, "params"):
+        raise SystemExit("bench_span_gpu.py --resources: unset TRITON_INTERPRET (the interpreter has no compiled code)")
+    launches: list[tuple[Any, tuple, dict]] = []
+
+    class Record:  # stands in for a kernel while TritonSPAN runs: keeps its launches
+        def __init__(self, kern: Any) -> None:
+            self.kern = kern
+
+        def __getitem__(self, grid: Any) -> Callable[..., None]:
+            return lambda *a, **kw: launches.append((self.kern, a, kw))
+
+    kernels = {name: getattr(fk, name) for name in fk.__all__}
+    try:
+        for name, kern in kernels.items():
+            setattr(fk, name, Record(kern))
+        TritonSPAN(copy.deepcopy(model).cpu(), precision="tf32x3")(torch.rand(1, 3, 8, 8))
+    finally:
+        for name, kern in kernels.items():
+            setattr(fk, name, kern)
+    names_of = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    seen, rows = set(), []
+    for kern, args, kw in launches:
+        const = {k: v for k, v in kw.items() if k != "num_warps"}
+        key = (kern.fn.__name__, tuple(sorted(const.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        it = iter(args)
+        sig = {p.name: "constexpr" if p.is_constexpr else None for p in kern.params}
+        for k in sig:
+            if sig[k] is None:
+                a = next(it)
+                sig[k] = ("*" + names_of[a.dtype] if isinstance(a, torch.Tensor)
+                          else "fp32" if isinstance(a, float) else "i32")
+        names = list(sig)
+        aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
+        for cap in caps:
+            src = ASTSource(fn=kern, signature=sig, constexprs={(names.index(k),): v for k, v in const.items()},
+                            attrs=aligned)
+            k = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": kw["num_warps"]})
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(k.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True,
+                                       text=True, check=True).stdout
+            m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
+            if m is None:
+                raise RuntimeError(f"cuobjdump gave no resource usage for {key[0]}: {usage[-300:]}")
+            rows.append({"kernel": key[0], "sm": cap, "regs": int(m.group(1)), "stack": int(m.group(2)),
+                         "num_warps": kw["num_warps"], "tensor_cores": "mma" in k.asm["ptx"],
+                         "const": {c: v for c, v in const.items() if c in ("MODE", "NORM", "CPI", "CPO", "CPC")}})
+    return [{"launches": len(launches)}, *rows]
+
+
 # ---------------------------------------------------------------- the output bound
 def gpu_configs(model: SPAN) -> dict[str, tuple[Run, bool]]:
     """``{name: (forward, offered by fast_span)}`` measured by ``--bound`` on CUDA."""
@@ -370,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--inner", type=int, default=20)
     ap.add_argument("--bound", action="store_true", help="also the output bound on Set5/Set14/B100")
     ap.add_argument("--no-timing", action="store_true")
+    ap.add_argument("--resources", action="store_true",
+                    help="CPU: registers and spills of the schedule's kernels compiled for sm_80 / sm_90")
     ap.add_argument("--emulate", action="store_true",
                     help="CPU: the output bound of the dot precisions, emulated (needs --data)")
     ap.add_argument("--quick", action="store_true", help="tiny sizes, few rounds: a smoke test")
@@ -378,6 +454,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.pack:
         pack(args.pack, args.weights)
+        return 0
+    if args.resources:
+        model = load_pack(args.data)[0] if args.data else SPAN(feature_channels=26)
+        res = kernel_resources(model.eval())
+        print(f"fast_span's CUDA kernels compiled for sm_80 / sm_90 (no GPU used), triton "
+              f"{__import__('triton').__version__}, width {model.feature_channels}; "
+              f"{res[0]['launches']} launches per forward")
+        print(markdown_table(["kernel", "constants", "sm", "warps", "registers", "stack bytes (spills)",
+                              "tensor cores"],
+                             [[r["kernel"], " ".join(f"{k}={v}" for k, v in r["const"].items()), str(r["sm"]),
+                               str(r["num_warps"]), str(r["regs"]), str(r["stack"]), str(r["tensor_cores"])]
+                              for r in res[1:]]))
+        if args.out:
+            args.out.write_text(json.dumps(res))
         return 0
     if args.emulate:
         if args.data is None:

@@ -196,82 +196,27 @@ def test_cuda_schedule_on_cpu_has_no_graphs() -> None:
 
 
 # ------------------------------------------------------------------ compiled for real GPUs, on CPU
-AOT_WORKER = r"""
-import json, os, re, subprocess, sys, tempfile
-sys.path.insert(0, sys.argv[1])
-import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from examples.span_sr import fast_kernels as fk
-from examples.span_sr.arch import SPAN
-from examples.span_sr.fast_cuda import TritonSPAN
-
-launches = []
-class Record:  # stands in for a kernel: keeps what TritonSPAN launches
-    def __init__(self, kern):
-        self.kern = kern
-    def __getitem__(self, grid):
-        return lambda *args, **kw: launches.append((self.kern, args, kw))
-for name in fk.__all__:
-    setattr(fk, name, Record(getattr(fk, name)))
-TritonSPAN(SPAN(feature_channels=26), precision="tf32x3")(torch.rand(1, 3, 8, 8))
-
-def sig(kern, args, kw):
-    out, it = {}, iter(args)
-    for p in kern.params:
-        if p.is_constexpr:
-            out[p.name] = "constexpr"
-            continue
-        a = next(it)
-        out[p.name] = ("*" + {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[a.dtype]
-                       if isinstance(a, torch.Tensor) else "fp32" if isinstance(a, float) else "i32")
-    return out
-
-tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-seen, result = set(), []
-for kern, args, kw in launches:
-    const = {k: v for k, v in kw.items() if k != "num_warps"}
-    key = (kern.fn.__name__, tuple(sorted(const.items())))
-    if key in seen:
-        continue
-    seen.add(key)
-    s = sig(kern, args, kw)
-    names = list(s)
-    for cap in (80, 90):
-        src = ASTSource(fn=kern, signature=s, constexprs={(names.index(k),): v for k, v in const.items()})
-        k = triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": kw["num_warps"]})
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(k.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
-        m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-        result.append({"kernel": key[0], "cap": cap, "regs": int(m.group(1)), "stack": int(m.group(2)),
-                       "const": dict(const), "tensor_cores": ("mma" in k.asm["ptx"])})
-print("RESULT" + json.dumps({"launches": len(launches), "kernels": result}))
-"""
-
-
 @pytest.mark.slow
-def test_kernels_compile_for_sm80_and_sm90_without_spills() -> None:
+def test_kernels_compile_for_sm80_and_sm90_without_spills(tmp_path) -> None:
     """Every kernel variant the schedule launches (width 26, tf32x3, its default warps and
-    ``block_m``) compiles ahead of time for sm_80 and sm_90 (Triton's CUDA backend and ptxas,
-    no GPU needed), runs its dots on the tensor cores, and spills no register to local memory."""
+    ``block_m``) compiles ahead of time for sm_80 and sm_90 (``bench_span_gpu.py --resources``:
+    Triton's CUDA backend and ptxas, no GPU), runs its dots on the tensor cores, and spills no
+    register to local memory."""
     import json
     import subprocess
     import sys
     from pathlib import Path
 
     pytest.importorskip("triton")
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", AOT_WORKER, repo], capture_output=True, text=True,
-                          timeout=600, env={**env, "PYTHONPATH": repo})
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT")), None)
-    assert line is not None, proc.stderr[-3000:]
-    r = json.loads(line[len("RESULT"):])
-    assert r["launches"] == 21
-    kernels = r["kernels"]
+    out = tmp_path / "resources.json"
+    proc = subprocess.run([sys.executable, str(repo / "benchmarks" / "bench_span_gpu.py"), "--resources",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=repo,
+                          env={**env, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    head, *kernels = json.loads(out.read_text())
+    assert head["launches"] == 21
     assert {k["kernel"] for k in kernels} == {"conv_kernel", "conv3x3_cat_kernel", "conv_shuffle_kernel"}
     assert len(kernels) == 2 * 5  # conv_1, SiLU convs, gate convs, conv_2 + cat, upsampler
     for k in kernels:

@@ -59,8 +59,9 @@ def _conv_tile(x_ptr, w_ptr, mean_ptr, scale, offs_m, n, h, w, H, W, total, c_in
     """fp32 ``[BLOCK_M, CPO]`` conv output (no bias) at the pixels ``offs_m``, zero padding.
 
     The taps are a loop, not unrolled: Triton pipelines its loads through shared memory, and
-    the unrolled form needs more than the 255 registers a thread has (spilling to local memory
-    in every kernel at 4 warps, measured from the compiled sm_90 code).
+    the unrolled form needs more than the 255 registers a thread has (at 4 warps it spilled to
+    local memory in 4 of the 5 fp32 kernels compiled for sm_80, and in the upsampler for sm_90:
+    ``bench_span_gpu.py --resources``).
     """
     ci = tl.arange(0, CPI)
     co = tl.arange(0, CPO)
