@@ -153,6 +153,16 @@ def test_graphs_replay_per_shape_and_return_fresh_outputs() -> None:
     assert lines == []
 
 
+def test_graphs_captured_in_inference_mode_replay_outside_it_and_back() -> None:
+    g = CudaGraphs(_fn, capture=_Recorder())
+    x, y = torch.rand(1, 3, 4, 4), torch.rand(1, 3, 4, 4)
+    with torch.inference_mode():
+        g(x)
+    assert torch.equal(g(y), _fn(y))
+    with torch.inference_mode():
+        assert torch.equal(g(x), _fn(x))
+
+
 def test_graphs_beyond_the_cap_evict_the_oldest_saying_so_once() -> None:
     rec, lines = _Recorder(), []
     g = CudaGraphs(_fn, max_graphs=2, capture=rec, log=lines.append)

@@ -308,7 +308,8 @@ class CudaGraphs:
                     self.log(f"fast_span: more than {self.max_graphs} input shapes; CUDA graphs of the "
                              "least recently used shapes are dropped and re-captured when they return.")
             try:
-                self.graphs[key] = self.capture(self.fn, x)
+                with torch.inference_mode(False), torch.no_grad():  # normal tensors: any later mode may copy in
+                    self.graphs[key] = self.capture(self.fn, x)
             except Exception as err:  # noqa: BLE001 - a failed capture falls back, saying so
                 self.enabled = False
                 self.graphs.clear()
