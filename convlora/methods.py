@@ -43,7 +43,9 @@ rounding (relative ``2**-11`` / ``2**-8``) and ``W'`` may differ from ``W`` by o
 place of some entries.
 
 All arithmetic runs in [`compute_dtype`][convlora.functional.compute_dtype] (at least float32,
-float64 stays float64) and ``W'`` is cast to the weight's dtype once.
+float64 stays float64), with autocast off (the layer's convolution still autocasts ``W'`` inside
+an autocast region, so merged and unmerged agree there too), and ``W'`` is cast to the weight's
+dtype once.
 
 How ``W'`` is computed (the same math, arranged to touch the weight-sized tensors as few times as
 possible, since that traffic is what a weight-space method adds to a training step):
@@ -66,6 +68,7 @@ possible, since that traffic is what a weight-space method adds to a training st
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -210,6 +213,14 @@ def _rowdot(u: Tensor, v: Tensor) -> Tensor:
     return torch.cat([torch.linalg.vecdot(x, y, dim=1) for x, y in zip(u.split(n), v.split(n))])
 
 
+def _no_autocast(t: Tensor) -> Any:
+    """A context with autocast off for ``t``'s device (a no-op where autocast does not exist)."""
+    device = t.device.type
+    if torch.amp.is_autocast_available(device):
+        return torch.autocast(device, enabled=False)
+    return contextlib.nullcontext()
+
+
 class _DoRAWeight(torch.autograd.Function):
     """``W' = (m / ||V||) * V`` with ``V = W + s * B @ A``, the norm per output channel, detached.
 
@@ -227,16 +238,22 @@ class _DoRAWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, w: Tensor, a: Tensor, b: Tensor, m: Tensor, scale: float,
                 shape: tuple[int, ...], groups: int, transposed: bool) -> Tensor:
-        v = torch.addmm(w, b, a, alpha=scale).view(shape)
-        norm = channel_norm(v, groups, transposed)
-        norm = torch.where(norm == 0, 1.0, norm)
-        ratio = m / norm
-        ctx.save_for_backward(w, a, b, norm, ratio)
-        ctx.scale, ctx.shape, ctx.groups, ctx.transposed = scale, shape, groups, transposed
-        return _channel_scale_(v, ratio, groups, transposed)
+        with _no_autocast(w):  # in the compute dtype, as every method (the layer's conv may autocast)
+            v = torch.addmm(w, b, a, alpha=scale).view(shape)
+            norm = channel_norm(v, groups, transposed)
+            norm = torch.where(norm == 0, 1.0, norm)
+            ratio = m / norm
+            ctx.save_for_backward(w, a, b, norm, ratio)
+            ctx.scale, ctx.shape, ctx.groups, ctx.transposed = scale, shape, groups, transposed
+            return _channel_scale_(v, ratio, groups, transposed)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        with _no_autocast(grad):
+            return _DoRAWeight._backward(ctx, grad.to(ctx.saved_tensors[0].dtype))
+
+    @staticmethod
+    def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
         w, a, b, norm, ratio = ctx.saved_tensors
         scale, shape, groups, transposed = ctx.scale, ctx.shape, ctx.groups, ctx.transposed
         need_w, need_a, need_b, need_m = ctx.needs_input_grad[:4]
@@ -284,8 +301,15 @@ def method_delta(method: str, factors: Mapping[str, Tensor], weight_shape: tuple
     """The additive delta ``W' - W`` of ``"lora"``, ``"loha"`` or ``"lokr"``, in the compute dtype.
 
     DoRA has no delta independent of ``W`` (it rescales ``W + delta``); use
+    [`effective_weight`][convlora.methods.effective_weight]. Runs with autocast off, as
     [`effective_weight`][convlora.methods.effective_weight].
     """
+    with _no_autocast(next(iter(factors.values()))):
+        return _method_delta(method, factors, weight_shape, scale)
+
+
+def _method_delta(method: str, factors: Mapping[str, Tensor], weight_shape: tuple[int, ...] | torch.Size,
+                  scale: float) -> Tensor:
     shape = tuple(weight_shape)
     dtype = compute_dtype(*factors.values())
     f = {k: v.to(dtype) for k, v in factors.items()}
@@ -307,8 +331,16 @@ def effective_weight(method: str, weight: Tensor, factors: Mapping[str, Tensor],
 
     The unmerged forward, [merge][convlora.merge] and
     [merge_state_dict][convlora.state_dict.merge_state_dict] all call this function, so they
-    agree bit for bit.
+    agree bit for bit. It runs with autocast off (inside an autocast region the layer's
+    convolution still autocasts ``W'``), so an unmerged forward under autocast computes the same
+    ``W'`` as a merge outside it.
     """
+    with _no_autocast(weight):
+        return _effective_weight(method, weight, factors, scale, groups, transposed)
+
+
+def _effective_weight(method: str, weight: Tensor, factors: Mapping[str, Tensor], scale: float,
+                      groups: int, transposed: bool) -> Tensor:
     if method == "lora":
         return merged_weight(weight, factors["lora_A"], factors["lora_B"], scale)
     dtype = compute_dtype(weight, *factors.values())

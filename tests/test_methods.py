@@ -262,6 +262,34 @@ def test_dora_gradients_match_the_formula_with_the_norm_detached(layout: str) ->
         torch.testing.assert_close(p.grad, factors[name].grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
+@pytest.mark.parametrize("method,layout", [(m, lay) for m in METHODS for lay in ("conv2d kernel", "convT2d groups")]
+                         + [("lora", "conv2d loralib"), ("dora", "conv2d loralib")])
+def test_under_autocast_the_weight_is_computed_in_float32_merged_equals_unmerged_and_it_trains(
+        method: str, layout: str) -> None:
+    make, fac, shape = DORA_LAYOUTS[layout]
+    torch.manual_seed(5)
+    model = nn.Sequential(make())
+    convlora.inject(model, rank=2, factorization=fac, method=method, targets="0")
+    randomize_adapters(model, 6, std=0.3)
+    layer = model[0]
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        w_plain = layer.effective_weight("default")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            w_autocast = layer.effective_weight("default")
+            y_unmerged = model(x)
+            with convlora.merged(model):
+                y_merged = model(x)
+    assert w_autocast.dtype == torch.float32 and torch.equal(w_autocast, w_plain)
+    assert torch.equal(y_merged, y_unmerged), "merged must equal unmerged under autocast too"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(x)
+    y.float().square().sum().backward()
+    for name, p in layer.factors("default").items():
+        assert p.grad is not None and p.grad.dtype == p.dtype, name
+        assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
 def test_method_refusals_are_one_line_and_change_nothing() -> None:
     model = nn.Sequential(nn.Conv2d(4, 4, 3), nn.Conv2d(4, 4, 3))
     before = copy.deepcopy(model.state_dict())
