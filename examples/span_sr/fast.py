@@ -35,7 +35,9 @@ pays a compile (seconds) per new input shape, ONNX Runtime about a second once; 
 Output bound: for every dtype offered (see ``OFFERED_DTYPES``) the ``uint8`` outputs differ
 from the fp32 eager forward by at most one level on every pixel of Set5, Set14 and B100 and the
 Y-PSNR by at most 0.01 dB (measured by ``benchmarks/bench_span_fast.py --bound``). The CPU path
-offers float32 only. The output is float32.
+offers float32 only. So does the CUDA path (``tf32x3`` dots): within the bound emulated on CPU
+(``benchmarks/bench_span_gpu.py --emulate``); ``bench_span_gpu.py --bound`` measures it on a
+GPU (still to be run). The output is float32.
 
 ``--fast`` and ``--half``: ``--half`` converts the eager model to fp16 (CUDA) and is not within
 the bound; ``--fast`` runs the fast path in float32, its only dtype, and refuses ``--half``.
