@@ -291,6 +291,9 @@ def kernel_resources(model: SPAN, caps: tuple[int, ...] = (80, 90)) -> list[dict
             setattr(fk, name, kern)
     names_of = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.isfile(tool):
+        raise SystemExit(f"bench_span_gpu.py --resources: {tool} is missing (this triton build has no "
+                         "bundled CUDA toolchain)")
     seen, rows = set(), []
     for kern, args, kw in launches:
         const = {k: v for k, v in kw.items() if k != "num_warps"}
