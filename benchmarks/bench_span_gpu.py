@@ -51,7 +51,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -219,8 +219,11 @@ def measure_peaks(device: torch.device, quick: bool) -> dict[str, float]:
                               ("fp32", torch.float32, False)):
         m1 = torch.randn(n, n, device=device, dtype=dtype)
         m2 = torch.randn(n, n, device=device, dtype=dtype)
+        def matmul(_: torch.Tensor, m1: torch.Tensor = m1, m2: torch.Tensor = m2) -> torch.Tensor:
+            return m1 @ m2
+
         with tf32_convs(tf32):
-            s = min(time_run(lambda _, m1=m1, m2=m2: m1 @ m2, m1, 2, 3, 2))
+            s = min(time_run(matmul, m1, 2, 3, 2))
         peaks[name] = n**3 / s
     return peaks
 
@@ -238,7 +241,7 @@ def limit_rows(model: SPAN, peaks: dict[str, float], measured: dict[str, float])
              "fused kernels, fp32 ieee dots + graphs"),
             ("fp16 storage, fp16 dots (not offered)", torch.float16, None, peaks["fp16"],
              "fused, fp16 storage + graphs (not offered)")):
-        run = TritonSPAN(model, dtype, precision=prec)
+        run = TritonSPAN(model, dtype, precision=cast(Any, prec))
         costs = [run.cost(1, h, w) for h, w in NTIRE_SIZES]
         macs = np.mean([c.macs for c in costs])
         padded = np.mean([c.padded_macs for c in costs])
@@ -302,12 +305,14 @@ def kernel_resources(model: SPAN, caps: tuple[int, ...] = (80, 90)) -> list[dict
             continue
         seen.add(key)
         it = iter(args)
-        sig = {p.name: "constexpr" if p.is_constexpr else None for p in kern.params}
-        for k in sig:
-            if sig[k] is None:
-                a = next(it)
-                sig[k] = ("*" + names_of[a.dtype] if isinstance(a, torch.Tensor)
-                          else "fp32" if isinstance(a, float) else "i32")
+        sig: dict[str, str] = {}
+        for p in kern.params:
+            if p.is_constexpr:
+                sig[p.name] = "constexpr"
+                continue
+            a = next(it)
+            sig[p.name] = ("*" + names_of[a.dtype] if isinstance(a, torch.Tensor)
+                           else "fp32" if isinstance(a, float) else "i32")
         names = list(sig)
         aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if sig[n].startswith("*")}
         for cap in caps:
@@ -529,7 +534,9 @@ def timing(model: SPAN, sets: dict, args: argparse.Namespace, report: dict[str, 
     warmup, rounds, inner = (2, 2, 2) if args.quick else (args.warmup, args.rounds, args.inner)
     with tf32_convs(False), torch.no_grad():
         refs = {k: to_uint8(model(x)) for k, x in sized.items()}
-    rows, results, ntire = [], {}, {}
+    rows: list[list[str]] = []
+    results: dict[str, Any] = {}
+    ntire: dict[str, float] = {}
     t_start = time.perf_counter()
     for case, (make, main_case) in timing_cases(model, args.quick).items():
         t0 = time.perf_counter()
