@@ -84,19 +84,11 @@ def test_bad_precision_and_input_device_are_refused() -> None:
         run(torch.empty(1, 3, 4, 4, device="meta"))
 
 
-def test_auto_on_cuda_is_triton_or_eager_with_one_line(monkeypatch: pytest.MonkeyPatch,
-                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    import importlib.util
-
-    cuda = torch.device("cuda", 0)
-    find_spec = importlib.util.find_spec
-    if find_spec("triton") is not None:
-        assert resolve_backend("auto", cuda) == "triton"
-    monkeypatch.setattr(importlib.util, "find_spec",
-                        lambda name, *a: None if name == "triton" else find_spec(name, *a))
-    assert resolve_backend("auto", cuda) == "eager"
+def test_auto_on_cuda_is_eager_until_measured_with_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert resolve_backend("auto", torch.device("cuda", 0)) == "eager"
     out = capsys.readouterr().out
-    assert out.count("\n") == 1 and "triton is not installed" in out
+    assert out.count("\n") == 1 and "backend='triton'" in out
+    assert resolve_backend("triton", torch.device("cuda", 0)) == "triton"
     assert fast_mod.resolve_backend("auto", torch.device("meta")) == "eager"
 
 

@@ -23,7 +23,8 @@ pays a compile (seconds) per new input shape, ONNX Runtime about a second once; 
   dynamic sizes, which serve every later shape. Tiles of one shape (``upscale.py --fast
   --tile``) compile once. When compiling fails it falls back to ONNX Runtime, else the eager
   forward, printing one line.
-* ``"triton"`` (CUDA; what ``"auto"`` picks there when triton is installed): the CUDA schedule
+* ``"triton"`` (CUDA, opt-in: ``"auto"`` stays eager on CUDA until a GPU run has measured this
+  path, ``benchmarks/gpu_fast.sh``; the default is only where it is measured to win): the CUDA schedule
   of [`fast_cuda`][examples.span_sr.fast_cuda]: the fused kernels of
   [`fast_kernels`][examples.span_sr.fast_kernels], one launch per conv with its epilogue (bias,
   SiLU, the SPAB gate and residual, the concat feeding ``conv_cat``, the pixel shuffle) fused in,
@@ -115,19 +116,18 @@ def _has_onnxruntime() -> bool:
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The concrete backend ``"auto"`` stands for on ``device`` (other names pass through).
 
-    On CPU: ``"inductor"`` when a C++ compiler is found, else ``"onnxruntime"`` when it is
+    On CUDA: ``"eager"`` (one line says why: the CUDA schedule, ``"triton"``, is not yet measured
+    on a GPU). On CPU: ``"inductor"`` when a C++ compiler is found, else ``"onnxruntime"`` when it is
     installed, else ``"eager"``; each fallback prints one line saying why.
     """
     if backend not in _BACKENDS:
         raise ValueError(f"backend={backend!r} is not one of {_BACKENDS}.")
     if backend != "auto":
         return backend
-    import importlib.util
 
-    if device.type == "cuda":  # the CUDA schedule of examples/span_sr/fast_cuda.py
-        if importlib.util.find_spec("triton") is not None:
-            return "triton"
-        print("fast_span: triton is not installed (pip install triton); using the eager forward.")
+    if device.type == "cuda":  # the CUDA schedule (backend="triton") is opt-in until a GPU run measures it
+        print("fast_span: on CUDA 'auto' is the eager forward until the CUDA schedule is measured on a GPU "
+              "(benchmarks/gpu_fast.sh); pass backend='triton' to use it.")
         return "eager"
     if device.type != "cpu":
         return "eager"
@@ -249,8 +249,8 @@ def fast_span(model: nn.Module, dtype: torch.dtype = torch.float32, backend: Bac
             train-form convs fused (``model.reparameterize()``). It is not modified.
         dtype: Compute dtype; one of ``OFFERED_DTYPES[backend]`` (float32 only: float16 and
             bfloat16 exceed the output bound).
-        backend: ``"auto"`` (on CPU inductor, else onnxruntime, else eager; on CUDA triton;
-            eager elsewhere), or one by name.
+        backend: ``"auto"`` (on CPU inductor, else onnxruntime, else eager; eager on CUDA
+            until the triton schedule is measured there, and elsewhere), or one by name.
         block_m: Pixels per program of the triton kernels.
 
     Returns:

@@ -1,7 +1,7 @@
 """The CUDA schedule of the fast SPAN forward: fused Triton launches, replayed as CUDA graphs.
 
-[`fast_span`][examples.span_sr.fast.fast_span] with ``backend="triton"`` (what ``"auto"`` picks
-on CUDA) runs [`cuda_schedule`][examples.span_sr.fast_cuda.cuda_schedule], which stacks:
+[`fast_span`][examples.span_sr.fast.fast_span] with ``backend="triton"`` (opt-in: ``"auto"`` stays
+eager on CUDA until a GPU run has measured this schedule) runs [`cuda_schedule`][examples.span_sr.fast_cuda.cuda_schedule], which stacks:
 
 1. **Fused kernels** ([`fast_kernels`][examples.span_sr.fast_kernels]): one launch per conv, 21
    in all, each conv's epilogue in the same launch (bias, SiLU, the SPAB gate
