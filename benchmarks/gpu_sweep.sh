@@ -60,7 +60,9 @@ TL=$(( $(left) - 75 ))                     # train time per run; exports, summar
 [ "$TL" -lt 60 ] && TL=60
 COMMON=(--config examples/span_sr/configs/dsclora_x4.yaml
         --data.train "$CARRY/sr_train/BSD200" "$CARRY/sr_train/T91" --data.cache_dir "$CACHE"
-        --data.test none --data.workers 2 --model.weights_dir "$CARRY/weights"
+        --data.test none --data.val none --data.workers 2 --model.weights_dir "$CARRY/weights"
+        --teacher span_ch28 --model.teacher_ensemble 1 --model.lora configs/dsclora_lora.yaml
+        --loss.pixel l1 --teacher_cache.enabled false --train.lr 5e-5 --train.threads 0
         --train.time_limit "$TL" --train.progress false --train.log_every 100 --train.val_every 250
         --train.ckpt_every 2000)
 PIDS=()
