@@ -26,11 +26,15 @@ def test_shipped_configs_load(name: str) -> None:
 
 
 def test_dsclora_recipe_defaults() -> None:
+    """The recipe the #16 sweep selected: the base's x8 self-ensemble as the cached teacher, rank 8, MSE."""
     cfg = load_config(CONFIGS / "dsclora_x4.yaml")
-    assert (cfg.model.base, cfg.model.teacher) == ("span_tiny_ch26", "span_ch28")
-    assert cfg.data.val == [] and cfg.data.val_holdout > 0  # selection on held-out training images
+    assert (cfg.model.base, cfg.model.teacher, cfg.model.teacher_ensemble) == ("span_tiny_ch26", "base", 8)
+    assert cfg.teacher_cache.enabled and cfg.loss.w_aff == 0 and cfg.loss.pixel == "mse"
+    assert cfg.model.lora == "configs/dsclora_lora_r8.yaml"
+    # selection on held-out training images, never on a test set
+    assert len(cfg.data.val) == 24 and len(set(cfg.data.val)) == 24
+    assert all(Path(v).parent.name in {"BSD200", "T91", "General100_half"} for v in cfg.data.val)
     assert [Path(t).name for t in cfg.data.test] == ["Set5", "Set14", "B100"]
-    assert (cfg.loss.w_rec, cfg.loss.w_out, cfg.train.lr) == (0.2, 0.8, 5e-5)
 
 
 def test_overrides_typed_lists_aliases_and_none() -> None:
