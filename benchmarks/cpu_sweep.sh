@@ -33,6 +33,7 @@ declare -A ARM=(
   [tta8_r8_lr5e-4]="$ENS --model.lora configs/dsclora_lora_r8.yaml"
   [tta8_r8all_lr5e-4]="$ENS --model.lora configs/dsclora_lora_r8_all.yaml"
   [tta8_full_lr5e-5]="$ENS --train.lr 5e-5 --model.full_finetune true"
+  [craft_r8_mse_lr5e-4_2400]="--teacher ../shared/data/weights/craft_x4.pth --model.teacher_ensemble 1 --teacher_cache.enabled true --model.lora configs/dsclora_lora_r8.yaml --loss.pixel mse --train.steps 2400 --train.warmup 100 --train.val_every 400"
   [tta8_r8_mse_lr5e-4_2400]="$ENS --model.lora configs/dsclora_lora_r8.yaml --loss.pixel mse --train.steps 2400 --train.warmup 100 --train.val_every 400"
 )
 run_arm() {
