@@ -26,9 +26,9 @@ def test_shipped_configs_load(name: str) -> None:
 
 
 def test_dsclora_recipe_defaults() -> None:
-    """The recipe the #16 sweep selected: the base's x8 self-ensemble as the cached teacher, rank 8, MSE."""
+    """The recipe the #16 sweep selected: CRAFT as the cached teacher, rank 8, MSE."""
     cfg = load_config(CONFIGS / "dsclora_x4.yaml")
-    assert (cfg.model.base, cfg.model.teacher, cfg.model.teacher_ensemble) == ("span_tiny_ch26", "base", 8)
+    assert (cfg.model.base, cfg.model.teacher, cfg.model.teacher_ensemble) == ("span_tiny_ch26", "craft_x4", 1)
     assert cfg.teacher_cache.enabled and cfg.loss.w_aff == 0 and cfg.loss.pixel == "mse"
     assert cfg.model.lora == "configs/dsclora_lora_r8.yaml"
     # selection on held-out training images, never on a test set
