@@ -7,7 +7,8 @@ original architecture, parameter count and speed.
 
 from . import distill
 from ._version import __version__
-from .adapters import load_adapter, read_adapter, save_adapter
+from .adapter_format import read_adapter
+from .adapters import load_adapter, save_adapter
 from .composition import combine_adapters, per_sample, scaled
 from .config import LoRAConfig
 from .errors import (

@@ -19,7 +19,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .adapters import read_adapter
+from .adapter_format import read_adapter
 from .errors import ConvLoRAError
 from .extraction import extract_file
 from .functional import FACTORIZATIONS

@@ -45,7 +45,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .adapters import read_adapter, save_adapter
+from .adapter_format import read_adapter
+from .adapters import save_adapter
 from .errors import (
     AdapterFormatError,
     AdapterMismatchError,

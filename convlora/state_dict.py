@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ._atomic import write_atomically
-from .adapters import read_adapter
+from .adapter_format import read_adapter
 from .errors import AdapterMismatchError, FingerprintMismatchError, StateDictError
 from .fingerprint import base_mismatch
 from .methods import effective_weight, scale_for

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import json
+import struct
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,3 +33,28 @@ def keys_and_shapes(model: nn.Module) -> list[tuple[str, tuple[int, ...]]]:
 
 def module_types(model: nn.Module) -> list[tuple[str, type]]:
     return [(n, type(m)) for n, m in model.named_modules()]
+
+
+def three_convs(seed: int = 0) -> nn.Module:
+    """A plain conv, a grouped conv and a conv before a pixel shuffle (the adapter-file tests' base)."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2),
+                         nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1), nn.PixelShuffle(2))
+
+
+def adapted(base: nn.Module, seed: int, **kw) -> nn.Module:
+    """A copy of ``base`` with a rank-2 adapter on every conv, random non-zero factors."""
+    model = copy.deepcopy(base)
+    convlora.inject(model, rank=2, **kw)
+    randomize_adapters(model, seed)
+    return model
+
+
+def rewrite_metadata(path: Path, out: Path, **changes: str) -> Path:
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8:8 + n])
+    header["__metadata__"].update(changes)
+    new = json.dumps(header).encode()
+    out.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n:])
+    return out

@@ -1,45 +1,28 @@
-"""Adapter files and named adapters: round trips, switching, fingerprints, format errors."""
+"""Adapters on a model: save and load round trips, bias modes, switching, fingerprints, fit to the model."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
-import struct
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 import convlora
 from convlora import AdapterFormatError, AdapterMismatchError, FingerprintMismatchError
-from convlora.fingerprint import fingerprint, sketch
-from tests._core_helpers import randomize_adapters
-
-
-def _base(seed: int = 0) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=2),
-                         nn.ReLU(), nn.Conv2d(8, 12, 3, padding=1), nn.PixelShuffle(2))
-
-
-def _trained(base: nn.Module, seed: int, **kw) -> nn.Module:
-    model = copy.deepcopy(base)
-    convlora.inject(model, rank=2, **kw)
-    randomize_adapters(model, seed)
-    return model
-
+from tests._core_helpers import adapted, randomize_adapters, rewrite_metadata, three_convs
 
 X = torch.randn(2, 3, 9, 9)
 METHODS = ["lora", "dora", "loha", "lokr"]
 
 
 def test_round_trip_and_metadata(tmp_path: Path) -> None:
-    base = _base()
-    model = _trained(base, 1, rank_pattern={"4": 4}, alpha=3.0)
+    base = three_convs()
+    model = adapted(base, 1, rank_pattern={"4": 4}, alpha=3.0)
     path = convlora.save_adapter(model, tmp_path / "a.safetensors", metadata={"task": "x2"})
     tensors, meta = convlora.read_adapter(path)
     assert set(tensors) == {f"{n}.lora_{s}" for n in ("0", "2", "4") for s in "AB"}
@@ -52,8 +35,8 @@ def test_round_trip_and_metadata(tmp_path: Path) -> None:
 
 
 def test_trained_biases_are_saved_and_loaded(tmp_path: Path) -> None:
-    base = _base()
-    model = _trained(base, 1)
+    base = three_convs()
+    model = adapted(base, 1)
     convlora.mark_only_lora_trainable(model, bias="lora_only")
     with torch.no_grad():
         model[0].bias.add_(0.5)
@@ -124,46 +107,9 @@ def test_mark_only_lora_only_follows_the_adapter() -> None:
     assert {"0.bias", "2.bias"} <= trainable and "1.bias" not in trainable
 
 
-def _v1_file(model: nn.Module, path: Path) -> Path:
-    """Write ``model``'s adapter with the version-1 metadata layout (as convlora at cf55334 did):
-    no ``bias`` entry; the file holds the biases that were trainable."""
-    layers, tensors = {}, {}
-    for lname, layer in convlora.lora_layers(model).items():
-        layers[lname] = {"type": layer.base_type, "weight_shape": list(layer.weight.shape),
-                         "groups": layer.groups, "rank": layer.rank["default"],
-                         "alpha": layer.alpha["default"], "factorization": "kernel", "dropout": 0.0,
-                         "stride": list(layer.stride), "dilation": list(layer.dilation),
-                         "padding": list(layer.padding), "padding_mode": layer.padding_mode}
-        tensors[f"{lname}.lora_A"] = layer.lora_A["default"].detach().contiguous()
-        tensors[f"{lname}.lora_B"] = layer.lora_B["default"].detach().contiguous()
-    tensors["0.bias"] = model[0].bias.detach().clone()
-    bases = {n: lyr.base_weight() for n, lyr in convlora.lora_layers(model).items()}
-    meta = {"format": "convlora.adapter", "format_version": "1", "convlora_version": "0.1.0",
-            "adapter_name": "default", "layers": json.dumps(layers), "bias_keys": json.dumps(["0.bias"]),
-            "base_fingerprint": fingerprint(bases), "base_sketch": json.dumps(sketch(bases)),
-            "user": json.dumps({"from": "v1"})}
-    save_file(tensors, str(path), metadata=meta)
-    return path
-
-
-def test_version_1_files_still_load(tmp_path: Path) -> None:
-    base = _base()
-    model = _trained(base, 1)
-    with torch.no_grad():
-        model[0].bias.add_(0.25)
-    path = _v1_file(model, tmp_path / "v1.safetensors")
-    tensors, meta = convlora.read_adapter(path)
-    assert meta["format_version"] == "1" and meta["bias"] is None and meta["user"] == {"from": "v1"}
-    fresh = copy.deepcopy(base)
-    assert convlora.load_adapter(fresh, path) == "default"
-    assert torch.equal(fresh(X), model(X))
-    merged = convlora.merge_state_dict(base.state_dict(), path)
-    assert torch.equal(merged["0.bias"], model[0].bias.detach())
-
-
 def test_named_adapters_switch_exactly(tmp_path: Path) -> None:
-    base = _base()
-    a, b = _trained(base, 1), _trained(base, 2, targets="4")
+    base = three_convs()
+    a, b = adapted(base, 1), adapted(base, 2, targets="4")
     pa = convlora.save_adapter(a, tmp_path / "a.safetensors")
     pb = convlora.save_adapter(b, tmp_path / "b.safetensors")
     multi = copy.deepcopy(base)
@@ -183,7 +129,7 @@ def test_named_adapters_switch_exactly(tmp_path: Path) -> None:
 
 
 def test_lora_state_dict_is_the_active_adapter() -> None:
-    model = _trained(_base(), 1)
+    model = adapted(three_convs(), 1)
     convlora.inject(model, convlora.LoRAConfig(rank=1, targets="0"), adapter_name="two")
     sd = convlora.lora_state_dict(model)
     assert set(sd) == {"0.lora_A", "0.lora_B"} and sd["0.lora_A"].shape[0] == 1
@@ -192,8 +138,8 @@ def test_lora_state_dict_is_the_active_adapter() -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 def test_fingerprint_mismatch_strict_and_not(tmp_path: Path, method: str) -> None:
-    path = convlora.save_adapter(_trained(_base(0), 1, method=method), tmp_path / "a.safetensors")
-    other = _base(seed=5)  # same architecture, different weights
+    path = convlora.save_adapter(adapted(three_convs(0), 1, method=method), tmp_path / "a.safetensors")
+    other = three_convs(seed=5)  # same architecture, different weights
     with pytest.raises(FingerprintMismatchError, match="base weights differ.*strict=False"):
         convlora.load_adapter(other, path)
     assert not convlora.lora_layers(other), "nothing may change on failure"
@@ -203,14 +149,14 @@ def test_fingerprint_mismatch_strict_and_not(tmp_path: Path, method: str) -> Non
 
 @pytest.mark.parametrize("method", METHODS)
 def test_fingerprint_matches_low_precision_copies(tmp_path: Path, method: str) -> None:
-    base = _base()
-    path = convlora.save_adapter(_trained(base, 1, method=method), tmp_path / "a.safetensors")
+    base = three_convs()
+    path = convlora.save_adapter(adapted(base, 1, method=method), tmp_path / "a.safetensors")
     for dtype in (torch.bfloat16, torch.float16):
         convlora.load_adapter(copy.deepcopy(base).to(dtype), path)
 
 
 def test_wrong_model_lists_missing_layers_and_shapes(tmp_path: Path) -> None:
-    path = convlora.save_adapter(_trained(_base(), 1), tmp_path / "a.safetensors")
+    path = convlora.save_adapter(adapted(three_convs(), 1), tmp_path / "a.safetensors")
     with pytest.raises(AdapterMismatchError, match=r"adapter layers not found in the model: \['4'\]"):
         convlora.load_adapter(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2)), path)
     wide = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3, groups=2), nn.ReLU(),
@@ -220,61 +166,19 @@ def test_wrong_model_lists_missing_layers_and_shapes(tmp_path: Path) -> None:
     assert not convlora.lora_layers(wide)
 
 
-def test_tensor_shape_and_key_errors(tmp_path: Path) -> None:
-    path = convlora.save_adapter(_trained(_base(), 1), tmp_path / "a.safetensors")
-    tensors, meta = convlora.read_adapter(path)
-    raw = {k: (json.dumps(v) if not isinstance(v, str) else v) for k, v in meta.items()}
-    bad = dict(tensors)
-    bad["2.lora_A"] = torch.zeros(3, 3)
-    del bad["4.lora_B"]
-    bad["9.lora_A"] = torch.zeros(1)
-    save_file(bad, str(tmp_path / "bad.safetensors"), metadata=raw)
-    # Tensors that do not match the file's own metadata: a malformed file.
-    with pytest.raises(AdapterFormatError, match=r"missing from the file: \['4.lora_B'\]; unexpected tensors: \['9.lora_A'\]"):
-        convlora.load_adapter(_base(), tmp_path / "bad.safetensors")
-    bad = dict(tensors)
-    bad["2.lora_A"] = torch.zeros(3, 3)
-    save_file(bad, str(tmp_path / "bad2.safetensors"), metadata=raw)
-    with pytest.raises(AdapterFormatError, match=r"2.lora_A: shape \(3, 3\), expected \(2, 36\)"):
-        convlora.load_adapter(_base(), tmp_path / "bad2.safetensors")
-
-
-def test_corrupt_truncated_foreign_and_future_files(tmp_path: Path) -> None:
-    path = convlora.save_adapter(_trained(_base(), 1), tmp_path / "a.safetensors")
-    data = path.read_bytes()
-    (tmp_path / "trunc.safetensors").write_bytes(data[:-10])
-    with pytest.raises(AdapterFormatError, match="truncated or corrupt"):
-        convlora.load_adapter(_base(), tmp_path / "trunc.safetensors")
-    (tmp_path / "junk.safetensors").write_bytes(b"PK\x03\x04 this is a zip file, not safetensors")
-    with pytest.raises(AdapterFormatError, match="not a safetensors file"):
-        convlora.load_adapter(_base(), tmp_path / "junk.safetensors")
-    (tmp_path / "tiny.safetensors").write_bytes(b"abc")
-    with pytest.raises(AdapterFormatError, match="only 3 bytes"):
-        convlora.load_adapter(_base(), tmp_path / "tiny.safetensors")
-    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
-    with pytest.raises(AdapterFormatError, match="not a convlora adapter"):
-        convlora.load_adapter(_base(), tmp_path / "plain.safetensors")
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
-    header["__metadata__"]["format_version"] = "99"
-    new = json.dumps(header).encode()
-    (tmp_path / "v99.safetensors").write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n:])
-    with pytest.raises(AdapterFormatError,
-                       match=f"format version '99'; convlora {convlora.__version__} reads versions '1', '2'"):
-        convlora.load_adapter(_base(), tmp_path / "v99.safetensors")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        convlora.load_adapter(_base(), tmp_path / "missing.safetensors")
-    model = _base()
+def test_bad_name_and_metadata_arguments_change_nothing(tmp_path: Path) -> None:
+    path = convlora.save_adapter(adapted(three_convs(), 1), tmp_path / "a.safetensors")
+    model = three_convs()
     with pytest.raises(convlora.ConvLoRAError, match=r"name='a.b' must be a Python identifier"):
         convlora.load_adapter(model, path, name="a.b")
     assert not convlora.lora_layers(model)
     with pytest.raises(convlora.ConvLoRAError, match="metadata is not JSON-serialisable"):
-        convlora.save_adapter(_trained(_base(), 1), tmp_path / "m.safetensors", metadata={"f": print})
+        convlora.save_adapter(adapted(three_convs(), 1), tmp_path / "m.safetensors", metadata={"f": print})
     assert not (tmp_path / "m.safetensors").exists()
 
 
 def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
-    model = _trained(_base(), 1)
+    model = adapted(three_convs(), 1)
     convlora.save_adapter(model, tmp_path / "a.safetensors")
     convlora.save_adapter(model, tmp_path / "a.safetensors")
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
@@ -289,7 +193,7 @@ def test_save_is_atomic_and_leaves_no_temp_files(tmp_path: Path) -> None:
 
 
 def test_summary_table() -> None:
-    model = _trained(_base(), 1)
+    model = adapted(three_convs(), 1)
     convlora.merge(model)
     text = convlora.summary(model)
     assert "0      Conv2d  8x3x3x3" in text and "yes" in text
@@ -297,7 +201,7 @@ def test_summary_table() -> None:
 
 
 def test_new_adapter_trains_alone_and_mark_only_takes_an_adapter() -> None:
-    model = _trained(_base(), 1)
+    model = adapted(three_convs(), 1)
     convlora.inject(model, convlora.LoRAConfig(rank=1), adapter_name="second")
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(".second") for n in trainable), trainable
@@ -307,56 +211,30 @@ def test_new_adapter_trains_alone_and_mark_only_takes_an_adapter() -> None:
 
 
 def test_loading_biases_next_to_other_adapters_warns(tmp_path: Path) -> None:
-    base = _base()
-    model = _trained(base, 1)
+    base = three_convs()
+    model = adapted(base, 1)
     convlora.mark_only_lora_trainable(model, bias="lora_only")
     path = convlora.save_adapter(model, tmp_path / "a.safetensors", bias="lora_only")
-    other = _trained(base, 2)
+    other = adapted(base, 2)
     with pytest.warns(UserWarning, match="biases are shared by all adapters"):
         convlora.load_adapter(other, path, name="with_bias")
 
 
-def _rewrite_metadata(path: Path, out: Path, **changes: str) -> Path:
-    data = path.read_bytes()
-    n = struct.unpack("<Q", data[:8])[0]
-    header = json.loads(data[8:8 + n])
-    header["__metadata__"].update(changes)
-    new = json.dumps(header).encode()
-    out.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n:])
-    return out
-
-
-@pytest.mark.parametrize(("changes", "message"), [
-    ({"bias": "trainable"}, r"bias='trainable' is not one of"),
-    ({"bias_keys": '["0.bias"]'}, r"bias mode 'none' but the file lists biases \['0.bias'\]"),
-    ({"bias": "lora_only", "bias_keys": '["5.bias"]'}, r"'5.bias'\] are not biases of the adapted layers"),
-    ({"layers": "{not json"}, r"metadata field 'layers' is not valid JSON"),
-    ({"adapter_name": "a b"}, r"adapter_name='a b' is not a Python identifier"),
-    ({"base_sketch": '{"0": "x"}'}, r"'base_sketch' must map layers to lists of numbers"),
-])
-def test_bad_metadata_is_a_one_line_format_error(tmp_path: Path, changes: dict, message: str) -> None:
-    path = convlora.save_adapter(_trained(_base(), 1), tmp_path / "a.safetensors")
-    bad = _rewrite_metadata(path, tmp_path / "bad.safetensors", **changes)
-    with pytest.raises(AdapterFormatError, match=message) as info:
-        convlora.read_adapter(bad)
-    assert "\n" not in str(info.value)
-
-
 def test_bad_layer_metadata_changes_nothing(tmp_path: Path) -> None:
-    path = convlora.save_adapter(_trained(_base(), 1), tmp_path / "a.safetensors")
+    path = convlora.save_adapter(adapted(three_convs(), 1), tmp_path / "a.safetensors")
     _, meta = convlora.read_adapter(path)
     for field, value in (("rank", 0), ("factorization", "svd"), ("weight_shape", [8, "3"])):
         layers = copy.deepcopy(meta["layers"])
         layers["4"][field] = value
-        bad = _rewrite_metadata(path, tmp_path / "bad.safetensors", layers=json.dumps(layers))
-        model = _base()
+        bad = rewrite_metadata(path, tmp_path / "bad.safetensors", layers=json.dumps(layers))
+        model = three_convs()
         with pytest.raises(AdapterFormatError, match=rf"layer '4': bad or missing \['{field}'\]"):
             convlora.load_adapter(model, bad)
         assert not convlora.lora_layers(model)
     layers = copy.deepcopy(meta["layers"])
     layers["2"]["groups"] = 1  # the model's conv 2 has groups=2
-    bad = _rewrite_metadata(path, tmp_path / "bad.safetensors", layers=json.dumps(layers))
-    model = _base()
+    bad = rewrite_metadata(path, tmp_path / "bad.safetensors", layers=json.dumps(layers))
+    model = three_convs()
     with pytest.raises(AdapterMismatchError, match=r"2: groups=2 in the model, 1 in the file"):
         convlora.load_adapter(model, bad)
     assert not convlora.lora_layers(model)
