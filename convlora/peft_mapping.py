@@ -1,0 +1,258 @@
+"""How PEFT's LoRA maps onto convlora's layers: factor layouts both ways, and PEFT's name matching.
+
+For a conv with ``groups=1``, PEFT's LoRA is convlora's ``"kernel"`` factorisation: ``lora_A`` is
+a kernel-sized conv ``(r, in, *k)`` and ``lora_B`` a 1x1 conv ``(out, r, 1...)``; for
+``nn.Linear`` the factors are ``(r, in)`` and ``(out, r)``. ``use_rslora`` maps exactly onto
+alpha: PEFT scales by ``lora_alpha / sqrt(r)``, convlora by ``alpha / rank``, so
+``alpha = lora_alpha * sqrt(r)``.
+
+PEFT is exact only for zero padding and dilation 1: its ``lora_A`` conv takes the base conv's
+kernel size, stride and padding but neither its ``padding_mode`` nor its ``dilation``. Such
+layers are refused both ways. For a grouped conv (``groups=g``) PEFT's ``lora_A`` is dense over
+all input channels and ``lora_B`` is grouped (``r % g == 0``), which is a side path, not a weight
+delta, unless ``lora_A`` is block-diagonal by group. Importing is therefore refused unless it is;
+exporting a convlora grouped adapter of rank ``r`` is exact: rank ``r*g``, a block-diagonal
+``lora_A`` repeating convlora's ``A`` per group, and convlora's ``B`` as the grouped ``lora_B``
+(importing such a file gives back rank ``r`` and the same tensors, bit for bit). The
+``"loralib"`` factorisation has no PEFT layout and is refused on export.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import AdapterMismatchError, UnsupportedLayerError
+from .layer import LoRALayer
+from .peft_format import PEFT_PREFIX
+
+__all__ = ["export_problem", "from_peft_factors", "module_spec", "pattern_value", "peft_bias_key",
+           "peft_contents", "peft_problem", "peft_targets"]
+
+_CONV_TYPES = {"Conv1d": 1, "Conv2d": 2, "Conv3d": 3}
+
+
+# -- PEFT's name matching (reimplemented: peft is not a dependency) ---------------------------
+def _layer_index_ok(cfg: dict[str, Any], name: str) -> bool:
+    indexes = cfg["layers_to_transform"]
+    if indexes is None or (isinstance(indexes, list) and not indexes):
+        return True
+    patterns = cfg["layers_pattern"]
+    match = None
+    if not patterns:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        for p in patterns:
+            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name)
+            if match:
+                break
+    if match is None:
+        return False
+    idx = int(match.group("idx"))
+    return idx == indexes if isinstance(indexes, int) else idx in indexes
+
+
+def peft_targets(cfg: dict[str, Any], name: str) -> bool:
+    """Whether PEFT's ``check_target_module_exists`` selects the module ``name``."""
+    exclude = cfg["exclude_modules"]
+    if exclude:
+        if isinstance(exclude, str):
+            if re.fullmatch(exclude, name):
+                return False
+        elif name in exclude or any(name.endswith(f".{e}") for e in exclude):
+            return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", name) for m in cfg["modules_to_save"]):
+        return False
+    targets = cfg["target_modules"]
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    if name in targets:
+        return True
+    return any(name.endswith(f".{t}") for t in targets) and _layer_index_ok(cfg, name)
+
+
+def pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
+    """PEFT's ``get_pattern_key``: the first pattern ``p`` with ``re.match(f"(.*\\.)?({p})$")``."""
+    for p in patterns:
+        if re.match(rf"(.*\.)?({p})$", name):
+            return patterns[p]
+    return default
+
+
+# -- layer descriptions ---------------------------------------------------------------------
+def module_spec(module: nn.Module) -> dict[str, Any] | None:
+    """Type, weight shape and conv settings of a conv/linear (or LoRA) layer, else ``None``."""
+    if isinstance(module, LoRALayer):
+        kind = module.base_type
+    elif isinstance(module, nn.Linear):
+        kind = "Linear"
+    elif isinstance(module, nn.modules.conv._ConvNd) and not isinstance(
+            module, nn.modules.conv._ConvTransposeNd):
+        kind = f"Conv{len(module.kernel_size)}d"
+    else:
+        return None
+    spec: dict[str, Any] = {"type": kind, "weight_shape": list(module.weight.shape),  # type: ignore[union-attr]
+                            "groups": int(getattr(module, "groups", 1))}
+    if kind != "Linear":
+        pad = module.padding
+        spec.update(dilation=list(module.dilation),  # type: ignore[arg-type]
+                    padding=pad if isinstance(pad, str) else list(pad),  # type: ignore[arg-type]
+                    padding_mode=str(module.padding_mode))
+    return spec
+
+
+def peft_problem(spec: Mapping[str, Any]) -> str | None:
+    """Why PEFT computes something else than this conv's weight delta, or ``None``."""
+    if spec["type"] == "Linear":
+        return None
+    kernel = spec["weight_shape"][2:]
+    dilation, padding, mode = spec.get("dilation"), spec.get("padding"), spec.get("padding_mode", "zeros")
+    if dilation is not None and any(d != 1 and k > 1 for d, k in zip(dilation, kernel)):
+        return (f"it has dilation {tuple(dilation)}, which PEFT's lora_A conv ignores, so PEFT would "
+                "compute another (or mis-shaped) output than this weight delta")
+    padded = (padding == "same" and any(k > 1 for k in kernel)) if isinstance(padding, str) else \
+        any(p > 0 for p in (padding or []))
+    if mode != "zeros" and padded:
+        return (f"it pads with padding_mode={mode!r}, while PEFT's lora_A conv pads with zeros, so "
+                "PEFT would compute another output than this weight delta")
+    return None
+
+
+def _times(alpha: float, g: int) -> float:
+    """A float ``x`` close to ``alpha * g`` with ``x / g == alpha`` exactly (when one exists)."""
+    x = alpha * g
+    for cand in (x, math.nextafter(x, math.inf), math.nextafter(x, -math.inf)):
+        if cand / g == alpha:
+            return cand
+    return x
+
+
+def _to_peft_factors(spec: Mapping[str, Any], a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, int, float]:
+    """convlora ``(A, B, rank, alpha)`` of one layer in PEFT's layout: ``(lora_A, lora_B, r, lora_alpha)``."""
+    r, alpha, g = int(spec["rank"]), float(spec["alpha"]), int(spec["groups"])
+    shape = spec["weight_shape"]
+    if spec["type"] == "Linear":
+        return a.contiguous(), b.contiguous(), r, alpha
+    out, cin_g, kernel = shape[0], shape[1], shape[2:]
+    a4 = a.reshape(r, cin_g, *kernel)
+    b4 = b.reshape(out, r, *([1] * len(kernel))).contiguous()
+    if g == 1:
+        return a4.contiguous(), b4, r, alpha
+    big = a.new_zeros((r * g, cin_g * g, *kernel))
+    for j in range(g):
+        big[j * r:(j + 1) * r, j * cin_g:(j + 1) * cin_g] = a4
+    return big, b4, r * g, _times(alpha, g)
+
+
+def from_peft_factors(lname: str, spec: Mapping[str, Any], a: Tensor, b: Tensor, r: int,
+                      lora_alpha: float, rslora: bool) -> tuple[Tensor, Tensor, int, float]:
+    """PEFT ``(lora_A, lora_B)`` of one layer as convlora ``(A, B, rank, alpha)``, exactly."""
+    shape, g = spec["weight_shape"], int(spec["groups"])
+    out = shape[0]
+    if spec["type"] == "Linear":
+        want_a, want_b = (r, shape[1]), (out, r)
+    else:
+        if r % g:
+            raise AdapterMismatchError(f"layer {lname!r}: rank {r} is not divisible by groups={g}, "
+                                       "which PEFT requires of grouped convs.")
+        want_a, want_b = (r, shape[1] * g, *shape[2:]), (out, r // g, *([1] * (len(shape) - 2)))
+    for key, t, want in (("lora_A", a, want_a), ("lora_B", b, want_b)):
+        if tuple(t.shape) != tuple(want):
+            raise AdapterMismatchError(f"{lname}.{key}.weight has shape {tuple(t.shape)}; this layer "
+                                       f"(weight {tuple(shape)}, groups={g}) with r={r} needs {tuple(want)}.")
+    root = math.sqrt(r) if rslora else 1.0
+    if g == 1:
+        return a.reshape(r, -1), b.reshape(out, r), r, lora_alpha * root
+    rg, cin_g, og = r // g, shape[1], out // g
+    blocks = []
+    for j in range(g):
+        rows = a[j * rg:(j + 1) * rg]
+        inside = rows[:, j * cin_g:(j + 1) * cin_g]
+        if rows.count_nonzero() != inside.count_nonzero():
+            raise UnsupportedLayerError(
+                f"layer {lname!r} is a grouped conv (groups={g}) and its PEFT lora_A is dense across "
+                "the groups: the adapter is a side path, not a weight delta of this conv, so convlora "
+                "cannot hold it exactly. Leave the layer out (exclude_modules) when training with PEFT.")
+        blocks.append(inside.reshape(rg, -1))
+    if all(torch.equal(blk, blocks[0]) for blk in blocks[1:]):
+        return blocks[0], b.reshape(out, rg), rg, lora_alpha * root / g
+    big_b = b.new_zeros((out, r))
+    for j in range(g):
+        big_b[j * og:(j + 1) * og, j * rg:(j + 1) * rg] = b[j * og:(j + 1) * og].reshape(og, rg)
+    return torch.cat(blocks), big_b, r, lora_alpha * root
+
+
+def export_problem(lname: str, spec: Mapping[str, Any]) -> UnsupportedLayerError | None:
+    """The error for a layer (``spec``: its description and adapter fields) PEFT cannot hold, or ``None``."""
+    if spec["type"] not in ("Linear", *_CONV_TYPES):
+        return UnsupportedLayerError(f"layer {lname!r}: PEFT has no LoRA for {spec['type']!r} here.")
+    if spec.get("method", "lora") != "lora" or spec.get("rslora", False):
+        what = "rsLoRA scaling" if spec.get("method", "lora") == "lora" else f"method {spec['method']!r}"
+        return UnsupportedLayerError(
+            f"layer {lname!r} uses {what}; the PEFT export writes plain LoRA adapters only. "
+            "Merge the adapter instead (convlora.unload or convlora merge).")
+    if spec["factorization"] != "kernel":
+        return UnsupportedLayerError(
+            f"layer {lname!r} uses the {spec['factorization']!r} factorization, which PEFT's format cannot "
+            "hold: PEFT's conv LoRA is a kernel-sized conv to r channels then a 1x1 conv (convlora's "
+            "'kernel' factorization), while loralib's factors are blocks of the reshaped weight. "
+            "Train with factorization='kernel' to export, or merge the adapter instead.")
+    problem = peft_problem(spec)
+    if problem:
+        return UnsupportedLayerError(f"layer {lname!r} cannot be exported to PEFT: {problem}.")
+    return None
+
+
+def _anchored(name: str) -> str:
+    return "^" + re.escape(name)
+
+
+def peft_contents(specs: Mapping[str, Mapping[str, Any]], factors: Mapping[str, tuple[Tensor, Tensor]],
+                extra: Mapping[str, Tensor], bias: str,
+                modules_to_save: Sequence[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The config and tensors of a PEFT folder (``extra`` keys already in PEFT naming)."""
+    for lname, spec in specs.items():
+        err = export_problem(lname, spec)
+        if err:
+            raise err
+    dropouts = {float(s.get("dropout", 0.0)) for s in specs.values()}
+    if len(dropouts) > 1:
+        raise UnsupportedLayerError(f"the adapter's layers use several dropouts {sorted(dropouts)}; "
+                                    "PEFT's lora_dropout is one value for all layers.")
+    tensors: dict[str, Tensor] = {}
+    ranks: dict[str, int] = {}
+    alphas: dict[str, float] = {}
+    for lname, spec in specs.items():
+        a, b, r, alpha = _to_peft_factors(spec, *factors[lname])
+        tensors[f"{PEFT_PREFIX}{lname}.lora_A.weight"] = a.detach().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{lname}.lora_B.weight"] = b.detach().cpu().contiguous()
+        ranks[lname], alphas[lname] = r, alpha
+    for key, t in extra.items():
+        tensors[PEFT_PREFIX + key] = t.detach().cpu().contiguous()
+    r0 = min(Counter(ranks.values()).most_common(), key=lambda kv: (-kv[1], kv[0]))[0]
+    a0 = min(Counter(alphas.values()).most_common(), key=lambda kv: (-kv[1], kv[0]))[0]
+    config: dict[str, Any] = {
+        "peft_type": "LORA", "task_type": None, "r": r0, "lora_alpha": a0,
+        # A regular expression of the exact names: a list entry would also match longer names
+        # ending with it (PEFT matches list entries as name suffixes).
+        "target_modules": "(?:" + "|".join(re.escape(n) for n in specs) + ")",
+        "rank_pattern": {_anchored(n): r for n, r in ranks.items() if r != r0},
+        "alpha_pattern": {_anchored(n): a for n, a in alphas.items() if a != a0},
+        "lora_dropout": dropouts.pop(), "bias": bias, "use_rslora": False, "use_dora": False,
+        "lora_bias": False, "fan_in_fan_out": False, "init_lora_weights": True,
+        "modules_to_save": list(modules_to_save) or None, "exclude_modules": None,
+        "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,
+    }
+    return config, tensors
+
+
+def peft_bias_key(pname: str, lora_names: set[str]) -> str:
+    """PEFT's key for the bias ``pname``: under ``base_layer`` when its layer is adapted."""
+    owner = pname.rpartition(".")[0]
+    return f"{owner}.base_layer.bias" if owner in lora_names else pname
