@@ -115,3 +115,15 @@ def test_the_same_dialect_sets_a_dict_config() -> None:
     with pytest.raises(ValueError, match="unknown option --train.nope"):
         apply_overrides(cfg, {"train.nope": "1"})
     assert cfg["base"]["steps"] == 300
+
+
+def test_teacher_only_keys_are_off_by_default_and_typed() -> None:
+    cfg = load_config(CONFIGS / "dsclora_x4.yaml")
+    assert cfg.data.teacher_only == [] and cfg.data.teacher_only_share == 0.0
+    cfg = load_config(None, {"data.teacher_only": ["a/jpegs", "b"], "teacher_only_share": "0.25"})
+    assert cfg.data.teacher_only == ["a/jpegs", "b"] and cfg.data.teacher_only_share == 0.25
+    assert load_config(None, {"data.teacher_only": "none"}).data.teacher_only == []
+    for value, match in (("1.5", "out of range; give a finite number >= 0 and <= 1"), ("-0.1", "out of range"),
+                         ("half", "not a valid float"), ("nan", "not a finite number")):
+        with pytest.raises(ValueError, match=rf"'data.teacher_only_share': .*{match}"):
+            load_config(None, {"data.teacher_only_share": value})

@@ -10,7 +10,15 @@ import torch
 from PIL import Image
 from skimage import data as skdata
 
-from examples.span_sr.data import ImageSet, PatchDataset, image_refs, rank_batches, split_holdout
+from examples.span_sr.data import (
+    ImageSet,
+    PatchDataset,
+    image_refs,
+    rank_batches,
+    row_kinds,
+    split_holdout,
+    upcycled_rows,
+)
 from examples.span_sr.degrade import imresize_matlab
 from examples.span_sr.images import load_packed, read_image, save_packed
 
@@ -132,3 +140,70 @@ def test_rank_batches_shard_the_global_batch() -> None:
         assert two[0][step] + two[1][step] == one[step]
     with pytest.raises(ValueError, match="not divisible"):
         list(rank_batches(0, 1, 6, world=4))
+
+
+def test_row_kinds_keep_the_real_rows_even_over_the_ranks() -> None:
+    checked = 0
+    for batch, up, only in ((16, 0.25, 0.25), (8, 0.125, 0.375), (12, 0.0, 0.5), (4, 0.0, 1.0), (6, 0.5, 0.0)):
+        kinds = row_kinds(batch, up, only)
+        assert kinds.count("upcycle") == round(up * batch) and kinds.count("teacher_only") == round(only * batch)
+        free = batch - kinds.count("real")
+        for world in (2, 4):
+            if batch % world or free % world:
+                continue
+            local = batch // world
+            assert [kinds[r * local:(r + 1) * local].count("real") for r in range(world)] == \
+                [(batch - free) // world] * world
+            checked += 1
+        if not only:  # without teacher-only rows the pattern is the upcycled one
+            assert [k == "upcycle" for k in kinds] == upcycled_rows(batch, up)
+    assert checked >= 4
+    with pytest.raises(ValueError, match="more than the batch's 8 rows"):
+        row_kinds(8, 0.5, 0.625)
+
+
+def test_teacher_only_rows_are_patches_of_their_images_without_an_hr(folder: Path, tmp_path: Path) -> None:
+    images = ImageSet.load(image_refs([str(folder)])[:3], 4)
+    other = tmp_path / "only"
+    other.mkdir()
+    coffee = skdata.coffee()
+    for i in range(2):
+        Image.fromarray(coffee[60 * i:60 * i + 64, 100:180]).save(other / f"c{i}.png")
+    only = ImageSet.load(image_refs([str(other)]), 4)
+    rng = np.random.default_rng(0)  # stand-ins for the teacher's SR of each whole LR: the rows crop them
+    targets = [rng.random(h.shape, dtype=np.float32) for h in images.hr]
+    only_targets = [rng.random(h.shape, dtype=np.float32) for h in only.hr]
+    kw = dict(augment=False, targets=targets, batch=4)
+    ds = PatchDataset(images, 8, 1, teacher_only=only, teacher_only_targets=only_targets, teacher_only_share=0.5, **kw)
+    plain = PatchDataset(images, 8, 1, **kw)
+    seen = set()
+    for k in range(16):
+        lr, hr, target, real = ds[k]
+        assert lr.shape == (3, 8, 8) and hr.shape == target.shape == (3, 32, 32)
+        if real:  # a real row is the row of the same index without teacher-only rows
+            assert all(torch.equal(a, b) for a, b in zip(ds[k], plain[k]))
+            continue
+        assert not hr.any()  # no HR: the rec term skips the row
+        hits = [(i, y, x) for i, a in enumerate(only.lr) for y in range(a.shape[0] - 7) for x in range(a.shape[1] - 7)
+                if np.array_equal(a[y:y + 8, x:x + 8].transpose(2, 0, 1), lr.numpy())]
+        assert hits
+        i, y, x = hits[0]
+        assert np.array_equal(target.numpy(), only_targets[i][4 * y:4 * y + 32, 4 * x:4 * x + 32].transpose(2, 0, 1))
+        seen.add(i)
+    assert sum(not bool(ds[k][3]) for k in range(16)) == 8 and seen == {0, 1}
+    again = PatchDataset(images, 8, 1, teacher_only=only, teacher_only_targets=only_targets, teacher_only_share=0.5,
+                         **kw)
+    assert all(torch.equal(a, b) for k in (1, 3, 9) for a, b in zip(ds[k], again[k]))  # a function of (seed, k)
+    # float mode: a teacher-only row's LR is made from its HR patch on the fly, like a real row's
+    images_f, only_f = (ImageSet.load(s.refs, 4, lr_mode="float") for s in (images, only))
+    ds_f = PatchDataset(images_f, 8, 1, augment=False, teacher_only=only_f, teacher_only_share=0.5, batch=4)
+    lr_f, hr_f, target_f, real_f = ds_f[1]
+    assert not real_f and not hr_f.any() and target_f.numel() == 0 and lr_f.dtype == torch.float32
+    inner = (slice(None), slice(2, -2), slice(2, -2))  # away from the patch border (bicubic support)
+    assert (lr_f[inner] - ds[1][0][inner].float() / 255).abs().max() <= 1 / 255
+    with pytest.raises(ValueError, match="teacher-only images"):
+        PatchDataset(images, 8, 1, teacher_only_share=0.5, batch=4)
+    with pytest.raises(ValueError, match="or neither"):
+        PatchDataset(images, 8, 1, targets=targets, teacher_only=only, teacher_only_share=0.5, batch=4)
+    with pytest.raises(ValueError, match="scale and LR mode"):
+        PatchDataset(images, 8, 1, teacher_only=only_f, teacher_only_share=0.5, batch=4)

@@ -322,3 +322,208 @@ def test_validation_images_inside_the_training_folders_are_left_out_of_training(
     assert train.main(_args(tiny, run, "--data.val", *map(str, held), "--train.steps", "1")) == 0
     prov = json.loads((run / "provenance.json").read_text())
     assert prov["data"]["train"]["images"] == 6 - 2
+
+
+# ---------------------------------------------------------------- teacher-only inputs (data.teacher_only)
+
+
+@pytest.fixture(scope="module")
+def only(tiny: dict[str, Path]) -> Path:
+    """Three 72x80 crops of another photo: the teacher-only folder."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    folder = tiny["root"] / "only"
+    if not folder.is_dir():
+        folder.mkdir()
+        for i in range(3):
+            Image.fromarray(skdata.chelsea()[72 * i:72 * i + 72, 150:230]).save(folder / f"o{i}.png")
+    return folder
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_rows_without_an_hr_get_no_hr_term_and_rank_halves_average_to_the_batch() -> None:
+    torch.manual_seed(0)
+    student, teacher = dsclora.build_student(SPAN(feature_channels=8)), SPAN(feature_channels=12).eval()
+    lr, hr, target = torch.rand(4, 3, 8, 8), torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
+    real = torch.tensor([True, False, True, False])  # one real row in each rank's half
+    params = [p for p in student.parameters() if p.requires_grad]
+
+    def run(loss: dsclora.DSCLoRALoss, rows: slice, hr: torch.Tensor, target: torch.Tensor,
+            real: torch.Tensor = real) -> tuple[torch.Tensor, dict[str, torch.Tensor], list[torch.Tensor]]:
+        total, parts, _ = loss(lr[rows], hr[rows], step=0, target=target[rows], real=real[rows])
+        return total.detach(), parts, list(torch.autograd.grad(total, params))
+
+    other_hr = hr.clone()
+    other_hr[~real] = torch.rand_like(hr[~real])
+    other_target = target.clone()
+    other_target[~real] += 0.1
+    for cached in (True, False):
+        loss = dsclora.make_loss(student, teacher, load_config(None).loss, None, 0.0, cached=cached)
+        total, parts, grads = run(loss, slice(None), hr, target)
+        with torch.no_grad():
+            sr = student(lr)
+        assert torch.allclose(parts["rec"], (sr[real] - hr[real]).abs().mean())  # the real rows' mean
+        total2, _, grads2 = run(loss, slice(None), other_hr, target)  # another HR on the rows without one
+        assert torch.equal(total, total2) and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+        if cached:  # another teacher target on those rows changes the loss and its gradient
+            total3, _, grads3 = run(loss, slice(None), hr, other_target)
+            assert not torch.isclose(total, total3) and not all(torch.allclose(a, b) for a, b in zip(grads, grads3))
+        # DDP averages the ranks' gradients: with as many real rows on each rank, that is the batch's gradient
+        halves = [run(loss, slice(0, 2), hr, target)[2], run(loss, slice(2, 4), hr, target)[2]]
+        for g, a, b in zip(grads, *halves):
+            torch.testing.assert_close((a + b) / 2, g, atol=1e-6, rtol=1e-5)
+    # the reason train.py refuses uneven counts: real rows 2 + 0 over the ranks average to another gradient
+    uneven = torch.tensor([True, True, False, False])
+    loss = dsclora.make_loss(student, teacher, load_config(None).loss, None, 0.0, cached=True)
+    g = run(loss, slice(None), hr, target, uneven)[2]
+    a, b = run(loss, slice(0, 2), hr, target, uneven)[2], run(loss, slice(2, 4), hr, target, uneven)[2]
+    assert not all(torch.allclose((x + y) / 2, z, atol=1e-6, rtol=1e-5) for x, y, z in zip(a, b, g))
+
+
+def _only_args(tiny: dict[str, Path], only: Path, run: Path, cache: Path, *extra: str) -> list[str]:
+    return _args(tiny, run, "--data.teacher_only", str(only), "--data.teacher_only_share", "0.5",
+                 "--data.val", str(tiny["val"]), str(only / "o0.png"), "--data.cache_dir", str(cache),
+                 "--loss.w_aff", "0", "--teacher_cache.enabled", "true", "--teacher_cache.dtype", "float32",
+                 "--train.steps", "4", *extra)
+
+
+def _rows(run: Path) -> list[dict[str, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: r[k] for k in ("step", "loss", "rec", "out")} for r in rows if "loss" in r]
+
+
+def test_teacher_only_images_are_learnt_from_the_teacher_alone(tiny: dict[str, Path], only: Path,
+                                                               tmp_path: Path) -> None:
+    """Cached teacher: their HR changes nothing, their cached targets change the run; resume is exact."""
+    import shutil
+
+    from examples.span_sr.data import ImageSet
+    from examples.span_sr.teacher_cache import CacheSpec, TeacherCache
+
+    first = tmp_path / "first"
+    assert train.main(_only_args(tiny, only, first, tmp_path / "c1")) == 0
+    prov = json.loads((first / "provenance.json").read_text())
+    assert prov["data"]["train"]["images"] == 6 and prov["data"]["teacher_only"]["images"] == 2  # o0 validates
+    entry = prov["teacher_cache"]["lr"]
+    assert entry["entries"] == 6 + 2
+    # the cache covers the teacher-only images (their outputs are the only targets those rows have)
+    refs = [str(only / "o1.png"), str(only / "o2.png")]
+    only_set = ImageSet.load(refs, 4)
+    spec = CacheSpec(**json.loads((Path(entry["folder"]) / "spec.json").read_text()))
+    cache = TeacherCache(Path(entry["folder"]).parent, spec)
+    assert cache.missing([np.asarray(a) for a in only_set.lr]) == []
+    # their HR replaced by noise (the decoded-image cache keeps their LR): the same run, to the bit
+    shutil.copytree(tmp_path / "c1", tmp_path / "c2", ignore=shutil.ignore_patterns("teacher"))
+    fresh = ImageSet.load(refs, 4, cache_dir=tmp_path / "names")
+    rng = np.random.default_rng(0)
+    for hr_file in (tmp_path / "names").glob("*.hr.npy"):
+        shape = np.load(hr_file).shape
+        np.save(tmp_path / "c2" / hr_file.name, rng.integers(0, 256, shape, dtype=np.uint8))
+    assert not np.array_equal(ImageSet.load(refs, 4, cache_dir=tmp_path / "c2").hr[0], fresh.hr[0])
+    noisy = tmp_path / "noisy"
+    assert train.main(_only_args(tiny, only, noisy, tmp_path / "c2", "--teacher_cache.dir",
+                                 str(Path(entry["folder"]).parent))) == 0
+    assert _rows(noisy) == _rows(first)
+    assert all(torch.equal(a, b) for a, b in zip(_adapter(noisy).values(), _adapter(first).values()))
+    # their teacher targets changed: the first step's HR term is the same, its teacher term is not
+    moved = tmp_path / "moved_targets"
+    shutil.copytree(cache.root, moved / cache.root.name)
+    for a in only_set.lr:
+        path = moved / cache.root.name / cache.path(np.asarray(a)).name
+        np.save(path, np.load(path) + 0.25)
+    changed = tmp_path / "changed"
+    assert train.main(_only_args(tiny, only, changed, tmp_path / "c1", "--teacher_cache.dir", str(moved))) == 0
+    a, b = _rows(first)[0], _rows(changed)[0]
+    assert a["rec"] == b["rec"] and a["out"] != b["out"]
+    # interrupted and resumed: the same run
+    resumed = tmp_path / "resumed"
+    assert train.main(_only_args(tiny, only, resumed, tmp_path / "c1", "--train.stop_after", "2")) == 0
+    assert train.main(["--resume", str(resumed)]) == 0
+    assert _rows(resumed) == _rows(first)
+
+
+def test_teacher_only_rows_with_a_live_teacher_train_as_cached(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """Whole-image patches, no augmentation, every row teacher-only: the live teacher trains like the cache."""
+    from PIL import Image
+    from skimage import data as skdata
+
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    for i in range(3):
+        Image.fromarray(skdata.chelsea()[40 * i:40 * i + 32, 100:132]).save(whole / f"w{i}.png")  # LR 8x8
+    runs = {}
+    for name, cached in (("live", "false"), ("cached", "true")):
+        runs[name] = tmp_path / name
+        assert train.main(_args(tiny, runs[name], "--data.teacher_only", str(whole), "--data.teacher_only_share",
+                                "1.0", "--loss.w_aff", "0", "--teacher_cache.enabled", cached,
+                                "--teacher_cache.dtype", "float32", "--data.augment", "false",
+                                "--train.steps", "3")) == 0
+    live, cached_rows = _rows(runs["live"]), _rows(runs["cached"])
+    assert all(r["rec"] == 0 for r in live + cached_rows)  # no row has an HR term
+    for ra, rb in zip(live, cached_rows, strict=True):
+        assert rb["out"] == pytest.approx(ra["out"], rel=1e-5, abs=1e-7)
+
+
+def test_teacher_only_and_upcycled_rows_under_two_process_ddp(tiny: dict[str, Path], only: Path,
+                                                              tmp_path: Path) -> None:
+    """One upcycled and one teacher-only row per batch of 4 (one per rank): 2 gloo ranks equal 1 process."""
+    extra = ("--data.teacher_only", str(only), "--data.teacher_only_share", "0.25", "--data.upcycle_share", "0.25",
+             "--data.upcycle_side", "32", "--train.steps", "3")
+    one = tmp_path / "one"
+    assert train.main(_args(tiny, one, *extra)) == 0
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WORLD_SIZE": "2",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    cmd = [sys.executable, str(REPO / "examples/span_sr/train.py"), *_args(tiny, run, *extra)]
+    ranks = [subprocess.Popen(cmd, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+             for r in range(2)]
+    outputs = []
+    for proc in ranks:
+        try:
+            outputs.append(proc.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for p in ranks:
+                os.killpg(p.pid, signal.SIGKILL)
+            outputs.append(proc.communicate()[0])
+    for rank, (proc, output) in enumerate(zip(ranks, outputs)):
+        assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{output[-4000:]}"
+    for r1, r2 in zip(_rows(one), _rows(run), strict=True):
+        for k in ("loss", "rec", "out"):
+            assert abs(r1[k] - r2[k]) < 1e-5, (r1, r2, k)
+    ref, got = _adapter(one), _adapter(run)
+    diff = torch.cat([(got[k] - ref[k]).abs().flatten() for k in ref])
+    assert diff.max() < 2e-4 and (diff > 1e-6).float().mean() < 0.02
+
+
+@pytest.mark.parametrize(("extra", "match"), [
+    (("--data.teacher_only", "{only}"), "teacher_only_share is 0"),
+    (("--data.teacher_only_share", "0.5"), "names no folder"),
+    (("--data.teacher_only", "{only}", "--data.teacher_only_share", "0.1"), "is no row"),
+    (("--data.teacher_only", "{only}", "--data.teacher_only_share", "1.5"), r"teacher_only_share.*out of range"),
+    (("--data.teacher_only", "{only}", "--data.teacher_only_share", "0.5", "--loss.w_out", "0"), "loss.w_out is 0"),
+    (("--data.teacher_only", "{only}", "--data.teacher_only_share", "0.75", "--data.upcycle_share", "0.5"),
+     "more than the batch"),
+    (("--data.teacher_only", "{train}", "--data.teacher_only_share", "0.5"), "also in data.train"),
+    (("--data.teacher_only", "{only}/o0.png", "--data.teacher_only_share", "0.5", "--data.val", "{only}/o0.png"),
+     "no image besides the validation images"),
+    (("--data.teacher_only", "{only}/missing", "--data.teacher_only_share", "0.5"), "does not exist"),
+])
+def test_bad_teacher_only_settings_are_refused_before_the_run_folder(tiny: dict[str, Path], only: Path,
+                                                                     tmp_path: Path, extra: tuple[str, ...],
+                                                                     match: str) -> None:
+    run = tmp_path / "run"
+    filled = [e.format(only=only, train=tiny["train"]) for e in extra]
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
+        train.main(_args(tiny, run, "--loss.w_aff", "0", *filled))
+    assert not run.exists()
+
+
+def test_rows_without_an_hr_must_split_evenly_over_the_ranks() -> None:
+    cfg = load_config(None, {"data.batch": "8", "data.teacher_only": "x", "data.teacher_only_share": "0.125"})
+    train.distill_checks(cfg, 1)
+    with pytest.raises(ValueError, match=r"0 \+ 1 rows without an HR per batch, not divisible by 2"):
+        train.distill_checks(cfg, 2)
+    cfg.data.upcycle_share = 0.125  # one upcycled + one teacher-only row: one without an HR per rank
+    train.distill_checks(cfg, 2)

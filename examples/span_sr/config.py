@@ -79,6 +79,9 @@ class DataConfig:
     # image; the teacher then runs on every HR pixel, 16x the LR cost at x4)
     invert: float = 0.0  # probability of a colour inversion (255 - x) of a sample; with cached teacher outputs
     # the target is inverted too (1 - T(x): the inversion undone on the teacher's output)
+    teacher_only: list[str] = field(default_factory=list)  # image folders used as inputs only, labelled by the
+    # teacher alone (no D(SR, HR) on them; e.g. lossy JPEGs whose HR has artefacts); never in `train`
+    teacher_only_share: float = 0.0  # share of each global batch that is teacher-only rows (needs `teacher_only`)
 
 
 @dataclass
@@ -230,7 +233,7 @@ _CHOICES: dict[str, Rule] = {
     "demo.teacher_width": Range(1, 1024), "demo.base_width": Range(1, 1024), "demo.teacher_steps": _POS,
     "demo.base_steps": _POS, "demo.lr": Range(0, 1, lo_open=True), "demo.patch": Range(1, 4096),
     "demo.batch": Range(1, 1 << 16),
-    "data.upcycle_share": _UNIT, "data.upcycle_side": _NONNEG, "data.invert": _UNIT,
+    "data.upcycle_share": _UNIT, "data.upcycle_side": _NONNEG, "data.invert": _UNIT, "data.teacher_only_share": _UNIT,
     "teacher_cache.tile": _NONNEG, "teacher_cache.pad": _NONNEG,
 }
 _LENGTHS = {"train.betas": 2}

@@ -13,6 +13,10 @@
   augmented pair; its randomness (image, crop, flip, rot90) is a pure function of
   ``(seed, k)``, so resuming or changing the number of workers or DDP ranks reproduces exactly
   the same batches. :func:`rank_batches` shards each global batch by rank.
+* Rows without an HR term (:func:`row_kinds`): a fixed count of each global batch can be
+  *upcycled* (LR-sized crops of the HR images fed as inputs, ``data.upcycle_share``) or
+  *teacher-only* (patches of images that are used as inputs only, labelled by the teacher alone:
+  ``data.teacher_only`` folders, e.g. lossy JPEGs whose HR has artefacts, ``data.teacher_only_share``).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ __all__ = [
     "PatchDataset",
     "image_refs",
     "rank_batches",
+    "row_kinds",
     "split_holdout",
     "to_float",
     "upcycle_region",
@@ -173,6 +178,11 @@ def upcycle_region(hr: np.ndarray, side: int) -> np.ndarray:
     return np.ascontiguousarray(_center_crop(hr, side) if side else hr)
 
 
+def _spread(batch: int, m: int) -> list[bool]:
+    """``m`` of ``batch`` rows, spread evenly: row ``j`` when ``floor((j + 1) m / B) > floor(j m / B)``."""
+    return [((j + 1) * m) // batch > (j * m) // batch for j in range(batch)]
+
+
 def upcycled_rows(batch: int, share: float) -> list[bool]:
     """Which of a global batch's rows are upcycled: ``round(share * batch)`` of them, spread evenly.
 
@@ -181,8 +191,28 @@ def upcycled_rows(batch: int, share: float) -> list[bool]:
     each of ``R`` ranks (consecutive slices of ``B / R`` rows) gets ``m / R`` of them when ``R``
     divides ``m``.
     """
-    m = round(share * batch)
-    return [((j + 1) * m) // batch > (j * m) // batch for j in range(batch)]
+    return _spread(batch, round(share * batch))
+
+
+def row_kinds(batch: int, upcycle_share: float = 0.0, teacher_only_share: float = 0.0) -> list[str]:
+    """The kind of each row of a global batch: ``"real"`` (it has an HR), ``"upcycle"`` or ``"teacher_only"``.
+
+    ``m_u = round(upcycle_share * batch)`` rows are upcycled and ``m_t = round(teacher_only_share *
+    batch)`` teacher-only; the ``m = m_u + m_t`` rows without an HR are spread evenly over the batch
+    as in :func:`upcycled_rows` (so each of ``R`` ranks gets ``m / R`` of them, the same number of
+    real rows, when ``R`` divides ``m``), and the upcycled ones evenly among those. Without
+    teacher-only rows the pattern is :func:`upcycled_rows`'s. A function of the row index alone.
+
+    Raises:
+        ValueError: the two shares ask for more rows than the batch has.
+    """
+    m_u, m_t = round(upcycle_share * batch), round(teacher_only_share * batch)
+    if m_u + m_t > batch:
+        raise ValueError(f"data.upcycle_share={upcycle_share} ({m_u} rows) and data.teacher_only_share="
+                         f"{teacher_only_share} ({m_t} rows) ask for more than the batch's {batch} rows; lower "
+                         "one of them (their sum is at most 1).")
+    free, upcycled = _spread(batch, m_u + m_t), iter(_spread(m_u + m_t, m_u))
+    return [("upcycle" if next(upcycled) else "teacher_only") if f else "real" for f in free]
 
 
 class PatchDataset(torch.utils.data.Dataset):
@@ -191,12 +221,15 @@ class PatchDataset(torch.utils.data.Dataset):
     ``lr`` is uint8 in cache mode and float32 in [0, 1] in float mode; ``hr`` is uint8.
     The index ``k = step * global_batch + j`` names the step and the sample within it.
 
-    With teacher targets, upcycled inputs or colour inversion, an item is
+    With teacher targets, upcycled or teacher-only rows, or colour inversion, an item is
     ``(lr, hr, target, real)``: ``target`` is the float32 crop of the cached teacher SR at the HR
     patch's place with the same flips (an empty tensor with a live teacher), ``real`` whether the
-    row has an HR. Upcycled rows (``upcycled_rows(batch, share)`` of ``k % batch``) take an
+    row has an HR. The kind of row ``k % batch`` is :func:`row_kinds`'s. Upcycled rows take an
     LR-sized crop of ``upcycle[i]`` (an HR region, :func:`upcycle_region`) as input, an all-zero
     HR and the crop of ``upcycle_targets[i]`` (the teacher's SR of that region) as target.
+    Teacher-only rows take a patch of one of the ``teacher_only`` images, cut as a real row's is
+    (its LR: the cached MATLAB-bicubic LR or, in float mode, made from its HR patch), with an
+    all-zero HR (their HR is never a target) and the crop of ``teacher_only_targets[i]`` as target.
 
     Args:
         images: The training images.
@@ -207,16 +240,21 @@ class PatchDataset(torch.utils.data.Dataset):
         upcycle: Per image, the HR region upcycled inputs are cut from.
         upcycle_targets: Per image, the cached teacher SR of that region (None: live teacher).
         share: The upcycled share of each global batch of ``batch`` rows.
-        batch: The global batch (needed with ``share``).
+        batch: The global batch (needed with ``share`` or ``teacher_only_share``).
         invert: Probability of inverting a sample's colours (``255 - x``; a cached target becomes ``1 - t``).
+        teacher_only: The images whose patches are teacher-only rows (same scale and LR mode as ``images``).
+        teacher_only_targets: Per teacher-only image, the cached teacher SR of its whole LR (None: live teacher).
+        teacher_only_share: The teacher-only share of each global batch.
     """
 
     def __init__(self, images: ImageSet, patch: int, seed: int, *, augment: bool = True,
                  targets: Sequence[np.ndarray] | None = None, upcycle: Sequence[np.ndarray] | None = None,
                  upcycle_targets: Sequence[np.ndarray] | None = None, share: float = 0.0, batch: int = 0,
-                 invert: float = 0.0) -> None:
+                 invert: float = 0.0, teacher_only: ImageSet | None = None,
+                 teacher_only_targets: Sequence[np.ndarray] | None = None, teacher_only_share: float = 0.0) -> None:
         self.images, self.patch, self.seed, self.augment = images, patch, seed, augment
         self.targets, self.upcycle, self.upcycle_targets, self.invert = targets, upcycle, upcycle_targets, invert
+        self.teacher_only, self.teacher_only_targets = teacher_only, teacher_only_targets
         if targets is not None and len(targets) != len(images.hr):
             raise ValueError(f"{len(targets)} teacher targets for {len(images.hr)} images.")
         if share and (upcycle is None or batch < 1):
@@ -226,19 +264,31 @@ class PatchDataset(torch.utils.data.Dataset):
                              "--data.upcycle_side (or set it to 0 for whole images).")
         if (targets is None) != (upcycle_targets is None) and share:
             raise ValueError("give cached teacher targets for both the LR images and the upcycle regions, or neither.")
-        self.rows = upcycled_rows(batch, share) if share else []
-        self.extended = targets is not None or bool(share) or invert > 0
+        if teacher_only_share:
+            if teacher_only is None or not teacher_only.hr or batch < 1:
+                raise ValueError("a teacher-only share needs teacher-only images and the global batch size.")
+            if teacher_only.scale != images.scale or (teacher_only.lr[0] is None) != (images.lr[0] is None):
+                raise ValueError("the teacher-only images need the training images' scale and LR mode.")
+            if (targets is None) != (teacher_only_targets is None):
+                raise ValueError("give cached teacher targets for both the training and the teacher-only images, "
+                                 "or neither.")
+            if teacher_only_targets is not None and len(teacher_only_targets) != len(teacher_only.hr):
+                raise ValueError(f"{len(teacher_only_targets)} teacher targets for {len(teacher_only.hr)} "
+                                 "teacher-only images.")
+        self.rows = row_kinds(batch, share, teacher_only_share) if share or teacher_only_share else []
+        self.extended = targets is not None or bool(share) or bool(teacher_only_share) or invert > 0
 
     def __len__(self) -> int:
         return 2**62
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, ...]:
         rng = np.random.default_rng([self.seed, int(k)])
-        n = len(self.images.hr)
-        i = int(rng.integers(n))
-        s, p = self.images.scale, self.patch
-        upcycled = bool(self.rows) and self.rows[int(k) % len(self.rows)]
-        source = self.upcycle[i] if upcycled and self.upcycle is not None else self.images.hr[i]
+        kind = self.rows[int(k) % len(self.rows)] if self.rows else "real"
+        upcycled, only_teacher = kind == "upcycle", kind == "teacher_only"
+        images = self.teacher_only if only_teacher and self.teacher_only is not None else self.images
+        i = int(rng.integers(len(images.hr)))
+        s, p = images.scale, self.patch
+        source = self.upcycle[i] if upcycled and self.upcycle is not None else images.hr[i]
         h, w = (source.shape[0], source.shape[1]) if upcycled else (source.shape[0] // s, source.shape[1] // s)
         y, x = int(rng.integers(h - p + 1)), int(rng.integers(w - p + 1))
         flip_h, flip_v, transpose = (bool(b) for b in rng.integers(2, size=3))
@@ -246,7 +296,7 @@ class PatchDataset(torch.utils.data.Dataset):
             flip_h = flip_v = transpose = False
         inverted = bool(self.invert) and bool(rng.random() < self.invert)
         hr = np.asarray(source[y * s:(y + p) * s, x * s:(x + p) * s]) if not upcycled else None
-        lr_img = source if upcycled else self.images.lr[i]
+        lr_img = source if upcycled else images.lr[i]
         if lr_img is not None:
             lr = np.asarray(lr_img[y:y + p, x:x + p])
         else:
@@ -266,18 +316,20 @@ class PatchDataset(torch.utils.data.Dataset):
             lr_t = torch.from_numpy(aug(lr))
             if upcycled and self.images.lr[i] is None:  # float mode: every input is float
                 lr_t = lr_t.float() / 255.0
+        if only_teacher:  # the HR of a teacher-only image is never a target (its LR was made from it above)
+            hr_t = torch.zeros_like(hr_t)
         if not self.extended:
             return lr_t, hr_t
-        cached = self.upcycle_targets if upcycled else self.targets
+        cached = self.upcycle_targets if upcycled else self.teacher_only_targets if only_teacher else self.targets
         if cached is not None:
             target = torch.from_numpy(aug(np.asarray(cached[i][y * s:(y + p) * s, x * s:(x + p) * s]))).float()
         else:
             target = torch.empty(0)
         if inverted:
             lr_t = 255 - lr_t if lr_t.dtype == torch.uint8 else 1.0 - lr_t
-            hr_t = 255 - hr_t if not upcycled else hr_t
+            hr_t = 255 - hr_t if kind == "real" else hr_t
             target = 1.0 - target if target.numel() else target
-        return lr_t, hr_t, target, torch.tensor(not upcycled)
+        return lr_t, hr_t, target, torch.tensor(kind == "real")
 
 
 def rank_batches(start_step: int, steps: int, global_batch: int, rank: int = 0,

@@ -46,6 +46,7 @@ from examples.span_sr.data import (
     PatchDataset,
     image_refs,
     rank_batches,
+    row_kinds,
     split_holdout,
     to_float,
     upcycle_region,
@@ -59,7 +60,7 @@ from examples.span_sr.outputs import refuse_inputs
 from examples.span_sr.teacher_cache import CacheSpec, TeacherCache, weights_digest
 from examples.span_sr.upscale import upscale_image
 
-__all__ = ["distill_checks", "lr_factor", "main"]
+__all__ = ["distill_checks", "lr_factor", "main", "teacher_only_refs"]
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "demo.yaml"
 
@@ -87,12 +88,14 @@ def _architecture(model: torch.nn.Module) -> str:
 
 
 def distill_checks(cfg: Config, world: int) -> None:
-    """The teacher-cache and upcycling settings that cannot work together, refused before any work.
+    """The teacher-cache, upcycling and teacher-only settings that cannot work together, refused before any work.
 
     Raises:
         ValueError: the cache with ``lr_mode: float`` or with the affinity term; the affinity term
-            with a self-ensemble teacher; an upcycled share
-            whose rows per batch cannot be split evenly over the DDP ranks.
+            with a self-ensemble teacher; an upcycled or teacher-only share that gives no row, or
+            shares that together ask for more rows than the batch; teacher-only folders without a
+            share, a share without folders, or either with ``loss.w_out == 0`` (no teacher term);
+            rows without an HR whose count per batch cannot be split evenly over the DDP ranks.
     """
     if cfg.teacher_cache.enabled and cfg.data.lr_mode != "cache":
         raise ValueError("teacher_cache.enabled needs data.lr_mode 'cache': with 'float' each patch's LR is made on "
@@ -111,9 +114,50 @@ def distill_checks(cfg: Config, world: int) -> None:
     if cfg.data.upcycle_share and m == 0:
         raise ValueError(f"data.upcycle_share={cfg.data.upcycle_share} of a batch of {cfg.data.batch} is no row; "
                          f"use at least {1 / cfg.data.batch:.3g} or 0.")
-    if m % world:
+    share, folders = cfg.data.teacher_only_share, cfg.data.teacher_only
+    if folders and not share:
+        raise ValueError(f"data.teacher_only={folders} but data.teacher_only_share is 0, so no batch would use them; "
+                         "give the share of each batch (e.g. --data.teacher_only_share 0.25) or --data.teacher_only none.")
+    if share and not folders:
+        raise ValueError(f"data.teacher_only_share={share} but data.teacher_only names no folder; give the "
+                         "teacher-only image folders (--data.teacher_only DIR ...) or set the share to 0.")
+    t = round(share * cfg.data.batch)
+    if share and t == 0:
+        raise ValueError(f"data.teacher_only_share={share} of a batch of {cfg.data.batch} is no row; "
+                         f"use at least {1 / cfg.data.batch:.3g} or 0.")
+    if share and not cfg.loss.w_out:
+        raise ValueError("data.teacher_only rows are labelled by the teacher term alone, and loss.w_out is 0: give "
+                         "it a weight (e.g. --loss.w_out 0.8) or drop the teacher-only rows (--data.teacher_only_share 0).")
+    row_kinds(cfg.data.batch, cfg.data.upcycle_share, share)  # their sum fits in the batch
+    if t and (m + t) % world:
+        raise ValueError(f"data.upcycle_share={cfg.data.upcycle_share} and data.teacher_only_share={share} give "
+                         f"{m} + {t} rows without an HR per batch, not divisible by {world} processes; choose "
+                         "shares whose rows split evenly over the ranks (every rank needs as many real rows).")
+    if not t and m % world:
         raise ValueError(f"data.upcycle_share={cfg.data.upcycle_share} gives {m} upcycled rows per batch, not "
                          f"divisible by {world} processes; choose a share whose rows split evenly over the ranks.")
+
+
+def teacher_only_refs(cfg: Config, train_folders_refs: list[str], held: set[str]) -> list[str]:
+    """The teacher-only images of ``cfg.data.teacher_only``, less the validation images ``held`` (resolved paths).
+
+    Raises:
+        FileNotFoundError: a folder does not exist.
+        ValueError: an image that is also in ``data.train`` (its HR would be a target there), or
+            folders left with no image once the validation images are taken out.
+    """
+    if not cfg.data.teacher_only:
+        return []
+    refs = [r for r in image_refs(cfg.data.teacher_only) if str(Path(r).resolve()) not in held]
+    train = {str(Path(r).resolve()) for r in train_folders_refs}
+    both = [r for r in refs if str(Path(r).resolve()) in train]
+    if both:
+        raise ValueError(f"{len(both)} image(s) of data.teacher_only are also in data.train (e.g. {both[0]!r}): an "
+                         "image is either an HR target or a teacher-only input; remove its folder from one of the two.")
+    if not refs:
+        raise ValueError(f"data.teacher_only={cfg.data.teacher_only} holds no image besides the validation images; "
+                         "give other folders or --data.teacher_only none.")
+    return refs
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -182,6 +226,7 @@ def _run(argv: list[str]) -> int:
                "provenance.json", "results.json", *([] if resume else ["config.yaml"])]
     refuse_inputs([run / n for n in exports], [weights.get(r) for r in ("base", "teacher") if r not in substitutes]
                   + [None if resume else config_path, None if lora is None else str(cfg.model.lora)], "--out")
+    distill_checks(cfg, int(os.environ.get("WORLD_SIZE", "1")))
     refs = image_refs(cfg.data.train)
     if not refs:
         raise ValueError("no training data: set --data.train to one or more HR image folders.")
@@ -191,9 +236,10 @@ def _run(argv: list[str]) -> int:
         train_refs = [r for r in refs if str(Path(r).resolve()) not in held]
     else:
         train_refs, val_refs = split_holdout(refs, cfg.data.val_holdout)
+        held = {str(Path(r).resolve()) for r in val_refs}
+    only_refs = teacher_only_refs(cfg, refs, held)  # a validation image in those folders is left out too
     tests = {Path(f).name: image_refs([str(Path(f) / "HR") if (Path(f) / "HR").is_dir() else f])
              for f in cfg.data.test}
-    distill_checks(cfg, int(os.environ.get("WORLD_SIZE", "1")))
 
     # ------------------------------------------------------------------ setup: DDP, device, seed
     world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
@@ -220,11 +266,15 @@ def _run(argv: list[str]) -> int:
         dist.barrier()  # rank 0 fills the decode/LR cache first
     train_set = ImageSet.load(train_refs, scale, lr_mode=cfg.data.lr_mode, cache_dir=cache,
                               min_hr=cfg.data.patch * scale, small=cfg.data.small)
+    only_set = ImageSet.load(only_refs, scale, lr_mode=cfg.data.lr_mode, cache_dir=cache,
+                             min_hr=cfg.data.patch * scale, small=cfg.data.small) if only_refs else None
     val_set = ImageSet.load(val_refs, scale, cache_dir=cache, max_side=cfg.data.val_max_side) if val_refs else None
     if world > 1 and main_proc:
         dist.barrier()
     say(f"data: {len(train_set.hr)} training images, {len(val_refs)} validation images"
-        f"{' (held out from the training folders)' if not cfg.data.val else ''}, LR {cfg.data.lr_mode}")
+        f"{' (held out from the training folders)' if not cfg.data.val else ''}, LR {cfg.data.lr_mode}"
+        + (f"; {len(only_set.hr)} teacher-only images ({round(cfg.data.teacher_only_share * cfg.data.batch)} rows "
+           "of each batch, no HR term)" if only_set is not None else ""))
 
     # ------------------------------------------------------------------ run folder, demo substitutes, models
     if main_proc:
@@ -248,12 +298,14 @@ def _run(argv: list[str]) -> int:
         teacher = SelfEnsemble(teacher, cfg.model.teacher_ensemble).eval()
     upcycle = [upcycle_region(np.asarray(hr), cfg.data.upcycle_side) for hr in train_set.hr] \
         if cfg.data.upcycle_share else None
-    targets, upcycle_targets, cache_info = None, None, {}
+    targets, upcycle_targets, only_targets, cache_info = None, None, None, {}
     if cfg.teacher_cache.enabled:  # the teacher's SR of every whole input, once (every rank builds its share)
         build_device = device if cfg.teacher_cache.build_device == "auto" and torch.cuda.is_available() else \
             torch.device("cuda" if cfg.teacher_cache.build_device == "cuda" else "cpu")
         caches = []
-        for kind, inputs in (("lr", [np.asarray(a) for a in train_set.lr]), ("upcycle", upcycle)):
+        # the teacher-only images' LR are made as the training images' are: the same "lr" entries (one per input)
+        lr_inputs = [np.asarray(a) for a in train_set.lr + (only_set.lr if only_set is not None else [])]
+        for kind, inputs in (("lr", lr_inputs), ("upcycle", upcycle)):
             if inputs is None:
                 continue
             tc = TeacherCache(cfg.teacher_cache.dir or Path(cache) / "teacher", CacheSpec(
@@ -266,10 +318,11 @@ def _run(argv: list[str]) -> int:
                 dist.barrier()
             say(f"teacher cache ({kind}): {len(inputs)} entries in {tc.root} ({built} built here on {build_device})")
             caches.append((kind, tc, inputs))
-            cache_info[kind] = {"folder": str(tc.root), "spec": tc.spec.digest()}
+            cache_info[kind] = {"folder": str(tc.root), "spec": tc.spec.digest(), "entries": len(inputs)}
         for kind, tc, inputs in caches:
             if kind == "lr":
-                targets = tc.read(inputs)
+                read = tc.read(inputs)
+                targets, only_targets = read[:len(train_set.lr)], (read[len(train_set.lr):] if only_set else None)
             else:
                 upcycle_targets = tc.read(inputs)
     student = dsclora.build_student(base, lora).to(device)
@@ -290,7 +343,8 @@ def _run(argv: list[str]) -> int:
     # ------------------------------------------------------------------ loss (dsclora.py)
     dataset = PatchDataset(train_set, cfg.data.patch, cfg.train.seed, augment=cfg.data.augment, targets=targets,
                            upcycle=upcycle, upcycle_targets=upcycle_targets, share=cfg.data.upcycle_share,
-                           batch=cfg.data.batch, invert=cfg.data.invert)
+                           batch=cfg.data.batch, invert=cfg.data.invert, teacher_only=only_set,
+                           teacher_only_targets=only_targets, teacher_only_share=cfg.data.teacher_only_share)
     step0 = dataset  # step 0's global batch, the same on every rank
     tap_weights, w_aff, start_aff = dsclora.affinity_tap_weights(
         base, teacher, cfg.loss, to_float(torch.stack([step0[i][0] for i in range(cfg.data.batch)]), device))
@@ -318,7 +372,9 @@ def _run(argv: list[str]) -> int:
     if main_proc:
         (run / "config.yaml").write_text(dump_yaml(cfg.to_dict()))
         ckpt.write_json(run / "provenance.json", ckpt.provenance(
-            seed=cfg.train.seed, data={"train": train_set.refs, "val": val_refs}, weights=weights,
+            seed=cfg.train.seed, data={"train": train_set.refs, "val": val_refs,
+                                       **({"teacher_only": only_set.refs} if only_set is not None else {})},
+            weights=weights,
             extra={"args": argv, "world_size": world, "device": str(device), "resumed_from_step": start,
                    "teacher_cache": cache_info}))
     log = report.MetricsLog(run / "metrics.jsonl", truncate_after=start if resume else -1, enabled=main_proc)
