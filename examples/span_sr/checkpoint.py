@@ -52,7 +52,7 @@ RUN_MARKERS = ("checkpoint.pt", "adapter.safetensors", "metrics.jsonl")
 """Files whose presence means a folder already holds a training run."""
 
 
-def write_atomically(path: str | Path, write: Callable[[str], None]) -> None:
+def write_atomically(path: str | Path, write: Callable[[str], object]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
 
     The file gets the mode the umask gives a new file (``mkstemp`` alone leaves ``0o600``).

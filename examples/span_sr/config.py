@@ -351,8 +351,8 @@ def _apply_mapping(obj: Any, data: Mapping[str, Any], prefix: str = "") -> None:
         setattr(obj, key, value)
 
 
-def _as_tree(cfg: Any) -> dict[str, Any]:
-    return cfg.to_dict() if dataclasses.is_dataclass(cfg) else cfg
+def _as_tree(cfg: Config | dict[str, Any]) -> dict[str, Any]:
+    return cfg.to_dict() if isinstance(cfg, Config) else cfg
 
 
 def _dotted_keys(tree: Mapping[str, Any]) -> dict[str, str]:

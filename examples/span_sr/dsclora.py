@@ -26,7 +26,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import yaml
@@ -59,6 +59,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 DSCLORA_YAML = HERE / "configs" / "dsclora_lora.yaml"
 """The authors' adapter placement (the default of ``model.lora``)."""
+
+_M = TypeVar("_M", bound=nn.Module)
 
 _FIELDS = ("rank", "alpha", "targets", "exclude", "rank_pattern", "alpha_pattern",
            "factorization", "factorization_pattern", "dropout", "freeze")
@@ -294,7 +296,7 @@ def make_loss(student: nn.Module, teacher: nn.Module, loss: LossConfig, tap_weig
     return DSCLoRALoss(student, teacher, loss, tap_weights, w_aff, cached=cached)
 
 
-def deploy(model: nn.Module) -> nn.Module:
+def deploy(model: _M) -> _M:
     """A float32 CPU copy of ``model`` with its adapters merged and unloaded and train-form convs fused.
 
     For a DSCLoRA student this is a plain deploy SPAN with the official keys, ready for
@@ -309,7 +311,7 @@ def deploy(model: nn.Module) -> nn.Module:
     return plain.eval()
 
 
-def load_deployed(weights: str | Path, adapter: str | Path | None = None) -> nn.Module:
+def load_deployed(weights: str | Path, adapter: str | Path | None = None) -> SPAN:
     """A SPAN checkpoint (``.pth`` or ``.safetensors``), with ``adapter`` loaded and merged when given.
 
     Raises:

@@ -32,9 +32,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from examples.span_sr.arch import SPAN
 from examples.span_sr.degrade import imresize_matlab, modcrop
 from examples.span_sr.dsclora import load_deployed
-from examples.span_sr.fast import fast_span
+from examples.span_sr.fast import FastSPAN, fast_span
 from examples.span_sr.images import list_images, read_image
 from examples.span_sr.metrics import psnr_rgb, psnr_y, ssim_y
 from examples.span_sr.outputs import refuse_inputs, stopped
@@ -193,12 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.tile is not None and args.tile < 1:
             raise ValueError(f"--tile {args.tile}: give a tile side of at least 1 LR pixel")
         refuse_inputs([args.json] if args.json else [], [args.weights, args.lora_adapter], "--json")
-        model = load_deployed(args.weights, args.lora_adapter).to(args.device)
-        model = fast_span(model) if args.fast else model
+        span = load_deployed(args.weights, args.lora_adapter).to(args.device)
+        model: SPAN | FastSPAN = fast_span(span) if args.fast else span
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"evaluate.py: {err}") from None
-    lr_dirs = {d: d / "LR_bicubic" / f"X{model.upscale}" for d in folders}
-    lr_dirs = {d: lr if lr.is_dir() and not args.regenerate_lr else None for d, lr in lr_dirs.items()}
+    found = {d: d / "LR_bicubic" / f"X{model.upscale}" for d in folders}
+    lr_dirs = {d: lr if lr.is_dir() and not args.regenerate_lr else None for d, lr in found.items()}
     try:  # every set checked before the first is scored
         for d, lr in lr_dirs.items():
             if lr is not None and not args.bicubic_fallback:

@@ -64,7 +64,7 @@ def input_digest(image: np.ndarray) -> str:
     """SHA-256 of an input array's shape, dtype and bytes."""
     arr = np.ascontiguousarray(image)
     h = hashlib.sha256(f"{arr.shape}|{arr.dtype}|".encode())
-    h.update(memoryview(arr).cast("B"))
+    h.update(arr.data.cast("B"))
     return h.hexdigest()
 
 

@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make `examples.span_sr` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
@@ -288,8 +289,8 @@ def _run(argv: list[str]) -> int:
         if not path.is_file():
             if main_proc:
                 seed = cfg.train.seed + (1 if role == "teacher" else 2)
-                model = train_substitute(role, cfg.demo, train_set, device, seed)
-                torch.save({k: v.cpu() for k, v in model.state_dict().items()}, path)
+                substitute = train_substitute(role, cfg.demo, train_set, device, seed)
+                torch.save({k: v.cpu() for k, v in substitute.state_dict().items()}, path)
             if world > 1:
                 dist.barrier()
     torch.manual_seed(cfg.train.seed)  # same adapter init whether or not demo substitutes just trained
@@ -359,7 +360,8 @@ def _run(argv: list[str]) -> int:
     opt = torch.optim.Adam(params, lr=cfg.train.lr, betas=(cfg.train.betas[0], cfg.train.betas[1]),
                            weight_decay=cfg.train.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.train))
-    start, best = 0, {"psnr": -math.inf, "step": 0, "params": None}
+    start = 0
+    best: dict[str, Any] = {"psnr": -math.inf, "step": 0, "params": None}  # the best validation step
     if state is not None:
         ckpt.load_trainable_state(student, state["params"])
         opt.load_state_dict(state["optimizer"])

@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         dests = folder_outputs(files, args.output) if files else []  # never over an input, one per stem
         refuse_inputs(dests, [args.weights, args.lora_adapter])
         refuse_inputs([args.onnx] if args.onnx else [], [args.weights, args.lora_adapter, *files], "--onnx")
-        model = load_deployed(args.weights, args.lora_adapter)
+        model: nn.Module = load_deployed(args.weights, args.lora_adapter)  # the fast wrapper replaces it below
     except (FileNotFoundError, ValueError) as err:
         raise SystemExit(f"upscale.py: {err}") from None
     if args.export_spandrel:
