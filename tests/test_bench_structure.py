@@ -136,3 +136,10 @@ def test_benchmark_script_runs_quick(quick_runs, script: str) -> None:
     for text in SCRIPTS[script]:
         assert text in result.stdout, f"{script} output lacks {text!r}:\n{result.stdout}"
     assert "| " in result.stdout and "median" in result.stdout
+
+
+def test_readme_lists_every_file_of_the_folder() -> None:
+    readme = (BENCH / "README.md").read_text()
+    files = sorted(p.name for p in BENCH.iterdir() if p.is_file() and p.suffix in (".py", ".sh"))
+    missing = [name for name in files if f"| `{name}` |" not in readme]
+    assert files and not missing, f"benchmarks/README.md has no table row for {missing}"
