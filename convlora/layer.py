@@ -90,6 +90,16 @@ class LoRALayer(nn.Module):
 
     Args:
         base: The layer to wrap; its ``weight``/``bias`` parameters are reused, not copied.
+
+    Attributes:
+        active_adapter: The adapter that the forward and ``merge`` use (``None``: the base layer
+            alone). Change it with [`set_adapter`][convlora.set_adapter]. Assigned by hand, it
+            runs that adapter alone, at weight 1, unless it is the first name of the mix in
+            ``adapter_weights``: the mix applies only while its first name is active (it stays
+            stored meanwhile, and applies again when that name is assigned back).
+        adapter_weights: The weighted mix ``{name: weight}`` that ``set_adapter`` sets for
+            several names (its first key is ``active_adapter``), or ``None``;
+            ``composition()`` returns it while it applies.
     """
 
     base_layer: nn.Module

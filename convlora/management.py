@@ -85,7 +85,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 def active_adapter(model: nn.Module) -> str | None:
-    """Name of the active adapter, or ``None`` when no layer has one active."""
+    """Name of the active adapter, or ``None`` when no layer has one active.
+
+    With several adapters active at once (``set_adapter`` with a list) this is the first name of
+    the mix; each layer's ``composition()`` gives the mix itself.
+    """
     for layer in lora_layers(model).values():
         if layer.active_adapter is not None:
             return layer.active_adapter

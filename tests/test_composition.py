@@ -259,3 +259,25 @@ def test_delete_adapter_of_a_composition() -> None:
     y = model(x)
     ref = _reference(base, model, {"b": 0.5, "c": -0.3})
     torch.testing.assert_close(y.double(), ref(x.double()), atol=1e-4, rtol=1e-4)
+
+
+def test_a_mix_applies_while_its_first_name_is_active() -> None:
+    """The documented rule (LoRALayer, docs/composition.md): assigning a layer's ``active_adapter``
+    by hand runs that adapter alone unless it is the mix's first name; set_adapter replaces the mix."""
+    base, model, x = _model(3, ["lora", "lora", "loha"], [2, 2, 2])
+    mix = {"a": 1.0, "b": 0.5, "c": -0.3}
+    convlora.set_adapter(model, list(mix), weights=list(mix.values()))
+    assert convlora.active_adapter(model) == "a"  # the mix's first name
+    layers = convlora.lora_layers(model).values()
+    for layer in layers:
+        layer.active_adapter = "b"
+    torch.testing.assert_close(model(x).double(), _reference(base, model, {"b": 1.0})(x.double()),
+                               atol=1e-4, rtol=1e-4)
+    for layer in layers:
+        layer.active_adapter = "a"
+    torch.testing.assert_close(model(x).double(), _reference(base, model, mix)(x.double()),
+                               atol=1e-4, rtol=1e-4)
+    convlora.set_adapter(model, "a")
+    assert all(layer.composition() is None for layer in layers)
+    torch.testing.assert_close(model(x).double(), _reference(base, model, {"a": 1.0})(x.double()),
+                               atol=1e-4, rtol=1e-4)
