@@ -13,6 +13,7 @@ import convlora
 from examples.span_sr import fast as fast_mod
 from examples.span_sr.arch import SPAN
 from examples.span_sr.fast import FastSPAN, fast_span
+from tests._span_helpers import small_span
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 pytest.importorskip("triton")
@@ -37,13 +38,14 @@ import json, os, sys
 os.environ["TRITON_INTERPRET"] = "1"
 sys.path.insert(0, sys.argv[1])
 import torch
-from tests.test_span_sr_fast import CASES, _model
+from tests._span_helpers import small_span
+from tests.test_span_sr_fast import CASES
 from examples.span_sr.fast import FastSPAN, fast_span
 from examples.span_sr.fast_cuda import TritonSPAN
 torch.set_num_threads(1)
 out = {}
 for name, c in CASES.items():
-    m = _model(c["width"], c["cat"], c["scale"])
+    m = small_span(c["width"], c["cat"], c["scale"])
     x = torch.rand(*c["shape"], generator=torch.Generator().manual_seed(1))
     if c.get("channels_last"):
         x = x.contiguous(memory_format=torch.channels_last)
@@ -60,7 +62,7 @@ for name, c in CASES.items():
     out[name] = {"shape_ok": got.shape == ref.shape, "dtype": str(got.dtype),
                  "diff": float((got - ref).abs().max()), "scale": float(ref.abs().max())}
 from examples.span_sr.upscale import SPAN_RF_RADIUS, upscale_tensor
-m = _model(8)
+m = small_span(8)
 x = torch.rand(1, 3, 56, 4, generator=torch.Generator().manual_seed(2))  # taller than tile + 2 pads
 fast = fast_span(m, backend="triton")
 full = fast(x)
@@ -84,15 +86,6 @@ def interpreted() -> dict[str, dict]:
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT")), None)
     assert line is not None, proc.stderr[-3000:]
     return json.loads(line[len("RESULT"):])
-
-
-def _model(width: int, cat: int | None = None, scale: int = 4, seed: int = 0) -> SPAN:
-    torch.manual_seed(seed)
-    m = SPAN(feature_channels=width, conv_cat_channels=cat, upscale=scale).eval()
-    with torch.no_grad():  # default init on a 0..255 input gives outputs ~1e3; keep them ~1
-        for p in m.parameters():
-            p.mul_(0.4)
-    return m
 
 
 @pytest.mark.parametrize("case", [k for k, c in CASES.items() if "dtype" not in c])
@@ -120,11 +113,11 @@ def test_triton_tiles_agree_with_the_whole_image(interpreted: dict[str, dict]) -
 def test_triton_on_cpu_needs_the_interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="needs a CUDA model"):
-        fast_span(_model(8), backend="triton")
+        fast_span(small_span(8), backend="triton")
 
 
 def test_refuses_unmerged_lora() -> None:
-    m = _model(8)
+    m = small_span(8)
     convlora.inject(m, 2)
     with pytest.raises(ValueError, match=r"convlora.unload\(model, merge=True\)"):
         fast_span(m)
@@ -144,15 +137,15 @@ def test_refuses_other_models_and_options() -> None:
         fast_span(torch.nn.Conv2d(3, 3, 3))
     for backend in ("inductor", "triton", "onnxruntime", "eager"):
         with pytest.raises(ValueError, match=f"not offered by the {backend} backend"):
-            fast_span(_model(8), dtype=torch.float16, backend=backend)  # type: ignore[arg-type]
+            fast_span(small_span(8), dtype=torch.float16, backend=backend)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="backend='onnx' is not one of"):
-        fast_span(_model(8), backend="onnx")  # type: ignore[arg-type]
+        fast_span(small_span(8), backend="onnx")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="block_m=24"):
-        fast_span(_model(8), backend="triton", block_m=24)
+        fast_span(small_span(8), backend="triton", block_m=24)
 
 
 def test_forward_rejects_a_bad_shape() -> None:
-    fast = fast_span(_model(8), backend="eager")
+    fast = fast_span(small_span(8), backend="eager")
     with pytest.raises(ValueError, match=r"\(N, 3, H, W\)"):
         fast(torch.rand(3, 8, 8))
 
@@ -166,7 +159,7 @@ def test_auto_on_cpu_is_inductor_else_onnxruntime(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(fast_mod, "_has_cxx", lambda: True)
     assert fast_mod.resolve_backend("auto", cpu) == "inductor" and capsys.readouterr().out == ""
     monkeypatch.setattr(fast_mod, "_has_cxx", lambda: False)
-    m = _model(8)
+    m = small_span(8)
     fast = fast_span(m)
     out = capsys.readouterr().out
     assert fast.backend == "onnxruntime" and out.count("\n") == 1 and "C++ compiler" in out
@@ -185,7 +178,7 @@ def test_failed_compile_falls_back_to_onnxruntime(monkeypatch: pytest.MonkeyPatc
         raise RuntimeError("no working compiler")
 
     monkeypatch.setattr(torch, "compile", lambda *a, **k: broken)
-    m = _model(8)
+    m = small_span(8)
     fast = fast_span(m, backend="inductor")
     x = torch.rand(1, 3, 9, 8)
     got = fast(x)
@@ -206,7 +199,7 @@ def test_without_onnxruntime_or_cxx_falls_back_with_one_line(
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: None if name == "onnxruntime" else find_spec(name, *a))
     monkeypatch.setattr(fast_mod, "_has_cxx", lambda: False)
-    m = _model(8)
+    m = small_span(8)
     fast = fast_span(m)
     out = capsys.readouterr().out
     assert fast.backend == "eager" and out.count("\n") == 1 and "C++ compiler" in out
@@ -218,7 +211,7 @@ def test_without_onnxruntime_or_cxx_falls_back_with_one_line(
 
 
 def test_the_model_is_not_modified() -> None:
-    m = _model(8)
+    m = small_span(8)
     before = {k: v.clone() for k, v in m.state_dict().items()}
     fast_span(m, backend="eager")
     assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
@@ -226,7 +219,7 @@ def test_the_model_is_not_modified() -> None:
 
 @pytest.mark.slow
 def test_inductor_matches_eager_for_new_shapes() -> None:
-    m = _model(8)
+    m = small_span(8)
     fast = fast_span(m, backend="inductor")
     assert fast.backend == "inductor"
     for shape in [(1, 3, 12, 10), (2, 3, 7, 9)]:  # a second shape recompiles (dynamic)
@@ -244,7 +237,7 @@ def test_inductor_tiles_agree_with_the_whole_image_and_compile_once() -> None:
 
     from examples.span_sr.upscale import SPAN_RF_RADIUS, upscale_tensor
 
-    m = _model(8)
+    m = small_span(8)
     x = torch.rand(1, 3, 70, 12)  # 70 = 16 + 16 + 16 + 16 + 6: a short last tile
     fast = fast_span(m, backend="inductor")
     torch._dynamo.reset()

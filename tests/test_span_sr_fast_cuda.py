@@ -16,21 +16,12 @@ import torch
 
 from examples.span_sr import fast as fast_mod
 from examples.span_sr import fast_cuda
-from examples.span_sr.arch import SPAN
 from examples.span_sr.fast import fast_span, resolve_backend
 from examples.span_sr.fast_cuda import CudaGraphs, TritonSPAN, dot_precision, pad_channels
+from tests._span_helpers import small_span
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-def _model(width: int = 8, cat: int | None = None, scale: int = 4, seed: int = 0) -> SPAN:
-    torch.manual_seed(seed)
-    m = SPAN(feature_channels=width, conv_cat_channels=cat, upscale=scale).eval()
-    with torch.no_grad():  # default init on a 0..255 input gives outputs ~1e3; keep them ~1
-        for p in m.parameters():
-            p.mul_(0.4)
-    return m
 
 
 # ------------------------------------------------------------------ padding, precision, cost
@@ -63,7 +54,7 @@ def test_cost_counts_the_models_macs(width: int, cat: int | None, scale: int) ->
     only adds work; fp16 storage moves fewer bytes; 21 launches."""
     from examples.span_sr.efficiency import complexity
 
-    m = _model(width, cat, scale)
+    m = small_span(width, cat, scale)
     h, w = 12, 10
     ref = complexity(m, (h, w))["flops"]
     cost32 = TritonSPAN(m, torch.float32).cost(1, h, w)
@@ -78,8 +69,8 @@ def test_cost_counts_the_models_macs(width: int, cat: int | None, scale: int) ->
 
 def test_bad_precision_and_input_device_are_refused() -> None:
     with pytest.raises(ValueError, match="precision='fp8' is not one of"):
-        TritonSPAN(_model(), precision="fp8")  # type: ignore[arg-type]
-    run = TritonSPAN(_model())
+        TritonSPAN(small_span(), precision="fp8")  # type: ignore[arg-type]
+    run = TritonSPAN(small_span())
     with pytest.raises(ValueError, match=r"input is on meta .* x.to\('cpu'\)"):
         run(torch.empty(1, 3, 4, 4, device="meta"))
 
@@ -194,7 +185,7 @@ def test_an_error_of_the_forward_is_raised_not_a_fallback() -> None:
 
 
 def test_cuda_schedule_on_cpu_has_no_graphs() -> None:
-    assert isinstance(fast_cuda.cuda_schedule(_model(), graphs=True), TritonSPAN)
+    assert isinstance(fast_cuda.cuda_schedule(small_span(), graphs=True), TritonSPAN)
 
 
 # ------------------------------------------------------------------ compiled for real GPUs, on CPU
@@ -278,7 +269,7 @@ def _close(got: torch.Tensor, ref: torch.Tensor, tol: float = 1e-4) -> bool:
 @CUDA
 @pytest.mark.parametrize(("width", "cat", "scale"), [(26, None, 4), (28, 20, 2), (8, None, 3)])
 def test_cuda_fast_span_matches_eager(no_tf32, width: int, cat: int | None, scale: int) -> None:
-    m = _model(width, cat, scale).cuda()
+    m = small_span(width, cat, scale).cuda()
     fast = fast_span(m)
     assert fast.backend == "triton" and fast.dtype == torch.float32
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -296,7 +287,7 @@ def test_cuda_fast_span_matches_eager(no_tf32, width: int, cat: int | None, scal
 @pytest.mark.gpu
 @CUDA
 def test_cuda_graphs_replay_new_data_and_evict(no_tf32) -> None:
-    m = _model(26).cuda()
+    m = small_span(26).cuda()
     lines: list[str] = []
     g = CudaGraphs(TritonSPAN(m), max_graphs=2, log=lines.append)
     xs = [torch.rand(1, 3, s, s + 3, device="cuda") for s in (8, 12, 16, 8)]
@@ -314,7 +305,7 @@ def test_cuda_tiles_agree_with_the_whole_image(no_tf32) -> None:
     pytest.importorskip("PIL")  # upscale.py reads images (the GPU machine may lack Pillow)
     from examples.span_sr.upscale import SPAN_RF_RADIUS, upscale_tensor
 
-    m = _model(26).cuda()
+    m = small_span(26).cuda()
     fast = fast_span(m)
     x = torch.rand(1, 3, 70, 50, device="cuda")
     full = fast(x)
@@ -329,7 +320,7 @@ def test_cuda_16_bit_storage_matches_its_emulation(no_tf32, dtype: torch.dtype) 
     from fp32 eager as its CPU emulation (bench_span_fast.emulate_storage) says."""
     from benchmarks.bench_span_fast import emulate_storage
 
-    m = _model(26).cuda()
+    m = small_span(26).cuda()
     x = torch.rand(1, 3, 20, 24, device="cuda")
     with torch.no_grad():
         ref = m(x)
