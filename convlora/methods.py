@@ -56,7 +56,9 @@ possible, since that traffic is what a weight-space method adds to a training st
   (a LoRA of rank ``rank**2`` whose factors are built from the small LoHa factors), and its
   backward reads the weight gradient twice instead of materialising the two products.
 * LoKr adds ``s * W1[i, l] * W2[j, m]`` to ``W`` viewed as ``(a, b, c, d * prod(kernel))`` in one
-  broadcasting ``addcmul``, without materialising the Kronecker product.
+  broadcasting ``addcmul``, without materialising the Kronecker product; its backward reads the
+  weight gradient twice (``dW1`` in cache-sized blocks, ``dW2`` as one batched product) instead of
+  forming two weight-sized products as autograd of the ``addcmul`` would.
 * DoRA runs one autograd function. Its forward allocates one weight-sized tensor: ``V`` from one
   ``addmm``, rescaled in place into ``W'`` after the norm; it keeps no weight-sized tensor for
   backward besides ``W`` itself. On ``Conv``/``Linear`` with ``"kernel"`` factors its backward forms
@@ -282,6 +284,41 @@ class _DoRAWeight(torch.autograd.Function):
         return gw, ga, gb, gm, None, None, None, None
 
 
+_LOKR_BLOCK_BYTES = 1 << 21
+
+
+class _LoKrWeight(torch.autograd.Function):
+    """``W + s * kron(W1, W2)`` on ``W`` viewed as ``(a, b, c, D)``: one broadcasting ``addcmul``.
+
+    Autograd of that ``addcmul`` would form ``G * W2`` and ``G * W1`` as weight-sized tensors
+    before summing them. This backward reads the weight gradient ``G`` twice and allocates
+    nothing weight-sized: ``dW1[i, l] = s * sum_{j, m} G[i, j, l, m] * W2[j, m]`` in blocks of
+    ``i`` of about 2 MiB (the block's product stays in cache), and
+    ``dW2[j, m] = s * sum_i (W1[i] @ G[i, j])[m]`` as one batched matrix product.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, w: Tensor, w1: Tensor, w2: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(w1, w2)
+        ctx.scale = scale
+        return torch.addcmul(w, w1[:, None, :, None], w2[None, :, None, :], value=scale)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        w1, w2 = ctx.saved_tensors
+        need_w, need_1, need_2 = ctx.needs_input_grad[:3]
+        with _no_autocast(grad):
+            g = grad.to(w1.dtype).reshape(w1.shape[0], w2.shape[0], w1.shape[1], w2.shape[1])
+            g1 = g2 = None
+            if need_1:
+                n = max(1, _LOKR_BLOCK_BYTES // max(1, g[0].numel() * g.element_size()))
+                w2b = w2[None, :, None, :]
+                g1 = torch.cat([(blk * w2b).sum((1, 3)) for blk in g.split(n)]).mul_(ctx.scale)
+            if need_2:
+                g2 = torch.matmul(w1[:, None, None, :], g).sum(0).squeeze(-2).mul_(ctx.scale)
+        return (g if need_w else None), g1, g2, None
+
+
 def init_factors_(method: str, factors: Mapping[str, Tensor], weight: Tensor, groups: int = 1,
                   transposed: bool = False) -> None:
     """Initialise fresh factors in place so that the adapter starts as the identity."""
@@ -357,8 +394,7 @@ def _effective_weight(method: str, weight: Tensor, factors: Mapping[str, Tensor]
         w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
         w2 = w2.reshape(w2.shape[0], -1)
         (a1, c1), (b2, d2) = w1.shape, w2.shape
-        out = torch.addcmul(w.reshape(a1, b2, c1, d2), w1[:, None, :, None], w2[None, :, None, :],
-                            value=scale)
+        out = _LoKrWeight.apply(w.reshape(a1, b2, c1, d2), w1, w2, scale)
         return out.view(weight.shape).to(weight.dtype)
     if method == "dora":
         a, b = f["lora_A"], f["lora_B"]
