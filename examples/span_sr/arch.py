@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import convlora
-from examples.span_sr.spandrel_format import from_spandrel, is_spandrel_format
+from examples.span_sr.spandrel_format import from_spandrel, fuse_branch, is_spandrel_format
 
-__all__ = ["RGB_MEAN", "SPAB", "SPAN", "Conv3XC", "Form", "fuse_conv3xc", "load_span", "span_config_from_state_dict"]
+__all__ = ["RGB_MEAN", "SPAB", "SPAN", "Conv3XC", "Form", "load_span", "span_config_from_state_dict"]
 
 Form = Literal["train", "deploy"]
 RGB_MEAN = (0.4488, 0.4371, 0.4040)
@@ -39,35 +39,6 @@ _FORMS = ("train", "deploy")
 def _check_form(form: str) -> None:
     if form not in _FORMS:
         raise ValueError(f"form={form!r} is not a SPAN form; use 'train' or 'deploy'.")
-
-
-def fuse_conv3xc(
-    expand: nn.Conv2d, conv: nn.Conv2d, reduce: nn.Conv2d, skip: nn.Conv2d
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fuse the four convs of a train-form ``Conv3XC`` into one 3x3 kernel and bias.
-
-    With ``y = R(K(E(pad(x)))) + S(x)`` where E, R, S are 1x1 convs and K a valid 3x3 conv,
-    every step is affine, so the composite is one 3x3 conv on the zero-padded ``x``:
-    ``W[o,i] = sum_{m,n} R[o,n] K[n,m] E[m,i] + S[o,i] * delta_center`` and
-    ``b[o] = sum_n R[o,n] (sum_m sum_taps K[n,m] b_E[m] + b_K[n]) + b_R[o] + b_S[o]``.
-    The padding is applied to ``x`` *before* the expand conv, so padded taps see ``b_E``
-    exactly as the fused conv's bias term assumes: the fusion is exact at the borders too.
-
-    Returns:
-        ``(weight, bias)`` of shape ``(out, in, 3, 3)`` and ``(out,)``, computed in float64
-        and cast back to the input dtype.
-    """
-    e_w, k_w, r_w, s_w = (m.weight.detach().double() for m in (expand, conv, reduce, skip))
-    e_b, k_b, r_b, s_b = (
-        m.bias.detach().double() if m.bias is not None else torch.zeros(m.out_channels).double()
-        for m in (expand, conv, reduce, skip)
-    )
-    weight = torch.einsum("on,nmhw,mi->oihw", r_w[:, :, 0, 0], k_w, e_w[:, :, 0, 0])
-    weight[:, :, 1, 1] += s_w[:, :, 0, 0]
-    mid_bias = torch.einsum("nmhw,m->n", k_w, e_b) + k_b
-    bias = r_w[:, :, 0, 0] @ mid_bias + r_b + s_b
-    dtype = expand.weight.dtype
-    return weight.to(dtype), bias.to(dtype)
 
 
 class Conv3XC(nn.Module):
@@ -104,8 +75,7 @@ class Conv3XC(nn.Module):
         """Switch to the deploy form in place (no-op when already deployed)."""
         if self.form == "deploy":
             return
-        expand, conv, reduce = (cast(nn.Conv2d, m) for m in self.conv)
-        weight, bias = fuse_conv3xc(expand, conv, reduce, self.sk)
+        weight, bias = fuse_branch(dict(self.named_parameters()))  # float64; copy_ casts it
         ref = self.sk.weight
         self.eval_conv = nn.Conv2d(self.c_in, self.c_out, 3, padding=1).to(ref.device, ref.dtype)
         with torch.no_grad():

@@ -12,8 +12,10 @@ fusion of the train branch.
 [`to_spandrel`][examples.span_sr.spandrel_format.to_spandrel] turns a deploy state dict (one 3x3
 ``eval_conv`` per ``Conv3XC``, the official checkpoints' layout) into that layout with a train
 branch whose fusion *is* the deploy 3x3, exactly; [`from_spandrel`][examples.span_sr.spandrel_format.from_spandrel]
-reads any train-branch layout back to the deploy form. Only torch is needed here: the module
-works on state dicts, so the model code can import it.
+reads any train-branch layout back to the deploy form with
+[`fuse_branch`][examples.span_sr.spandrel_format.fuse_branch], the one ``Conv3XC`` fusion (also
+behind ``Conv3XC.reparameterize()``). Only torch is needed here: the module works on state dicts,
+so the model code can import it.
 
 The preimage of a deploy conv ``(W, b)`` with ``c_in`` inputs and ``c_out`` outputs:
 
@@ -42,7 +44,15 @@ import torch
 
 import convlora
 
-__all__ = ["CONV3XC_PREFIXES", "SUFFIXES", "from_spandrel", "is_spandrel_format", "save_spandrel", "to_spandrel"]
+__all__ = [
+    "CONV3XC_PREFIXES",
+    "SUFFIXES",
+    "from_spandrel",
+    "fuse_branch",
+    "is_spandrel_format",
+    "save_spandrel",
+    "to_spandrel",
+]
 
 SUFFIXES = (".safetensors", ".pth")
 """File types written by [`save_spandrel`][examples.span_sr.spandrel_format.save_spandrel] (both read by spandrel)."""
@@ -204,20 +214,38 @@ def save_spandrel(state: Mapping[str, torch.Tensor], path: str | os.PathLike[str
     return convlora.save_state_dict(to_spandrel(state), path)
 
 
-def _fuse(branch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fuse one train branch in float64: ``(weight, bias)`` and, for the same sums taken over
-    absolute values, ``(weight_abs, bias_abs)`` (the scale of the round-off an fp fusion makes)."""
-    def parts(absolute: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        t = {k: (v.detach().double().abs() if absolute else v.detach().double()) for k, v in branch.items()}
-        e_w, k_w, r_w, s_w = (t[f"{c}.weight"] for c in ("conv.0", "conv.1", "conv.2", "sk"))
-        e_b, k_b, r_b, s_b = (t[f"{c}.bias"] for c in ("conv.0", "conv.1", "conv.2", "sk"))
-        weight = torch.einsum("on,nmhw,mi->oihw", r_w[:, :, 0, 0], k_w, e_w[:, :, 0, 0])
-        weight[:, :, 1, 1] += s_w[:, :, 0, 0]
-        bias = r_w[:, :, 0, 0] @ (torch.einsum("nmhw,m->n", k_w, e_b) + k_b) + r_b + s_b
-        return weight, bias
+def fuse_branch(branch: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one 3x3 conv ``(weight, bias)`` that a ``Conv3XC`` train branch computes, in float64.
 
-    (weight, bias), (weight_abs, bias_abs) = parts(False), parts(True)
-    return weight, bias, weight_abs, bias_abs
+    With ``y = R(K(E(pad(x)))) + S(x)``, where ``E`` (``conv.0``), ``R`` (``conv.2``) and ``S``
+    (``sk``) are 1x1 convs and ``K`` (``conv.1``) a valid 3x3 conv, every step is affine, so the
+    branch is one 3x3 conv on the zero-padded ``x``:
+    ``W[o,i] = sum_{n,m} R[o,n] K[n,m] E[m,i] + S[o,i]·centre`` and
+    ``b[o] = sum_n R[o,n] (sum_{m,taps} K[n,m] b_E[m] + b_K[n]) + b_R[o] + b_S[o]``. The padding
+    is applied to ``x`` before the expand conv, so padded taps see ``b_E`` exactly as the fused
+    bias assumes: the fusion is exact at the borders too. This is the fusion of
+    [`Conv3XC.reparameterize`][examples.span_sr.arch.Conv3XC.reparameterize] and of
+    [`from_spandrel`][examples.span_sr.spandrel_format.from_spandrel].
+
+    Args:
+        branch: The branch's tensors under ``sk``/``conv.0``/``conv.1``/``conv.2`` ``.weight``
+            and ``.bias`` (a train-form ``Conv3XC``'s parameters or ``state_dict()``; other keys are ignored).
+
+    Returns:
+        ``(weight, bias)`` of shapes ``(out, in, 3, 3)`` and ``(out,)``, in float64 on the
+        branch's device (cast them to the dtype wanted).
+    """
+    return _sums(branch, absolute=False)
+
+
+def _sums(branch: Mapping[str, torch.Tensor], absolute: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    t = {k: (v.detach().double().abs() if absolute else v.detach().double()) for k, v in branch.items()}
+    e_w, k_w, r_w, s_w = (t[f"{c}.weight"] for c in ("conv.0", "conv.1", "conv.2", "sk"))
+    e_b, k_b, r_b, s_b = (t[f"{c}.bias"] for c in ("conv.0", "conv.1", "conv.2", "sk"))
+    weight = torch.einsum("on,nmhw,mi->oihw", r_w[:, :, 0, 0], k_w, e_w[:, :, 0, 0])
+    weight[:, :, 1, 1] += s_w[:, :, 0, 0]
+    bias = r_w[:, :, 0, 0] @ (torch.einsum("nmhw,m->n", k_w, e_b) + k_b) + r_b + s_b
+    return weight, bias
 
 
 def _branch(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -282,7 +310,7 @@ def from_spandrel(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _fused(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     """``{prefix}.eval_conv.weight/bias``: the fusion of the train branch, checked against a stored one."""
     branch = _branch(state, prefix)
-    weight, bias, weight_abs, bias_abs = _fuse(branch)
+    (weight, bias), (weight_abs, bias_abs) = fuse_branch(branch), _sums(branch, absolute=True)
     dtype = branch["sk.weight"].dtype
     stored_w, stored_b = state.get(f"{prefix}.eval_conv.weight"), state.get(f"{prefix}.eval_conv.bias")
     if stored_w is not None and stored_b is not None:
