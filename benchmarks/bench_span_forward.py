@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import platform
 import sys
 import traceback
@@ -41,6 +40,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from _timing import Stats, fmt_ms, fmt_ratio, markdown_table, ratio_stats, set_threads  # noqa: E402
 
 from examples.span_sr.arch import SPAN, Conv3XC, load_span  # noqa: E402
+from examples.span_sr.checkpoint import write_json  # noqa: E402
 from examples.span_sr.degrade import imresize_matlab, modcrop  # noqa: E402
 from examples.span_sr.metrics import psnr_y, to_uint8  # noqa: E402
 
@@ -258,8 +258,7 @@ def main(argv: list[str] | None = None) -> int:
                     "torch": torch.__version__, "threads": args.threads, "input": [1, 3, *size]}
     def save() -> None:  # after every stage, so a crash or timeout keeps what was measured
         if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(report, indent=2, default=str))
+            write_json(args.out, report)  # atomic: a timeout mid-write keeps the previous stage's file
 
     rows = compare_naive(model, x, repeats, args.warmup)
     print(f"\nSPAN forward, batch 1, LR {size[0]}x{size[1]}, {report['device']}, torch {torch.__version__}")

@@ -44,7 +44,6 @@ import argparse
 import contextlib
 import copy
 import io
-import json
 import lzma
 import shutil
 import sys
@@ -65,6 +64,7 @@ from _timing import markdown_table  # noqa: E402
 from bench_span_forward import make_variant, naive_models  # noqa: E402
 
 from examples.span_sr.arch import SPAN, load_span  # noqa: E402
+from examples.span_sr.checkpoint import write_json  # noqa: E402
 from examples.span_sr.fast import OFFERED_DTYPES, fast_span  # noqa: E402
 from examples.span_sr.fast_cuda import CudaGraphs, TritonSPAN  # noqa: E402
 from examples.span_sr.metrics import psnr_y, to_uint8  # noqa: E402
@@ -475,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
                                str(r["num_warps"]), str(r["regs"]), str(r["stack"]), str(r["tensor_cores"])]
                               for r in res[1:]]))
         if args.out:
-            args.out.write_text(json.dumps(res))
+            write_json(args.out, res)
         return 0
     if args.emulate:
         if args.data is None:
@@ -518,8 +518,7 @@ def main(argv: list[str] | None = None) -> int:
             print("OUTPUT BOUND FAILED for an offered configuration")
             status = 1
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2, default=str))
+        write_json(args.out, report)
         print(f"wrote {args.out}")
     return status
 

@@ -15,7 +15,6 @@ affinity). ``--w-aff auto`` gives the affinity gradient the L1 gradient's norm o
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -35,6 +34,7 @@ from examples.restoration.config import apply_options, load_config, resolve_path
 from examples.restoration.degrade import Task, get_task
 from examples.restoration.evaluate import Case, degraded_cases, eval_kernels, eval_set, score
 from examples.restoration.model import ResidualCNN, load_model, save_model
+from examples.span_sr.checkpoint import write_atomically, write_json
 
 __all__ = ["ARMS", "arm_weights", "check_pair", "distill_steps", "loss_scales", "main", "markdown"]
 
@@ -233,8 +233,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
            "w_out": args.w_out, "scales": scales, "arms": arms, "rows": rows, "args": vars(args),
            "wall_seconds": round(time.perf_counter() - wall, 1)}
     print(table := markdown(res))
-    (out / "results.json").write_text(json.dumps(res, indent=2))
-    (out / "results.md").write_text(f"{task.name} on {where}; wall {res['wall_seconds']}s\n\n{table}\n")
+    write_json(out / "results.json", res)
+    summary = f"{task.name} on {where}; wall {res['wall_seconds']}s\n\n{table}\n"
+    write_atomically(out / "results.md", lambda tmp: Path(tmp).write_text(summary))
     return res
 
 

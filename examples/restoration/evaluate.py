@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -49,6 +48,7 @@ from examples.restoration.kernels import (
 )
 from examples.restoration.model import load_model
 from examples.restoration.train import pick_device
+from examples.span_sr.checkpoint import write_atomically, write_json
 from examples.span_sr.metrics import psnr_rgb, ssim, to_uint8
 from examples.span_sr.outputs import stopped
 
@@ -219,8 +219,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     table = markdown(results)
     print(table)
     stem = f"results_border{bd}" if bd else "results"
-    (run / f"{stem}.json").write_text(json.dumps(results, indent=2))
-    (run / f"{stem}.md").write_text(table + "\n")
+    write_json(run / f"{stem}.json", results)
+    write_atomically(run / f"{stem}.md", lambda tmp: Path(tmp).write_text(table + "\n"))
     return results
 
 

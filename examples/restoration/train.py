@@ -21,7 +21,6 @@ The run folder gets ``config.yaml``, ``base.safetensors``, ``adapters/<task>.saf
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import time
@@ -48,6 +47,7 @@ from examples.restoration.data import SAMPLE_TRAIN, PatchSampler, folder_images,
 from examples.restoration.degrade import Task, degrade, get_task, seeded_generator
 from examples.restoration.kernels import kernel_pool
 from examples.restoration.model import build_model, load_model, save_model
+from examples.span_sr.checkpoint import write_json
 from examples.span_sr.outputs import refuse_inputs, stopped
 
 __all__ = ["adapter_config", "blur_margin", "draw_batch", "kernel_pools", "main", "pick_device",
@@ -260,9 +260,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                  loss=tr["loss"], tag=f"full fine-tune {task.name}", margin=margin)
             log["finetune"][task.name] = _record(losses, time.perf_counter() - t0, n_base)
             save_model(full, out / "finetune" / f"{task.name}.safetensors", extra={"task": task.name})
-        (out / "log.json").write_text(json.dumps(log, indent=2))
+        write_json(out / "log.json", log)
     print(convlora.summary(model))
-    (out / "log.json").write_text(json.dumps(log, indent=2))
+    write_json(out / "log.json", log)
     print(f"wrote {out}")
     try:  # evaluate.py reads --run relative to the working directory
         shown = out.resolve().relative_to(Path.cwd().resolve())

@@ -6,7 +6,9 @@ state of the EMA model (``torch.optim.swa_utils.AveragedModel``) when EMA is on,
 validation adapter. It is written to a temporary file in the run folder and renamed over
 ``checkpoint.pt``, so an interrupted write never leaves a broken checkpoint. ``layout`` names
 the shape of this state; a folder written by an earlier layout of the example is refused with a
-one-line message rather than resumed wrongly.
+one-line message rather than resumed wrongly. The JSON files (``provenance.json``,
+``results.json``, and the other tools' and benchmarks' JSON results) are written the same way,
+by :func:`write_json`.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def write_atomically(path: str | Path, write: Callable[[str], object]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``.
 
     The file gets the mode the umask gives a new file (``mkstemp`` alone leaves ``0o600``).
+    convlora has a helper like it for its own files, but it is private: the examples use
+    convlora's public API only, so every example file goes through this one.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -70,9 +74,14 @@ def write_atomically(path: str | Path, write: Callable[[str], object]) -> None:
             os.unlink(tmp)
 
 
-def write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON."""
-    path.write_text(json.dumps(obj, indent=2, default=str) + "\n")
+def write_json(path: str | Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON (values JSON lacks as their ``str``), atomically.
+
+    The text is made first and written by :func:`write_atomically`: readers see the previous
+    file or the new one, and a failed or interrupted write leaves the previous file as it was.
+    """
+    text = json.dumps(obj, indent=2, default=str) + "\n"
+    write_atomically(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def earlier_run(run: Path) -> list[str]:

@@ -27,7 +27,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import argparse
-import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -37,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from examples.span_sr.checkpoint import write_json
 from examples.span_sr.dsclora import load_deployed
 from examples.span_sr.fast import fast_span
 from examples.span_sr.outputs import refuse_inputs, stopped
@@ -186,8 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"runtime     {r['mean_ms']:.2f} ms mean (--fast: {fast.backend}, {r['dtype']}, "
                   f"n={r['n']}; warm-up calls excluded)")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        write_json(args.json, report)
     return 0
 
 

@@ -24,7 +24,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import argparse
-import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -33,6 +32,7 @@ import torch
 from torch import nn
 
 from examples.span_sr.arch import SPAN
+from examples.span_sr.checkpoint import write_json
 from examples.span_sr.degrade import imresize_matlab, modcrop
 from examples.span_sr.dsclora import load_deployed
 from examples.span_sr.fast import FastSPAN, fast_span
@@ -218,9 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             f" ({len(made)} of {results[d.name]['count']} made with matlab_bicubic(HR): {made})" if made else "")
     print(format_table(results))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        payload = {"weights": str(args.weights), "lora_adapter": args.lora_adapter, "sets": results}
-        Path(args.json).write_text(json.dumps(payload, indent=2))
+        write_json(args.json, {"weights": str(args.weights), "lora_adapter": args.lora_adapter, "sets": results})
         print(f"wrote {args.json}")
     return 0
 

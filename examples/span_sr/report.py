@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from examples.span_sr.checkpoint import write_atomically
 from examples.span_sr.degrade import imresize_matlab
 from examples.span_sr.metrics import psnr_y
 from examples.span_sr.upscale import upscale_image
@@ -35,7 +36,8 @@ class MetricsLog:
         if enabled and truncate_after is not None and path.is_file():
             keep = [line for line in path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= truncate_after]
-            path.write_text("".join(line + "\n" for line in keep))
+            text = "".join(line + "\n" for line in keep)
+            write_atomically(path, lambda tmp: Path(tmp).write_text(text))  # an interrupt keeps the old log
 
     def write(self, record: Mapping[str, Any]) -> None:
         """Append one JSON record (rank 0 only)."""
