@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,8 +34,10 @@ from .peft_format import (
     write_peft_folder,
 )
 from .peft_mapping import (
+    PEFT_MAGNITUDE,
     export_problem,
     from_peft_factors,
+    from_peft_magnitude,
     module_spec,
     pattern_value,
     peft_bias_key,
@@ -52,8 +55,10 @@ def save_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], *, name:
                       bias: BiasMode = "none", modules_to_save: Sequence[str] | None = None) -> Path:
     """Write adapter ``name`` of ``model`` as a PEFT LoRA folder that PEFT loads with the same outputs.
 
-    The folder is new (or empty) and is written through a temporary folder and one rename, so
-    no partial output is ever left. Load it with ``PeftModel.from_pretrained(base, folder)``.
+    A ``method="lora"`` adapter becomes a plain LoRA folder, a ``method="dora"`` one a DoRA folder
+    (``use_dora: true``, with each layer's magnitude); the other methods are refused. The folder
+    is new (or empty) and is written through a temporary folder and one rename, so no partial
+    output is ever left. Load it with ``PeftModel.from_pretrained(base, folder)``.
 
     Args:
         model: A model with LoRA layers.
@@ -71,7 +76,9 @@ def save_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], *, name:
 
     Raises:
         UnsupportedLayerError: a layer uses the ``"loralib"`` factorization, non-zero
-            ``padding_mode`` with padding, or dilation (PEFT computes those differently).
+            ``padding_mode`` with padding, or dilation (PEFT computes those differently), a
+            method other than ``"lora"``/``"dora"`` or rsLoRA, or the adapter mixes LoRA and
+            DoRA layers (PEFT's ``use_dora`` is one value for the folder).
     """
     check_bias_mode(bias, "save_peft_adapter()")
     all_lora = lora_layers(model)
@@ -105,21 +112,23 @@ def save_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], *, name:
     for pname in bias_names(model, bias, name):
         key = peft_bias_key(pname, set(all_lora))
         extra.setdefault(key, params[pname])
-    factors = {n: (lyr.lora_A[name], lyr.lora_B[name]) for n, lyr in layers.items()}
+    factors = {n: lyr.factors(name) for n, lyr in layers.items()}
     config, tensors = peft_contents(specs, factors, extra, bias, list(modules_to_save or []))
     return write_peft_folder(Path(folder), config, tensors)
 
 
 def _plan(model: nn.Module, tensors: dict[str, Tensor], cfg: dict[str, Any], name: str,
-          where: Path) -> tuple[dict[str, tuple[Tensor, Tensor, int, float]], dict[str, Tensor],
+          where: Path) -> tuple[dict[str, tuple[dict[str, Tensor], int, float]], dict[str, Tensor],
                                 dict[str, dict[str, Tensor]]]:
-    """Validate everything against ``model``; returns factors, biases and module copies to apply."""
+    """Validate everything against ``model``; returns factors (by convlora name, with rank and
+    alpha), biases and module copies to apply."""
     lora_owned = {n for n, m in model.named_modules() if isinstance(m, LoRALayer)}
     modules = {n: m for n, m in model.named_modules()
                if not any(n.startswith(f"{o}.") for o in lora_owned)}
     lora_keys = {k.rpartition(".lora_")[0] for k in tensors if re.search(r"\.lora_[AB]\.weight$", k)}
     saved = [m for m in modules if m and any(m.endswith(e) for e in cfg["modules_to_save"])]
-    factors: dict[str, tuple[Tensor, Tensor, int, float]] = {}
+    factors: dict[str, tuple[dict[str, Tensor], int, float]] = {}
+    method = "dora" if cfg["use_dora"] else "lora"
     biases: dict[str, Tensor] = {}
     copies: dict[str, dict[str, Tensor]] = {m: {} for m in saved}
     used: set[str] = set()
@@ -140,19 +149,28 @@ def _plan(model: nn.Module, tensors: dict[str, Tensor], cfg: dict[str, Any], nam
         problem = peft_problem(spec)
         if problem:
             raise UnsupportedLayerError(f"layer {lname!r}: {problem}; convlora does not import it.")
-        for part in ("A", "B"):
-            if f"{lname}.lora_{part}.weight" not in tensors:
-                raise AdapterFormatError(f"{where}: {lname}.lora_{part}.weight is missing.")
+        keys = [f"{lname}.lora_A.weight", f"{lname}.lora_B.weight"]
+        if cfg["use_dora"]:
+            keys.append(f"{lname}.{PEFT_MAGNITUDE}")
+        for key in keys:
+            if key not in tensors:
+                why = " (the config has use_dora=true: every DoRA layer has a magnitude)" \
+                    if key.endswith(PEFT_MAGNITUDE) else ""
+                raise AdapterFormatError(f"{where}: {key} is missing{why}.")
         r = pattern_value(cfg["rank_pattern"], lname, cfg["r"])
         alpha = float(pattern_value(cfg["alpha_pattern"], lname, cfg["lora_alpha"]))
-        a, b = tensors[f"{lname}.lora_A.weight"], tensors[f"{lname}.lora_B.weight"]
-        a_c, b_c, rank, alpha_c = from_peft_factors(lname, spec, a, b, r, alpha, cfg["use_rslora"])
+        a, b = tensors[keys[0]], tensors[keys[1]]
+        a_c, b_c, rank, alpha_c = from_peft_factors(lname, spec, a, b, r, alpha, cfg["use_rslora"],
+                                                    dora=cfg["use_dora"])
+        found = {"lora_A": a_c, "lora_B": b_c}
+        if cfg["use_dora"]:
+            found["lora_magnitude"] = from_peft_magnitude(lname, spec, tensors[keys[2]])
         probe = mod if isinstance(mod, LoRALayer) else LoRALayer(mod)
-        limit = probe.adapter_problem(rank, "kernel")
+        limit = probe.adapter_problem(rank, "kernel", method)
         if limit:
             raise UnsupportedLayerError(f"layer {lname!r}: {limit}.")
-        factors[lname] = (a_c, b_c, rank, alpha_c)
-        used |= {f"{lname}.lora_A.weight", f"{lname}.lora_B.weight"}
+        factors[lname] = (found, rank, alpha_c)
+        used |= set(keys)
     if not factors:
         raise AdapterFormatError(f"{where}: {PEFT_WEIGHTS} holds no lora_A/lora_B factors.")
     selected = {n for n, m in modules.items() if n and module_spec(m) is not None and peft_targets(cfg, n)}
@@ -177,6 +195,9 @@ def _plan(model: nn.Module, tensors: dict[str, Tensor], cfg: dict[str, Any], nam
                                            f"{owner!r} of this model.")
             copies[owner][rest] = t
             continue
+        if key.endswith(f".{PEFT_MAGNITUDE}"):
+            raise config_error(where / PEFT_CONFIG, "use_dora", cfg["use_dora"], f"does not allow the DoRA "
+                               f"magnitude {key!r} the weights hold (is the config from another adapter?)")
         if key.rpartition(".")[2] != "bias":
             raise AdapterFormatError(f"{where}: unexpected tensor {key!r} (not a LoRA factor, a bias or "
                                      f"part of modules_to_save={cfg['modules_to_save']}).")
@@ -203,7 +224,9 @@ def load_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], *,
 
     Layers that are not LoRA layers yet are injected. The model then computes what PEFT computes
     with the same folder (up to float rounding: PEFT adds a side path, convlora one merged-weight
-    conv). Trained biases are copied into the model, and so are ``modules_to_save`` (whole
+    conv). A DoRA folder (``use_dora: true``) loads as ``method="dora"`` adapters; convlora's DoRA
+    has no dropout, so a ``lora_dropout`` above 0 is dropped with a warning (it acts only while
+    training: eval outputs are PEFT's). Trained biases are copied into the model, and so are ``modules_to_save`` (whole
     modules, e.g. a new head); both are shared by all adapters of the model. Nothing changes
     when an error is raised.
 
@@ -220,23 +243,29 @@ def load_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], *,
             weights that do not match the config.
         AdapterMismatchError: tensors that do not fit this model.
         UnsupportedLayerError: a layer PEFT mishandles (non-zero padding_mode, dilation) or a
-            grouped conv whose ``lora_A`` is not block-diagonal by group.
+            grouped conv whose ``lora_A`` is not block-diagonal by group (for DoRA: whose blocks
+            also differ, with several output channels per group).
     """
     if not isinstance(name, str) or not name.isidentifier():
         raise ConvLoRAError(f"name={name!r} must be a Python identifier.")
     folder = Path(folder)
     tensors, cfg = read_peft_adapter(folder)
     factors, biases, copies = _plan(model, tensors, cfg, name, folder)
+    method, dropout = ("dora", 0.0) if cfg["use_dora"] else ("lora", cfg["lora_dropout"])
+    if cfg["use_dora"] and cfg["lora_dropout"] > 0:
+        warnings.warn(f"{folder}: lora_dropout={cfg['lora_dropout']} is not loaded: convlora's DoRA has no "
+                      "dropout (it rescales W + delta). Outputs in eval mode are PEFT's; training differs.",
+                      stacklevel=2)
     modules = dict(model.named_modules())
-    for lname, (a, b, rank, alpha) in factors.items():
+    for lname, (found, rank, alpha) in factors.items():
         layer = modules[lname]
         if not isinstance(layer, LoRALayer):
             layer = LoRALayer(layer).train(layer.training)  # an eval model stays in eval mode
             replace_module(model, lname, layer)
-        layer.add_adapter(name, rank, alpha, "kernel", cfg["lora_dropout"], lname)
+        layer.add_adapter(name, rank, alpha, "kernel", dropout, lname, method)
         with torch.no_grad():
-            layer.lora_A[name].copy_(a)
-            layer.lora_B[name].copy_(b)
+            for factor, param in layer.factors(name).items():
+                param.copy_(found[factor])
     with torch.no_grad():
         for pname, t in biases.items():
             model.get_parameter(pname).copy_(t)
@@ -260,7 +289,8 @@ def convlora_to_peft(adapter: str | os.PathLike[str], folder: str | os.PathLike[
     else ``"all"``).
 
     Args:
-        adapter: A file written by [save_adapter][convlora.save_adapter].
+        adapter: A file written by [save_adapter][convlora.save_adapter] (method ``"lora"`` or
+            ``"dora"``).
         folder: The PEFT folder to create (it must not exist, or be empty).
 
     Returns:
@@ -268,13 +298,18 @@ def convlora_to_peft(adapter: str | os.PathLike[str], folder: str | os.PathLike[
     """
     tensors, meta = read_adapter(adapter)
     specs: dict[str, dict[str, Any]] = meta["layers"]
+    for lname, spec in specs.items():
+        err = export_problem(lname, spec)
+        if err:
+            raise err
     keys = list(meta.get("bias_keys", []))
     bias = meta.get("bias")
     if bias is None:
         bias = "none" if not keys else "lora_only" if all(
             k.rpartition(".")[0] in specs for k in keys) else "all"
     extra = {peft_bias_key(k, set(specs)): tensors[k] for k in keys}
-    factors = {n: (tensors[f"{n}.lora_A"], tensors[f"{n}.lora_B"]) for n in specs}
+    factors = {n: {f: tensors[f"{n}.{f}"] for f in ("lora_A", "lora_B", "lora_magnitude")
+                   if f"{n}.{f}" in tensors} for n in specs}
     config, out = peft_contents(specs, factors, extra, str(bias), [])
     return write_peft_folder(Path(folder), config, out)
 

@@ -2,13 +2,15 @@
 
 A PEFT LoRA folder holds ``adapter_config.json`` and ``adapter_model.safetensors``. Its tensor keys
 sit under ``base_model.model.``: ``<layer>.lora_A.weight`` / ``lora_B.weight`` for the factors,
-``<layer>.base_layer.bias`` (adapted layers) or ``<module>.bias`` for trained biases, and
-``<module>.<key>`` for whole-module copies (``modules_to_save``).
+``<layer>.lora_magnitude_vector`` for DoRA's magnitude (``use_dora: true``; shape ``(out,)`` for
+``nn.Linear``, ``(1, out, 1...)`` for a conv), ``<layer>.base_layer.bias`` (adapted layers) or
+``<module>.bias`` for trained biases, and ``<module>.<key>`` for whole-module copies
+(``modules_to_save``).
 
 Every field of ``adapter_config.json`` is honoured, ignored because it only affects how PEFT
 initialises or runs training (``init_lora_weights`` True/False/"gaussian"/"orthogonal"/"eva",
 ``inference_mode``, ``task_type``, ...), or refused with a one-line
-[AdapterFormatError][convlora.AdapterFormatError] naming it (``use_dora``, ``lora_bias``,
+[AdapterFormatError][convlora.AdapterFormatError] naming it (``lora_bias``,
 ``fan_in_fan_out``, base-modifying initialisations such as PiSSA, unknown fields that are set).
 [read_peft_adapter][convlora.peft_format.read_peft_adapter] validates a folder without a model;
 what its factors mean for convlora's layers is ``convlora.peft_mapping``.
@@ -51,12 +53,11 @@ _IGNORED = {
 _HONOURED = {
     "peft_type", "r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform",
     "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "bias", "modules_to_save",
-    "lora_dropout",
+    "lora_dropout", "use_dora",
 }
 # Fields that change what the adapter computes in ways convlora does not implement: refused
 # unless off (null, false or empty).
 _REFUSED = {
-    "use_dora": "DoRA rescales the weight by a learned magnitude; convlora has no DoRA layer",
     "lora_bias": "lora_B carries its own bias; convlora adapters have none (merge it in PEFT first)",
     "fan_in_fan_out": "it is for transformers' Conv1D layers, which convlora does not adapt",
     "megatron_config": "Megatron parallel layers are not convlora layers",
@@ -175,6 +176,10 @@ def _parse_config(raw: object, where: Path) -> dict[str, Any]:
     if not isinstance(use_rslora, bool):
         raise config_error(where, "use_rslora", use_rslora, "must be true or false")
     cfg["use_rslora"] = use_rslora
+    use_dora = False if raw.get("use_dora") is None else raw["use_dora"]
+    if not isinstance(use_dora, bool):
+        raise config_error(where, "use_dora", use_dora, "must be true or false")
+    cfg["use_dora"] = use_dora
     bias = raw.get("bias", "none")
     if bias not in BIAS_MODES:
         raise config_error(where, "bias", bias, f"is not one of {BIAS_MODES}")
@@ -201,7 +206,8 @@ def read_peft_adapter(folder: str | os.PathLike[str]) -> tuple[dict[str, Tensor]
     Returns:
         ``(tensors, config)``: the tensors with the ``base_model.model.`` prefix removed, and the
         honoured config fields, validated and normalised (``rank_pattern``/``alpha_pattern``
-        always dicts, ``modules_to_save`` always a list, ``layers_pattern`` a list or ``None``).
+        always dicts, ``modules_to_save`` always a list, ``layers_pattern`` a list or ``None``,
+        ``use_rslora``/``use_dora`` booleans).
 
     Raises:
         FileNotFoundError: the folder or one of its two files does not exist.

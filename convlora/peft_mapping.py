@@ -15,6 +15,16 @@ exporting a convlora grouped adapter of rank ``r`` is exact: rank ``r*g``, a blo
 ``lora_A`` repeating convlora's ``A`` per group, and convlora's ``B`` as the grouped ``lora_B``
 (importing such a file gives back rank ``r`` and the same tensors, bit for bit). The
 ``"loralib"`` factorisation has no PEFT layout and is refused on export.
+
+PEFT's DoRA (``use_dora``) is convlora's ``method="dora"`` with the same ``lora_A``/``lora_B`` and
+``lora_magnitude_vector`` as ``lora_magnitude`` (``(out,)`` for ``nn.Linear``, ``(1, out, 1...)``
+for a conv, one value per output channel). It is exact where PEFT's LoRA is, and PEFT's DoRA
+fails outright on a dilated conv (its side path has another output size). On a grouped conv
+PEFT's DoRA takes the norm of ``lora_B.view(-1, r) @ lora_A.view(r, -1)`` reshaped to the
+weight: with a block-diagonal ``lora_A`` that pairs output channel ``o`` with the block of group
+``o % g`` while its forward uses group ``o // (out/g)``, so its norm is ``||W + s * delta||``
+only when all blocks are equal (what the export writes) or each group has one output channel
+(``out == groups``). Other grouped DoRA imports are refused; PEFT cannot merge grouped convs.
 """
 
 from __future__ import annotations
@@ -32,10 +42,13 @@ from .errors import AdapterMismatchError, UnsupportedLayerError
 from .layer import LoRALayer
 from .peft_format import PEFT_PREFIX
 
-__all__ = ["export_problem", "from_peft_factors", "module_spec", "pattern_value", "peft_bias_key",
-           "peft_contents", "peft_problem", "peft_targets"]
+__all__ = ["PEFT_MAGNITUDE", "export_problem", "from_peft_factors", "from_peft_magnitude", "module_spec",
+           "pattern_value", "peft_bias_key", "peft_contents", "peft_problem", "peft_targets"]
 
 _CONV_TYPES = {"Conv1d": 1, "Conv2d": 2, "Conv3d": 3}
+PEFT_MAGNITUDE = "lora_magnitude_vector"
+"""PEFT's key (``<layer>.lora_magnitude_vector``) for DoRA's magnitude, convlora's ``lora_magnitude``."""
+_EXPORTED = ("lora", "dora")
 
 
 # -- PEFT's name matching (reimplemented: peft is not a dependency) ---------------------------
@@ -133,26 +146,43 @@ def _times(alpha: float, g: int) -> float:
     return x
 
 
-def _to_peft_factors(spec: Mapping[str, Any], a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, int, float]:
-    """convlora ``(A, B, rank, alpha)`` of one layer in PEFT's layout: ``(lora_A, lora_B, r, lora_alpha)``."""
-    r, alpha, g = int(spec["rank"]), float(spec["alpha"]), int(spec["groups"])
+def _magnitude_shape(spec: Mapping[str, Any]) -> tuple[int, ...]:
+    """PEFT's shape of the DoRA magnitude: ``(out,)`` for Linear, ``(1, out, 1...)`` for a conv."""
     shape = spec["weight_shape"]
+    return (shape[0],) if spec["type"] == "Linear" else (1, shape[0], *([1] * (len(shape) - 2)))
+
+
+def _to_peft_factors(spec: Mapping[str, Any], f: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], int, float]:
+    """convlora factors of one layer in PEFT's layout: ``({PEFT key suffix: tensor}, r, lora_alpha)``."""
+    r, alpha, g = int(spec["rank"]), float(spec["alpha"]), int(spec["groups"])
+    a, b = f["lora_A"], f["lora_B"]
+    shape = spec["weight_shape"]
+    out: dict[str, Tensor] = {}
+    if "lora_magnitude" in f:
+        out[PEFT_MAGNITUDE] = f["lora_magnitude"].reshape(_magnitude_shape(spec))
     if spec["type"] == "Linear":
-        return a.contiguous(), b.contiguous(), r, alpha
-    out, cin_g, kernel = shape[0], shape[1], shape[2:]
+        out.update({"lora_A.weight": a, "lora_B.weight": b})
+        return out, r, alpha
+    cout, cin_g, kernel = shape[0], shape[1], shape[2:]
     a4 = a.reshape(r, cin_g, *kernel)
-    b4 = b.reshape(out, r, *([1] * len(kernel))).contiguous()
+    out["lora_B.weight"] = b.reshape(cout, r, *([1] * len(kernel)))
     if g == 1:
-        return a4.contiguous(), b4, r, alpha
+        out["lora_A.weight"] = a4
+        return out, r, alpha
     big = a.new_zeros((r * g, cin_g * g, *kernel))
     for j in range(g):
         big[j * r:(j + 1) * r, j * cin_g:(j + 1) * cin_g] = a4
-    return big, b4, r * g, _times(alpha, g)
+    out["lora_A.weight"] = big
+    return out, r * g, _times(alpha, g)
 
 
 def from_peft_factors(lname: str, spec: Mapping[str, Any], a: Tensor, b: Tensor, r: int,
-                      lora_alpha: float, rslora: bool) -> tuple[Tensor, Tensor, int, float]:
-    """PEFT ``(lora_A, lora_B)`` of one layer as convlora ``(A, B, rank, alpha)``, exactly."""
+                      lora_alpha: float, rslora: bool, dora: bool = False) -> tuple[Tensor, Tensor, int, float]:
+    """PEFT ``(lora_A, lora_B)`` of one layer as convlora ``(A, B, rank, alpha)``, exactly.
+
+    ``dora``: the folder is PEFT DoRA, whose grouped-conv norm is right only for equal
+    ``lora_A`` blocks or one output channel per group (else refused).
+    """
     shape, g = spec["weight_shape"], int(spec["groups"])
     out = shape[0]
     if spec["type"] == "Linear":
@@ -182,20 +212,39 @@ def from_peft_factors(lname: str, spec: Mapping[str, Any], a: Tensor, b: Tensor,
         blocks.append(inside.reshape(rg, -1))
     if all(torch.equal(blk, blocks[0]) for blk in blocks[1:]):
         return blocks[0], b.reshape(out, rg), rg, lora_alpha * root / g
+    if dora and og > 1:
+        raise UnsupportedLayerError(
+            f"layer {lname!r} is a grouped conv (groups={g}, {og} output channels per group) whose PEFT "
+            "DoRA lora_A blocks differ: PEFT's DoRA norm then pairs output channels with the wrong "
+            "group's block, so it computes no DoRA of this conv and convlora cannot hold it exactly.")
     big_b = b.new_zeros((out, r))
     for j in range(g):
         big_b[j * og:(j + 1) * og, j * rg:(j + 1) * rg] = b[j * og:(j + 1) * og].reshape(og, rg)
     return torch.cat(blocks), big_b, r, lora_alpha * root
 
 
+def from_peft_magnitude(lname: str, spec: Mapping[str, Any], m: Tensor) -> Tensor:
+    """PEFT's ``lora_magnitude_vector`` of one layer as convlora's ``lora_magnitude`` ``(out,)``."""
+    want = _magnitude_shape(spec)
+    if tuple(m.shape) != want:
+        raise AdapterMismatchError(f"{lname}.{PEFT_MAGNITUDE} has shape {tuple(m.shape)}; this layer "
+                                   f"(weight {tuple(spec['weight_shape'])}) needs {want}.")
+    return m.reshape(-1)
+
+
 def export_problem(lname: str, spec: Mapping[str, Any]) -> UnsupportedLayerError | None:
     """The error for a layer (``spec``: its description and adapter fields) PEFT cannot hold, or ``None``."""
     if spec["type"] not in ("Linear", *_CONV_TYPES):
         return UnsupportedLayerError(f"layer {lname!r}: PEFT has no LoRA for {spec['type']!r} here.")
-    if spec.get("method", "lora") != "lora" or spec.get("rslora", False):
-        what = "rsLoRA scaling" if spec.get("method", "lora") == "lora" else f"method {spec['method']!r}"
+    method = spec.get("method", "lora")
+    if method not in _EXPORTED:
         return UnsupportedLayerError(
-            f"layer {lname!r} uses {what}; the PEFT export writes plain LoRA adapters only. "
+            f"layer {lname!r} uses method {method!r}; the PEFT export writes 'lora' and 'dora' adapters "
+            "only (LoraConfig folders, not PEFT's LoHa/LoKr ones). Merge the adapter instead "
+            "(convlora.unload or convlora merge).")
+    if spec.get("rslora", False):
+        return UnsupportedLayerError(
+            f"layer {lname!r} uses rsLoRA scaling; the PEFT export writes alpha/rank scaling only. "
             "Merge the adapter instead (convlora.unload or convlora merge).")
     if spec["factorization"] != "kernel":
         return UnsupportedLayerError(
@@ -213,14 +262,20 @@ def _anchored(name: str) -> str:
     return "^" + re.escape(name)
 
 
-def peft_contents(specs: Mapping[str, Mapping[str, Any]], factors: Mapping[str, tuple[Tensor, Tensor]],
-                extra: Mapping[str, Tensor], bias: str,
-                modules_to_save: Sequence[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """The config and tensors of a PEFT folder (``extra`` keys already in PEFT naming)."""
+def peft_contents(specs: Mapping[str, Mapping[str, Any]], factors: Mapping[str, Mapping[str, Tensor]],
+                  extra: Mapping[str, Tensor], bias: str,
+                  modules_to_save: Sequence[str]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The config and tensors of a PEFT folder (``factors``: per layer its factors by convlora
+    name; ``extra`` keys already in PEFT naming)."""
     for lname, spec in specs.items():
         err = export_problem(lname, spec)
         if err:
             raise err
+    methods = {str(s.get("method", "lora")) for s in specs.values()}
+    if len(methods) > 1:
+        dora = sorted(n for n, s in specs.items() if s.get("method", "lora") == "dora")
+        raise UnsupportedLayerError(f"the adapter mixes 'lora' and 'dora' layers (DoRA on {dora[:3]}); "
+                                    "PEFT's use_dora is one value for all layers.")
     dropouts = {float(s.get("dropout", 0.0)) for s in specs.values()}
     if len(dropouts) > 1:
         raise UnsupportedLayerError(f"the adapter's layers use several dropouts {sorted(dropouts)}; "
@@ -229,9 +284,9 @@ def peft_contents(specs: Mapping[str, Mapping[str, Any]], factors: Mapping[str, 
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
     for lname, spec in specs.items():
-        a, b, r, alpha = _to_peft_factors(spec, *factors[lname])
-        tensors[f"{PEFT_PREFIX}{lname}.lora_A.weight"] = a.detach().cpu().contiguous()
-        tensors[f"{PEFT_PREFIX}{lname}.lora_B.weight"] = b.detach().cpu().contiguous()
+        peft_factors, r, alpha = _to_peft_factors(spec, factors[lname])
+        for key, t in peft_factors.items():
+            tensors[f"{PEFT_PREFIX}{lname}.{key}"] = t.detach().cpu().contiguous()
         ranks[lname], alphas[lname] = r, alpha
     for key, t in extra.items():
         tensors[PEFT_PREFIX + key] = t.detach().cpu().contiguous()
@@ -244,7 +299,7 @@ def peft_contents(specs: Mapping[str, Mapping[str, Any]], factors: Mapping[str, 
         "target_modules": "(?:" + "|".join(re.escape(n) for n in specs) + ")",
         "rank_pattern": {_anchored(n): r for n, r in ranks.items() if r != r0},
         "alpha_pattern": {_anchored(n): a for n, a in alphas.items() if a != a0},
-        "lora_dropout": dropouts.pop(), "bias": bias, "use_rslora": False, "use_dora": False,
+        "lora_dropout": dropouts.pop(), "bias": bias, "use_rslora": False, "use_dora": methods == {"dora"},
         "lora_bias": False, "fan_in_fan_out": False, "init_lora_weights": True,
         "modules_to_save": list(modules_to_save) or None, "exclude_modules": None,
         "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,

@@ -35,13 +35,16 @@ def timm_model(arch: str) -> nn.Module:
 
 
 def peft_model(base: nn.Module, seed: int = 1, **config: Any) -> nn.Module:
-    """A PEFT model of a copy of ``base`` with random non-zero LoRA factors."""
+    """A PEFT model of a copy of ``base`` with random non-zero LoRA factors (and, with
+    ``use_dora=True``, DoRA magnitudes 1.5 to 2.5 times each output channel's ``||W||``)."""
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config)).eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for n, p in pm.named_parameters():
             if ".lora_A." in n or ".lora_B." in n:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif ".lora_magnitude_vector." in n:
+                p.mul_(1.5 + torch.rand(p.shape, generator=gen))
     return pm
 
 
@@ -67,8 +70,11 @@ def same_adapters(a: nn.Module, b: nn.Module, name: str = "default") -> None:
     assert set(la) == set(lb) and la
     for n in la:
         assert la[n].rank[name] == lb[n].rank[name] and la[n].alpha[name] == lb[n].alpha[name]
-        assert torch.equal(la[n].lora_A[name], lb[n].lora_A[name])
-        assert torch.equal(la[n].lora_B[name], lb[n].lora_B[name])
+        assert la[n].method[name] == lb[n].method[name] and la[n].rslora[name] == lb[n].rslora[name]
+        fa, fb = la[n].factors(name), lb[n].factors(name)
+        assert set(fa) == set(fb) and {"lora_A", "lora_B"} <= set(fa), (n, sorted(fa), sorted(fb))
+        for factor in fa:
+            assert torch.equal(fa[factor], fb[factor]), (n, factor)
 
 
 def small_net() -> nn.Module:

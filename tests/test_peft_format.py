@@ -34,7 +34,8 @@ def _edit(folder: Path, change: Callable[[dict[str, Any]], None]) -> None:
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("use_dora", True, "'use_dora'=True is not supported: DoRA"),
+    ("use_dora", True, r"0\.lora_magnitude_vector is missing \(the config has use_dora=true"),
+    ("use_dora", "yes", "'use_dora'='yes' must be true or false"),
     ("lora_bias", True, "'lora_bias'=True is not supported"),
     ("fan_in_fan_out", True, "'fan_in_fan_out'=True"),
     ("init_lora_weights", "pissa", "'init_lora_weights'='pissa' modifies the base weights"),
