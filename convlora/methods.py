@@ -60,12 +60,16 @@ possible, since that traffic is what a weight-space method adds to a training st
   weight gradient twice (``dW1`` in cache-sized blocks, ``dW2`` as one batched product) instead of
   forming two weight-sized products as autograd of the ``addcmul`` would.
 * DoRA runs one autograd function. Its forward allocates one weight-sized tensor: ``V`` from one
-  ``addmm``, rescaled in place into ``W'`` after the norm; it keeps no weight-sized tensor for
-  backward besides ``W`` itself. On ``Conv``/``Linear`` with ``"kernel"`` factors its backward forms
-  the factor gradients as ``s * diag(m / ||V||) @ (G @ A^T)`` and ``s * (diag(m / ||V||) @ B)^T @ G``
-  and the magnitude's as ``(<G, W> + s * <G @ A^T, B>) / ||V||`` row by row: three reads of the
-  weight gradient ``G``, nothing weight-sized allocated. (A fresh weight-sized allocation costs as
-  much as several passes over warm memory on CPU, so the count of those is what this minimises.)
+  ``addmm``, rescaled in place into ``W'`` after the norm; for backward it keeps ``W`` and, on
+  CPU with float32/float64 weights, ``W'`` itself (the very tensor the convolution keeps, so no
+  extra memory). On ``Conv``/``Linear`` with ``"kernel"`` factors its backward forms the factor
+  gradients as ``s * diag(m / ||V||) @ (G @ A^T)`` and ``s * (diag(m / ||V||) @ B)^T @ G`` and the
+  magnitude's as ``<G, V> / ||V|| = <G, W'> / (r * ||V||)`` row by row with ``r = m / ||V||``
+  (``W'`` was just read by the convolution's backward, so it is still in cache where ``W`` is
+  not; rows with ``r = 0`` use
+  ``(<G, W> + s * <G @ A^T, B>) / ||V||``): three reads of the weight gradient ``G``, nothing
+  weight-sized allocated. (A fresh weight-sized allocation costs as much as several passes over
+  warm memory on CPU, so the count of those is what this minimises.)
 """
 
 from __future__ import annotations
@@ -228,26 +232,32 @@ class _DoRAWeight(torch.autograd.Function):
 
     ``w`` is the base weight as the ``rows x cols`` matrix of ``B @ A`` and ``shape`` the
     weight's shape. The forward allocates one weight-sized tensor (``V``, rescaled in place into
-    ``W'``) and saves no weight-sized tensor besides ``w`` itself. When the rows are the output
-    channels (``Conv``/``Linear`` with ``"kernel"`` factors) the backward reads the weight
-    gradient ``G`` three times and allocates nothing weight-sized:
-    ``dA = s * (diag(r) @ B)^T @ G``, ``dB = s * diag(r) @ (G @ A^T)`` with ``r = m / ||V||``, and
-    ``dm = <G, V> / ||V||`` per row, where ``<G, V> = <G, W> + s * <G @ A^T, B>``. Otherwise
-    (``ConvTranspose``, ``"loralib"`` factors) it forms ``dL/dV = diag(r) G`` once and
-    recomputes ``V`` for ``dm``.
+    ``W'``). With ``keep_out`` it saves that output ``W'`` for backward (the layer's convolution
+    keeps the same tensor, so this costs no memory); otherwise no weight-sized tensor besides
+    ``w``. When the rows are the output channels (``Conv``/``Linear`` with ``"kernel"`` factors)
+    the backward reads the weight gradient ``G`` three times and allocates nothing weight-sized:
+    ``dA = s * (diag(r) @ B)^T @ G``, ``dB = s * diag(r) @ (G @ A^T)`` with ``r = m / ||V||``
+    (``G @ A^T`` formed as ``(A @ G^T)^T``, the faster orientation on CPU), and
+    ``dm = <G, V> / ||V||`` per row. With ``keep_out``, ``<G, V> = <G, W'> / r`` -- ``W'`` was
+    just read by the convolution's backward and is still in cache, where ``W`` is not -- and for
+    the rows with ``r = 0`` (``W'`` is zero there) ``<G, W> + s * <G @ A^T, B>``, which is the
+    formula for every row without ``keep_out``. Otherwise (``ConvTranspose``, ``"loralib"``
+    factors) it forms ``dL/dV = diag(r) G`` once and recomputes ``V`` for ``dm``.
     """
 
     @staticmethod
     def forward(ctx: Any, w: Tensor, a: Tensor, b: Tensor, m: Tensor, scale: float,
-                shape: tuple[int, ...], groups: int, transposed: bool) -> Tensor:
+                shape: tuple[int, ...], groups: int, transposed: bool, keep_out: bool) -> Tensor:
         with _no_autocast(w):  # in the compute dtype, as every method (the layer's conv may autocast)
             v = torch.addmm(w, b, a, alpha=scale).view(shape)
             norm = channel_norm(v, groups, transposed)
             norm = torch.where(norm == 0, 1.0, norm)
             ratio = m / norm
-            ctx.save_for_backward(w, a, b, norm, ratio)
+            out = _channel_scale_(v, ratio, groups, transposed)
+            ctx.keep_out = keep_out and not transposed and w.shape[0] == shape[0]
+            ctx.save_for_backward(w, a, b, norm, ratio, *([out] if ctx.keep_out else []))
             ctx.scale, ctx.shape, ctx.groups, ctx.transposed = scale, shape, groups, transposed
-            return _channel_scale_(v, ratio, groups, transposed)
+            return out
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -256,7 +266,7 @@ class _DoRAWeight(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
-        w, a, b, norm, ratio = ctx.saved_tensors
+        w, a, b, norm, ratio = ctx.saved_tensors[:5]
         scale, shape, groups, transposed = ctx.scale, ctx.shape, ctx.groups, ctx.transposed
         need_w, need_a, need_b, need_m = ctx.needs_input_grad[:4]
         g = grad.reshape(w.shape)
@@ -267,21 +277,37 @@ class _DoRAWeight(torch.autograd.Function):
             gw = g * col if need_w else None
             ga = (b * col_s).T @ g if need_a else None
             if need_b or need_m:
-                g_at = g @ a.T  # G @ A^T, rows x rank
+                g_at = (a @ g.T).T  # G @ A^T, rows x rank
                 gb = g_at * col_s if need_b else None
                 if need_m:
-                    gm = (_rowdot(g, w) + scale * torch.linalg.vecdot(g_at, b, dim=1)) / norm
-            return gw, ga, gb, gm, None, None, None, None
+                    gm = _DoRAWeight._magnitude_grad(ctx, g, w, b, g_at, norm, ratio, scale)
+            return gw, ga, gb, gm, None, None, None, None, None
         if need_w or need_a or need_b:
             gv = (_grouped_view(grad, groups, transposed)
                   * _per_channel(ratio, groups, transposed)).reshape(w.shape)
             gw = gv if need_w else None
             ga = (b.T @ gv) * scale if need_a else None
-            gb = (gv @ a.T) * scale if need_b else None
+            gb = (a @ gv.T).T * scale if need_b else None
         if need_m:
             v = torch.addmm(w, b, a, alpha=scale).view(shape)
             gm = _channel_dot(grad.reshape(shape), v, groups, transposed) / norm
-        return gw, ga, gb, gm, None, None, None, None
+        return gw, ga, gb, gm, None, None, None, None, None
+
+    @staticmethod
+    def _magnitude_grad(ctx: Any, g: Tensor, w: Tensor, b: Tensor, g_at: Tensor, norm: Tensor,
+                        ratio: Tensor, scale: float) -> Tensor:
+        """``<G, V> / ||V||`` per row (rows are output channels), ``V = W + s * B @ A``."""
+        if not ctx.keep_out:
+            return (_rowdot(g, w) + scale * torch.linalg.vecdot(g_at, b, dim=1)) / norm
+        zero = ratio == 0
+        out = ctx.saved_tensors[5].reshape(w.shape)
+        gm = _rowdot(g, out) / torch.where(zero, 1.0, ratio) / norm
+        if bool(zero.any()):  # W' is zero on these rows: <G, V> from W and the factors
+            rows = zero.nonzero().flatten()
+            gz = g[rows]
+            gm[rows] = (_rowdot(gz, w[rows]) + scale * torch.linalg.vecdot(g_at[rows], b[rows], dim=1)
+                        ) / norm[rows]
+        return gm
 
 
 _LOKR_BLOCK_BYTES = 1 << 21
@@ -399,7 +425,10 @@ def _effective_weight(method: str, weight: Tensor, factors: Mapping[str, Tensor]
     if method == "dora":
         a, b = f["lora_A"], f["lora_B"]
         flat = w.reshape(b.shape[0], a.shape[1])
+        # W' saved for backward only where the conv keeps the very same tensor (no cast after) and
+        # on CPU (its zero-ratio check reads a flag back, a synchronisation on an accelerator)
+        keep = weight.dtype == dtype and weight.device.type == "cpu"
         out = _DoRAWeight.apply(flat, a, b, f["lora_magnitude"], scale, tuple(weight.shape), groups,
-                                transposed)
+                                transposed, keep)
         return out.to(weight.dtype)
     return (w + method_delta(method, factors, weight.shape, scale)).to(weight.dtype)

@@ -233,7 +233,9 @@ def test_dora_gradients_match_the_formula_with_the_norm_detached(layout: str) ->
 
     Every factor, the input, and the base weight (made trainable here) get the gradient of
     ``W' = m * V / ||V||`` with ``||V||`` a constant, for each weight layout of the function
-    (output channels as rows, ``loralib`` rows, transposed and grouped channels).
+    (output channels as rows, ``loralib`` rows, transposed and grouped channels), including the
+    magnitude's gradient on a channel whose magnitude is 0 (``W'`` is zero there, so the backward
+    cannot recover ``V`` from ``W'``).
     """
     make, fac, shape = DORA_LAYOUTS[layout]
     torch.manual_seed(3)
@@ -242,8 +244,9 @@ def test_dora_gradients_match_the_formula_with_the_norm_detached(layout: str) ->
     convlora.inject(model, rank=2, alpha=3.0, factorization=fac, method="dora", targets="0")
     layer = model[0]
     randomize_adapters(model, 4, std=0.5)
-    with torch.no_grad():  # the magnitude away from ||W||
+    with torch.no_grad():  # the magnitude away from ||W||, and 0 on one channel (W' is zero there)
         layer.lora_magnitude["default"].mul_(1.0 + torch.rand_like(layer.lora_magnitude["default"]))
+        layer.lora_magnitude["default"][1] = 0.0
     layer.weight.requires_grad_(True)
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     probe = torch.randn_like(model(x))
