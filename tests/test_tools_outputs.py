@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from examples.span_sr import efficiency, evaluate, upscale
 from examples.span_sr.arch import SPAN
 from examples.span_sr.checkpoint import save_checkpoint, write_atomically
 from examples.span_sr.images import save_packed, write_image
-from examples.span_sr.outputs import folder_outputs, stopped
+from examples.span_sr.outputs import folder_outputs, follow_umask, stopped
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -194,3 +195,21 @@ def test_an_interrupted_image_write_leaves_no_partial_file(tmp_path: Path, monke
     assert list(tmp_path.iterdir()) == []  # no half-written a.png, no temporary file
     assert stopped("upscale.py") == 130
     assert capsys.readouterr().err.count("\n") == 1
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_follow_umask_gives_the_umask_mode_without_touching_the_umask(tmp_path, monkeypatch):
+    f = tmp_path / "out.safetensors"
+    f.write_bytes(b"x")
+    os.chmod(f, 0o600)
+    old = os.umask(0o027)
+    try:
+        def no_umask(_mask: int) -> int:
+            raise AssertionError("follow_umask must not change the process umask")
+        monkeypatch.setattr(os, "umask", no_umask)
+        follow_umask(f)
+    finally:
+        monkeypatch.undo()
+        os.umask(old)
+    assert stat.S_IMODE(f.stat().st_mode) == 0o640
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"], "the probe file is left behind"

@@ -19,6 +19,7 @@ outputs here before any work starts:
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 import sys
 from collections.abc import Iterable, Sequence
@@ -82,10 +83,21 @@ def folder_outputs(files: Sequence[str | os.PathLike[str]], folder: str | os.Pat
 
 
 def follow_umask(path: str | os.PathLike[str]) -> None:
-    """Give ``path`` the mode ``0o666 & ~umask`` (what ``open(path, "w")`` gives a new file)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, (stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IWGRP | stat.S_IROTH | stat.S_IWOTH) & ~umask)
+    """Give ``path`` the mode ``0o666 & ~umask`` (what ``open(path, "w")`` gives a new file).
+
+    The mode is read off a probe file created beside ``path`` with ``0o666``, so the umask is never
+    changed: setting it to 0 to read it, even briefly, would let a file another thread creates at
+    that moment come out world-writable.
+    """
+    target = Path(path)
+    probe = target.with_name(f".{target.name}.umask-{os.getpid()}-{secrets.token_hex(4)}")
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+        probe.unlink()
+    os.chmod(target, mode)
 
 
 def stopped(tool: str) -> int:
