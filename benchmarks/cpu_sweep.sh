@@ -20,6 +20,8 @@ COMMON="--data.patch 32 --data.batch 16 --train.steps 1200 --train.warmup 50 --t
   --model.lora configs/dsclora_lora.yaml --data.train ../shared/data/train/sr/BSD200 ../shared/data/train/sr/T91"
 ENS="--teacher base --model.teacher_ensemble 8 --teacher_cache.enabled true"
 CH28="--teacher span_ch28 --model.teacher_ensemble 1"
+CRAFT2400="--teacher ../shared/data/weights/craft_x4.pth --model.teacher_ensemble 1 --teacher_cache.enabled true
+  --model.lora configs/dsclora_lora_r8.yaml --loss.pixel mse --train.steps 2400 --train.warmup 100 --train.val_every 400"
 declare -A ARM=(
   [ch28_lr5e-5]="$CH28 --teacher_cache.enabled true --train.lr 5e-5"
   [tta8_lr5e-5]="$ENS --train.lr 5e-5"
@@ -38,6 +40,17 @@ declare -A ARM=(
   [tta8_full_lr5e-5]="$ENS --train.lr 5e-5 --model.full_finetune true"
   [craft_r8_mse_lr5e-4_2400]="--teacher ../shared/data/weights/craft_x4.pth --model.teacher_ensemble 1 --teacher_cache.enabled true --model.lora configs/dsclora_lora_r8.yaml --loss.pixel mse --train.steps 2400 --train.warmup 100 --train.val_every 400"
   [tta8_r8_mse_lr5e-4_2400]="$ENS --model.lora configs/dsclora_lora_r8.yaml --loss.pixel mse --train.steps 2400 --train.warmup 100 --train.val_every 400"
+  # Second round, around the selected recipe (CRAFT, rank 8/16, MSE, 2,400 steps): one lever at a time.
+  [craft2400_lr1e-3]="$CRAFT2400 --train.lr 1e-3"
+  [craft2400_lr2e-3]="$CRAFT2400 --train.lr 2e-3"
+  [craft2400_wrec0]="$CRAFT2400 --loss.w_rec 0 --loss.w_out 1"
+  [craft2400_wrec05]="$CRAFT2400 --loss.w_rec 0.5 --loss.w_out 0.5"
+  # The JPEG sets (BSDS500_test, SunHays80) as teacher-labelled inputs only (no HR term), against
+  # tta8_lr5e-4 (clean HR only) and tta8_all620_lr5e-4 (the JPEGs as HR targets) at the same settings.
+  [tta8_jpegteach25_lr5e-4]="$ENS --data.teacher_only ../shared/data/train/sr/BSDS500_test ../shared/data/train/sr/SunHays80 --data.teacher_only_share 0.25"
+  [tta8_jpegteach50_lr5e-4]="$ENS --data.teacher_only ../shared/data/train/sr/BSDS500_test ../shared/data/train/sr/SunHays80 --data.teacher_only_share 0.5"
+  [craft4800]="$CRAFT2400 --train.steps 4800 --train.warmup 200 --train.val_every 800 --train.ckpt_every 800"
+  [craft9600]="$CRAFT2400 --train.steps 9600 --train.warmup 400 --train.val_every 1600 --train.ckpt_every 1600"
 )
 run_arm() {
   local name=$1 start=$SECONDS
