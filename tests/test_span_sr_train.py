@@ -127,12 +127,11 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_two_process_ddp_equals_one_process(reference: Path, tiny: dict[str, Path], tmp_path: Path) -> None:
-    """Two gloo ranks, started as torchrun would start them; each rank's own exit status must be 0."""
-    run = tmp_path / "ddp"
+def _two_ranks(args: list[str]) -> None:
+    """Run train.py as two gloo ranks, started as torchrun would start them; each rank must exit 0."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WORLD_SIZE": "2",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    cmd = [sys.executable, str(REPO / "examples/span_sr/train.py"), *_args(tiny, run)]
+    cmd = [sys.executable, str(REPO / "examples/span_sr/train.py"), *args]
     ranks = [subprocess.Popen(cmd, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
              for r in range(2)]
@@ -146,6 +145,12 @@ def test_two_process_ddp_equals_one_process(reference: Path, tiny: dict[str, Pat
             outputs.append(proc.communicate()[0])
     for rank, (proc, output) in enumerate(zip(ranks, outputs)):
         assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{output[-4000:]}"
+
+
+def test_two_process_ddp_equals_one_process(reference: Path, tiny: dict[str, Path], tmp_path: Path) -> None:
+    """Two gloo ranks, started as torchrun would start them; each rank's own exit status must be 0."""
+    run = tmp_path / "ddp"
+    _two_ranks(_args(tiny, run))
     ref, got = _adapter(reference), _adapter(run)
     # Float tolerance: each rank sums its half batch in another order; Adam divides by sqrt(v), so an
     # element whose gradient is tiny can move by up to ~lr differently. Nearly all elements agree to 1e-6.
@@ -473,22 +478,7 @@ def test_teacher_only_and_upcycled_rows_under_two_process_ddp(tiny: dict[str, Pa
     one = tmp_path / "one"
     assert train.main(_args(tiny, one, *extra)) == 0
     run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "WORLD_SIZE": "2",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    cmd = [sys.executable, str(REPO / "examples/span_sr/train.py"), *_args(tiny, run, *extra)]
-    ranks = [subprocess.Popen(cmd, cwd=REPO, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-             for r in range(2)]
-    outputs = []
-    for proc in ranks:
-        try:
-            outputs.append(proc.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for p in ranks:
-                os.killpg(p.pid, signal.SIGKILL)
-            outputs.append(proc.communicate()[0])
-    for rank, (proc, output) in enumerate(zip(ranks, outputs)):
-        assert proc.returncode == 0, f"rank {rank} exited with {proc.returncode}:\n{output[-4000:]}"
+    _two_ranks(_args(tiny, run, *extra))
     for r1, r2 in zip(_rows(one), _rows(run), strict=True):
         for k in ("loss", "rec", "out"):
             assert abs(r1[k] - r2[k]) < 1e-5, (r1, r2, k)
