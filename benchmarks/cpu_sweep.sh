@@ -6,7 +6,8 @@
 #   python examples/span_sr/evaluate.py --weights runs/sweep/<arm>/merged.pth --regenerate-lr \
 #       --data ../shared/data/sr_bench/Set5 ../shared/data/sr_bench/Set14 ../shared/data/sr_bench/B100).
 # Every lever is set explicitly, so the arms do not depend on the defaults of dsclora_x4.yaml.
-#   bash benchmarks/cpu_sweep.sh            # all arms (about 3 h of 2 cores)
+#   bash benchmarks/cpu_sweep.sh            # all arms (round 1 about 3 h of 2 cores; round 2 about 80 min of one core
+#                                           # on a quiet machine: 4 x 2,400 steps, 9,600 steps, 2 x 1,200 steps)
 #   ARMS="tta8_mse_lr5e-4" bash benchmarks/cpu_sweep.sh   # some of them
 set -u
 OUT=${OUT:-runs/sweep}
@@ -49,7 +50,6 @@ declare -A ARM=(
   # tta8_lr5e-4 (clean HR only) and tta8_all620_lr5e-4 (the JPEGs as HR targets) at the same settings.
   [tta8_jpegteach25_lr5e-4]="$ENS --data.teacher_only ../shared/data/train/sr/BSDS500_test ../shared/data/train/sr/SunHays80 --data.teacher_only_share 0.25"
   [tta8_jpegteach50_lr5e-4]="$ENS --data.teacher_only ../shared/data/train/sr/BSDS500_test ../shared/data/train/sr/SunHays80 --data.teacher_only_share 0.5"
-  [craft4800]="$CRAFT2400 --train.steps 4800 --train.warmup 200 --train.val_every 800 --train.ckpt_every 800"
   [craft9600]="$CRAFT2400 --train.steps 9600 --train.warmup 400 --train.val_every 1600 --train.ckpt_every 1600"
 )
 run_arm() {
