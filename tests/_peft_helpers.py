@@ -65,6 +65,14 @@ def unchanged(model: nn.Module, before: dict[str, torch.Tensor], types: list[tup
     assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
 
 
+def refused_load(model: nn.Module, folder: Path, error: type[Exception], match: str) -> None:
+    """``load_peft_adapter(model, folder)`` raises ``error`` matching ``match`` and leaves ``model`` as it was."""
+    before, types = state_copy(model), module_types(model)
+    with pytest.raises(error, match=match):
+        convlora.load_peft_adapter(model, folder)
+    unchanged(model, before, types)
+
+
 def same_adapters(a: nn.Module, b: nn.Module, name: str = "default") -> None:
     la, lb = convlora.lora_layers(a), convlora.lora_layers(b)
     assert set(la) == set(lb) and la

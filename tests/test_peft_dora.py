@@ -28,6 +28,7 @@ from tests._peft_helpers import (
     X,
     close,
     peft_model,
+    refused_load,
     same_adapters,
     small_net,
     state_copy,
@@ -203,11 +204,7 @@ def test_dora_on_layers_peft_mishandles_is_refused_both_ways(layer: nn.Module, m
     ok = copy.deepcopy(base)
     ok[2] = nn.Conv2d(8, 8, 3, padding=1)
     peft_model(ok, r=2, use_dora=True, target_modules=["0", "2"]).save_pretrained(tmp_path / "p")
-    fresh = copy.deepcopy(base)
-    before, types = state_copy(fresh), module_types(fresh)
-    with pytest.raises(UnsupportedLayerError, match=rf"layer '2'.*{match}"):
-        convlora.load_peft_adapter(fresh, tmp_path / "p")
-    unchanged(fresh, before, types)
+    refused_load(copy.deepcopy(base), tmp_path / "p", UnsupportedLayerError, rf"layer '2'.*{match}")
 
 
 def _grouped_peft_dora(base: nn.Module, equal_blocks: bool) -> nn.Module:
@@ -231,11 +228,8 @@ def test_grouped_dora_with_dense_lora_a_is_refused(tmp_path: Path) -> None:
     torch.manual_seed(0)
     base = nn.Sequential(nn.Conv2d(4, 6, 3, padding=1, groups=2), nn.ReLU(), nn.Conv2d(6, 3, 1))
     peft_model(base, r=2, use_dora=True, target_modules=["0", "2"]).save_pretrained(tmp_path / "p")
-    model = copy.deepcopy(base)
-    before, types = state_copy(model), module_types(model)
-    with pytest.raises(UnsupportedLayerError, match=r"'0' is a grouped conv \(groups=2\).*dense"):
-        convlora.load_peft_adapter(model, tmp_path / "p")
-    unchanged(model, before, types)
+    refused_load(copy.deepcopy(base), tmp_path / "p", UnsupportedLayerError,
+                 r"'0' is a grouped conv \(groups=2\).*dense")
 
 
 @pytest.mark.parametrize("groups, out, equal_blocks, exact", [
@@ -256,11 +250,8 @@ def test_grouped_dora_import_is_exact_or_refused(groups: int, out: int, equal_bl
         convlora.load_peft_adapter(model, tmp_path / "p")
         close(model(x), pm(x), base(x))
         return
-    before, types = state_copy(model), module_types(model)
-    with pytest.raises(UnsupportedLayerError, match=rf"layer '0' is a grouped conv \(groups={groups}, "
-                       f"{out // groups} output channels per group\\) whose PEFT DoRA lora_A blocks differ"):
-        convlora.load_peft_adapter(model, tmp_path / "p")
-    unchanged(model, before, types)
+    refused_load(model, tmp_path / "p", UnsupportedLayerError, rf"layer '0' is a grouped conv \(groups={groups}, "
+                 f"{out // groups} output channels per group\\) whose PEFT DoRA lora_A blocks differ")
     # Why: the same delta as a convlora DoRA (a LoRA holds it exactly) computes another output.
     lora = copy.deepcopy(base)
     tensors = load_file(str(tmp_path / "p" / "adapter_model.safetensors"))

@@ -14,15 +14,14 @@ from torch import nn
 
 import convlora
 from convlora import UnsupportedLayerError
-from tests._core_helpers import module_types, randomize_adapters
+from tests._core_helpers import randomize_adapters
 from tests._peft_helpers import (
     close,
     peft_model,
+    refused_load,
     same_adapters,
     small_net,
-    state_copy,
     timm_model,
-    unchanged,
 )
 
 peft = pytest.importorskip("peft")
@@ -38,11 +37,7 @@ def test_peft_adapter_on_a_depthwise_conv_is_refused(arch: str, layer: str, tmp_
     groups = base.get_submodule(layer).groups
     pm = peft_model(base, r=groups, lora_alpha=groups, target_modules=[layer, "conv_pwl", "fc1"])
     pm.save_pretrained(tmp_path / "peft")
-    model = copy.deepcopy(base)
-    before, types = state_copy(model), module_types(model)
-    with pytest.raises(UnsupportedLayerError, match=rf"{layer}.*groups={groups}.*dense"):
-        convlora.load_peft_adapter(model, tmp_path / "peft")
-    unchanged(model, before, types)
+    refused_load(copy.deepcopy(base), tmp_path / "peft", UnsupportedLayerError, rf"{layer}.*groups={groups}.*dense")
 
 
 def test_grouped_export_is_rank_r_times_groups_block_diagonal(tmp_path: Path) -> None:
@@ -126,11 +121,7 @@ def test_layers_peft_mishandles_are_refused_both_ways(layer: nn.Module, match: s
     ok = copy.deepcopy(base)
     ok[2] = nn.Conv2d(8, 8, 3, padding=1)
     peft_model(ok, r=2, target_modules=["0", "2"]).save_pretrained(tmp_path / "p")
-    fresh = copy.deepcopy(base)
-    before, types = state_copy(fresh), module_types(fresh)
-    with pytest.raises(UnsupportedLayerError, match=rf"layer '2'.*{match}"):
-        convlora.load_peft_adapter(fresh, tmp_path / "p")
-    unchanged(fresh, before, types)
+    refused_load(copy.deepcopy(base), tmp_path / "p", UnsupportedLayerError, rf"layer '2'.*{match}")
 
 
 def test_loralib_factorization_is_refused_on_export(tmp_path: Path) -> None:
