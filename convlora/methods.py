@@ -297,16 +297,18 @@ class _DoRAWeight(torch.autograd.Function):
     def _magnitude_grad(ctx: Any, g: Tensor, w: Tensor, b: Tensor, g_at: Tensor, norm: Tensor,
                         ratio: Tensor, scale: float) -> Tensor:
         """``<G, V> / ||V||`` per row (rows are output channels), ``V = W + s * B @ A``."""
+        def from_factors(rows: slice | Tensor) -> Tensor:  # <G, V> = <G, W> + s * <G @ A^T, B>
+            return (_rowdot(g[rows], w[rows]) + scale * torch.linalg.vecdot(g_at[rows], b[rows], dim=1)
+                    ) / norm[rows]
+
         if not ctx.keep_out:
-            return (_rowdot(g, w) + scale * torch.linalg.vecdot(g_at, b, dim=1)) / norm
+            return from_factors(slice(None))
         zero = ratio == 0
         out = ctx.saved_tensors[5].reshape(w.shape)
         gm = _rowdot(g, out) / torch.where(zero, 1.0, ratio) / norm
         if bool(zero.any()):  # W' is zero on these rows: <G, V> from W and the factors
             rows = zero.nonzero().flatten()
-            gz = g[rows]
-            gm[rows] = (_rowdot(gz, w[rows]) + scale * torch.linalg.vecdot(g_at[rows], b[rows], dim=1)
-                        ) / norm[rows]
+            gm[rows] = from_factors(rows)
         return gm
 
 
