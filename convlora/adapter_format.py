@@ -18,7 +18,6 @@ writing one from a model, and loading one into a model, is ``convlora.adapters``
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from ._values import is_number, short_repr
 from ._version import __version__
 from .config import alpha_problem
 from .errors import AdapterFormatError
@@ -42,17 +42,8 @@ FORMAT_VERSION = "3"  # written only when a layer needs "method"/"rslora"; else 
 READABLE_VERSIONS = ("1", "2", "3")  # "1": no bias mode recorded (biases saved = the trainable ones)
 
 
-def _short(value: object, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _is_int(x: object, low: int = 0) -> bool:
     return isinstance(x, int) and not isinstance(x, bool) and x >= low
-
-
-def _is_number(x: object) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _header(path: Path) -> dict[str, Any]:
@@ -78,13 +69,13 @@ def _header(path: Path) -> dict[str, Any]:
         if key == "__metadata__":
             if not isinstance(entry, dict) or not all(isinstance(v, str) for v in entry.values()):
                 raise AdapterFormatError(f"{path}: the header's __metadata__ must map names to strings, "
-                                         f"found {_short(entry)}.")
+                                         f"found {short_repr(entry)}.")
             continue
         offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_int(o) for o in offsets)
                 and offsets[0] <= offsets[1]):
             raise AdapterFormatError(f"{path}: tensor {key!r} has no valid data_offsets in the header "
-                                     f"(found {_short(entry)}).")
+                                     f"(found {short_repr(entry)}).")
         end = max(end, offsets[1])
     if 8 + n + end != size:
         raise AdapterFormatError(f"{path} is truncated or corrupt: its header describes "
@@ -105,7 +96,7 @@ def _ints(value: object, n: int, low: int) -> bool:
 def _layer_problem(lm: object) -> str | None:
     """What is wrong with one layer's metadata entry (naming the fields and values), or ``None``."""
     if not isinstance(lm, dict):
-        return f"not a JSON object ({_short(lm)})"
+        return f"not a JSON object ({short_repr(lm)})"
     kind, shape, groups = lm.get("type"), lm.get("weight_shape"), lm.get("groups")
     ndim = _TYPES.get(kind) if isinstance(kind, str) else None
     shape_ok = isinstance(shape, list) and all(_is_int(d, 1) for d in shape) and (
@@ -118,7 +109,7 @@ def _layer_problem(lm: object) -> str | None:
         "rank": _is_int(lm.get("rank"), 1),
         "alpha": alpha_problem(lm.get("alpha")) is None,
         "factorization": lm.get("factorization") in FACTORIZATIONS,
-        "dropout": _is_number(lm.get("dropout", 0.0)) and 0 <= lm.get("dropout", 0.0) < 1,
+        "dropout": is_number(lm.get("dropout", 0.0)) and 0 <= lm.get("dropout", 0.0) < 1,
         "base_dtype": lm.get("base_dtype", "float32") in _DTYPES,
         "rslora": isinstance(lm.get("rslora", False), bool),
     }
@@ -133,11 +124,11 @@ def _layer_problem(lm: object) -> str | None:
     bad = [k for k, ok in checks.items() if not ok]
     method = lm.get("method", "lora")
     if not bad and method not in METHODS:
-        return (f"unknown method {_short(method, 40)}; this convlora ({__version__}) knows {METHODS}. "
+        return (f"unknown method {short_repr(method, 40)}; this convlora ({__version__}) knows {METHODS}. "
                 "Upgrade convlora to load it")
     if not bad:
         return None
-    values = ", ".join(f"{k}={_short(lm.get(k, '<missing>'), 40)}" for k in bad)
+    values = ", ".join(f"{k}={short_repr(lm.get(k, '<missing>'), 40)}" for k in bad)
     return f"bad or missing {bad} ({values})"
 
 
@@ -157,14 +148,14 @@ def _decode(path: Path, raw: dict[str, str]) -> dict[str, Any]:
             raise AdapterFormatError(f"{path}: metadata field {key!r} is not valid JSON ({reason}).") from None
     name, layers, keys = meta.get("adapter_name"), meta["layers"], meta["bias_keys"]
     if not isinstance(name, str) or not name.isidentifier():
-        raise AdapterFormatError(f"{path}: metadata adapter_name={_short(name)} is not a Python identifier.")
+        raise AdapterFormatError(f"{path}: metadata adapter_name={short_repr(name)} is not a Python identifier.")
     if not isinstance(meta.get("convlora_version"), str):
         raise AdapterFormatError(f"{path}: metadata lacks the convlora_version string.")
     if not isinstance(meta["user"], dict):
-        raise AdapterFormatError(f"{path}: metadata 'user' must be a JSON object, found {_short(meta['user'])}.")
+        raise AdapterFormatError(f"{path}: metadata 'user' must be a JSON object, found {short_repr(meta['user'])}.")
     if not isinstance(layers, dict) or not layers:
         raise AdapterFormatError(f"{path}: metadata 'layers' must be a non-empty JSON object, "
-                                 f"found {_short(layers)}.")
+                                 f"found {short_repr(layers)}.")
     for lname, lm in layers.items():
         if not _layer_name_ok(lname):
             raise AdapterFormatError(f"{path}: metadata 'layers' names a layer {lname!r}, which is not "
@@ -178,21 +169,21 @@ def _decode(path: Path, raw: dict[str, str]) -> dict[str, Any]:
             isinstance(k, str) and k.rpartition(".")[2] == "bias" and _layer_name_ok(k) for k in keys) \
             or len(set(keys)) != len(keys):
         raise AdapterFormatError(f"{path}: metadata 'bias_keys' must be a list of distinct "
-                                 f"'<module>.bias' names, found {_short(keys, 200)}.")
+                                 f"'<module>.bias' names, found {short_repr(keys, 200)}.")
     sk = meta["base_sketch"]
     if not isinstance(sk, dict) or set(sk) != set(layers) or not all(
-            isinstance(v, list) and len(v) >= 2 and all(_is_number(x) for x in v) for v in sk.values()):
+            isinstance(v, list) and len(v) >= 2 and all(is_number(x) for x in v) for v in sk.values()):
         raise AdapterFormatError(f"{path}: metadata 'base_sketch' must map layers to lists of numbers, "
-                                 f"found {_short(sk)}.")
+                                 f"found {short_repr(sk)}.")
     fp = meta.get("base_fingerprint")
     if not isinstance(fp, str) or len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
-        raise AdapterFormatError(f"{path}: metadata base_fingerprint={_short(fp)} is not a SHA-256 hex digest.")
+        raise AdapterFormatError(f"{path}: metadata base_fingerprint={short_repr(fp)} is not a SHA-256 hex digest.")
     if meta["format_version"] == "1":
         meta["bias"] = None  # not recorded: version 1 saved the biases that were trainable
         return meta
     bias = meta.get("bias")
     if bias not in BIAS_MODES:
-        raise AdapterFormatError(f"{path}: metadata bias={_short(bias)} is not one of {BIAS_MODES}.")
+        raise AdapterFormatError(f"{path}: metadata bias={short_repr(bias)} is not one of {BIAS_MODES}.")
     if bias == "none" and keys:
         raise AdapterFormatError(f"{path}: bias mode 'none' but the file lists biases {keys[:3]}.")
     if bias == "lora_only":
@@ -269,10 +260,10 @@ def read_adapter(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[
     raw = _header(path).get("__metadata__") or {}
     if raw.get("format") != FORMAT:
         raise AdapterFormatError(f"{path} is a safetensors file but not a convlora adapter "
-                                 f"(format={_short(raw.get('format'))}, expected {FORMAT!r}).")
+                                 f"(format={short_repr(raw.get('format'))}, expected {FORMAT!r}).")
     version = raw.get("format_version")
     if version not in READABLE_VERSIONS:
-        raise AdapterFormatError(f"{path} has adapter format version {_short(version)}; convlora "
+        raise AdapterFormatError(f"{path} has adapter format version {short_repr(version)}; convlora "
                                  f"{__version__} reads versions {', '.join(map(repr, READABLE_VERSIONS))}. "
                                  "Upgrade convlora.")
     meta = _decode(path, raw)

@@ -9,7 +9,6 @@ inside the blocks.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -17,6 +16,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
+from ._values import is_number
 from .errors import ConvLoRAError
 from .functional import FACTORIZATIONS
 from .methods import METHODS
@@ -147,8 +147,7 @@ def _check_rank(value: object, where: str) -> None:
 
 def alpha_problem(value: object) -> str | None:
     """Why ``value`` is not a valid alpha (a finite number in ``(0, ALPHA_MAX]``), or ``None``."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or not 0 < value <= ALPHA_MAX:
+    if not is_number(value) or not 0 < value <= ALPHA_MAX:
         return f"alpha must be a finite number in (0, {ALPHA_MAX:g}]"
     return None
 

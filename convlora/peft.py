@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._values import short_repr
 from .adapter_format import read_adapter
 from .adapters import save_adapter
 from .errors import AdapterFormatError, AdapterMismatchError, ConvLoRAError, UnsupportedLayerError
@@ -30,7 +31,6 @@ from .peft_format import (
     PEFT_WEIGHTS,
     config_error,
     read_peft_adapter,
-    short_repr,
     write_peft_folder,
 )
 from .peft_mapping import (

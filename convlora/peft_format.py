@@ -19,7 +19,6 @@ what its factors mean for convlora's layers is ``convlora.peft_mapping``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import secrets
@@ -32,11 +31,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from ._values import is_number, short_repr
 from .errors import AdapterFormatError, ConvLoRAError
 from .trainable import BIAS_MODES
 
-__all__ = ["PEFT_CONFIG", "PEFT_PREFIX", "PEFT_WEIGHTS", "config_error", "read_peft_adapter", "short_repr",
-           "write_peft_folder"]
+__all__ = ["PEFT_CONFIG", "PEFT_PREFIX", "PEFT_WEIGHTS", "config_error", "read_peft_adapter", "write_peft_folder"]
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -76,12 +75,6 @@ _INITS = (True, False, "gaussian", "orthogonal", "eva")
 _BASE_MODIFYING = ("pissa", "olora", "corda", "lora_ga", "loftq")
 
 
-def short_repr(value: object) -> str:
-    """``repr(value)``, cut to 120 characters for an error message."""
-    text = repr(value)
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
 def config_error(where: Path, field: str, value: object, why: str) -> AdapterFormatError:
     """The one-line error for ``field=value`` of the ``adapter_config.json`` at ``where``."""
     return AdapterFormatError(f"{where}: {PEFT_CONFIG} field {field!r}={short_repr(value)} {why}.")
@@ -93,10 +86,6 @@ def _is_off(value: object) -> bool:
 
 def _str_list(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_regex(where: Path, field: str, pattern: str) -> None:
@@ -130,12 +119,12 @@ def _parse_config(raw: object, where: Path) -> dict[str, Any]:
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise config_error(where, "r", r, "must be an integer >= 1")
     alpha = raw.get("lora_alpha", 8)
-    if not _number(alpha) or alpha <= 0:
+    if not is_number(alpha) or alpha <= 0:
         raise config_error(where, "lora_alpha", alpha, "must be a positive number")
     cfg["r"], cfg["lora_alpha"] = r, alpha
     for field, check, what in (("rank_pattern", lambda v: isinstance(v, int) and not isinstance(v, bool)
                                 and v >= 1, "integers >= 1"),
-                               ("alpha_pattern", lambda v: _number(v) and v > 0, "positive numbers")):
+                               ("alpha_pattern", lambda v: is_number(v) and v > 0, "positive numbers")):
         pat = raw.get(field) or {}
         if not isinstance(pat, dict) or not all(check(v) for v in pat.values()):
             raise config_error(where, field, pat, f"must map patterns to {what}")
@@ -191,7 +180,7 @@ def _parse_config(raw: object, where: Path) -> dict[str, Any]:
         _check_regex(where, "modules_to_save", m)
     cfg["modules_to_save"] = list(mts or [])
     dropout = raw.get("lora_dropout", 0.0)
-    if not _number(dropout) or not 0.0 <= dropout < 1.0:
+    if not is_number(dropout) or not 0.0 <= dropout < 1.0:
         raise config_error(where, "lora_dropout", dropout, "must be a number in [0, 1)")
     cfg["lora_dropout"] = float(dropout)
     return cfg

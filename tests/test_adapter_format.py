@@ -117,3 +117,13 @@ def test_bad_metadata_is_a_one_line_format_error(tmp_path: Path, changes: dict, 
     with pytest.raises(AdapterFormatError, match=message) as info:
         convlora.read_adapter(bad)
     assert "\n" not in str(info.value)
+
+
+def test_a_long_bad_value_is_shown_cut_to_120_characters(tmp_path: Path) -> None:
+    path = convlora.save_adapter(adapted(three_convs(), 1), tmp_path / "a.safetensors")
+    name = "not an identifier " * 20
+    bad = rewrite_metadata(path, tmp_path / "bad.safetensors", adapter_name=name)
+    with pytest.raises(AdapterFormatError, match="is not a Python identifier") as info:
+        convlora.read_adapter(bad)
+    shown = str(info.value).split("adapter_name=", 1)[1].split(" is not a Python identifier")[0]
+    assert len(shown) == 120 and shown.endswith("...") and repr(name).startswith(shown[:-3])

@@ -66,6 +66,15 @@ def test_config_fields_are_honoured_or_refused_naming_them(peft_folder: Path, fi
     unchanged(model, before, types)
 
 
+def test_a_long_bad_value_is_shown_cut_to_120_characters(peft_folder: Path) -> None:
+    alpha = "eight " * 40
+    _edit(peft_folder, lambda c: c.__setitem__("lora_alpha", alpha))
+    with pytest.raises(AdapterFormatError, match="must be a positive number") as info:
+        convlora.load_peft_adapter(small_net(), peft_folder)
+    shown = str(info.value).split("'lora_alpha'=", 1)[1].split(" must be a positive number")[0]
+    assert len(shown) == 120 and shown.endswith("...") and repr(alpha).startswith(shown[:-3])
+
+
 def test_malformed_folder_is_refused(peft_folder: Path, tmp_path: Path) -> None:
     model = small_net()
     (peft_folder / "adapter_config.json").write_text("{not json")
