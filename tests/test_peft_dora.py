@@ -105,6 +105,8 @@ def test_peft_dora_on_small_convs_both_ways(case: str, tmp_path: Path) -> None:
     theirs, ours = load_file(str(tmp_path / "peft" / "adapter_model.safetensors")), load_file(
         str(folder / "adapter_model.safetensors"))
     assert set(theirs) == set(ours) and all(torch.equal(theirs[k], ours[k]) for k in theirs)
+    convlora.merge(model)
+    close(model(x), pm(x), base(x))
 
 
 CONVLORA_CASES = {
@@ -190,6 +192,7 @@ def test_mixed_lora_and_dora_layers_are_not_exported(tmp_path: Path) -> None:
 @pytest.mark.parametrize("layer, match", [
     (nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
     (nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular"), "padding_mode='circular'"),
+    (nn.Conv2d(8, 8, 3, padding=1, padding_mode="replicate"), "padding_mode='replicate'"),
     (nn.Conv2d(8, 8, 3, padding=2, dilation=2), r"dilation \(2, 2\)"),
 ])
 def test_dora_on_layers_peft_mishandles_is_refused_both_ways(layer: nn.Module, match: str,
@@ -248,6 +251,8 @@ def test_grouped_dora_import_is_exact_or_refused(groups: int, out: int, equal_bl
     model = copy.deepcopy(base)
     if exact:
         convlora.load_peft_adapter(model, tmp_path / "p")
+        close(model(x), pm(x), base(x))
+        convlora.merge(model)
         close(model(x), pm(x), base(x))
         return
     refused_load(model, tmp_path / "p", UnsupportedLayerError, rf"layer '0' is a grouped conv \(groups={groups}, "

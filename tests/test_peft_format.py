@@ -51,6 +51,7 @@ def _edit(folder: Path, change: Callable[[dict[str, Any]], None]) -> None:
     ("target_modules", ["0"], "does not select the layers the weights adapt.*unselected layers \\['2'\\]"),
     ("exclude_modules", ["2"], "does not select the layers"),
     ("bias", "all", None),  # allowed: the file simply holds no biases
+    ("init_lora_weights", "gaussian", None),  # ignored: it only set the initial values
     ("brand_new_option", None, None),  # unknown but off: accepted
 ])
 def test_config_fields_are_honoured_or_refused_naming_them(peft_folder: Path, field: str, value: Any,
@@ -61,8 +62,9 @@ def test_config_fields_are_honoured_or_refused_naming_them(peft_folder: Path, fi
     if match is None:
         convlora.load_peft_adapter(model, peft_folder)
         return
-    with pytest.raises(AdapterFormatError, match=match):
+    with pytest.raises(AdapterFormatError, match=match) as info:
         convlora.load_peft_adapter(model, peft_folder)
+    assert "\n" not in str(info.value)
     unchanged(model, before, types)
 
 
@@ -126,3 +128,38 @@ def test_output_folder_is_never_overwritten(tmp_path: Path) -> None:
     convlora.save_peft_adapter(model, tmp_path / "empty")  # an empty folder is fine
     assert len(list((tmp_path / "empty").iterdir())) == 2
 
+
+
+def test_a_failed_export_leaves_no_folder_and_no_temporary(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import convlora.peft_format as peft_format
+
+    def half_then_fail(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"partial")
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(peft_format, "save_file", half_then_fail)
+    model = small_net()
+    convlora.inject(model, rank=2)
+    with pytest.raises(OSError, match="No space left"):
+        convlora.save_peft_adapter(model, tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(OSError, match="No space left"):
+        convlora.save_peft_adapter(model, tmp_path / "empty")
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"] and not list((tmp_path / "empty").iterdir())
+
+
+def test_a_pickled_adapter_model_bin_is_never_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    peft_model(small_net(), r=2, target_modules=["0", "2"]).save_pretrained(tmp_path / "p", safe_serialization=False)
+    assert (tmp_path / "p" / "adapter_model.bin").is_file()
+    assert not (tmp_path / "p" / "adapter_model.safetensors").exists()
+
+    def no_pickle(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("torch.load was called")
+
+    monkeypatch.setattr(torch, "load", no_pickle)
+    model = small_net()
+    before, types = state_copy(model), module_types(model)
+    with pytest.raises(FileNotFoundError, match=r"has no adapter_model\.safetensors \(it has adapter_model\.bin: "
+                       r"convlora reads safetensors only; re-save it with save_pretrained\(safe_serialization=True\)"):
+        convlora.load_peft_adapter(model, tmp_path / "p")
+    unchanged(model, before, types)

@@ -91,6 +91,8 @@ def test_grouped_import_with_block_diagonal_lora_a_is_exact(tmp_path: Path) -> N
     convlora.load_peft_adapter(model, tmp_path / "p")
     assert convlora.lora_layers(model)["0"].rank["default"] == 4
     close(model(x), pm(x), base(x))
+    convlora.merge(model)  # PEFT cannot merge a grouped conv; convlora can, with the same output
+    close(model(x), pm(x), base(x))
     weights = tmp_path / "p" / "adapter_model.safetensors"  # one off-block entry: refused
     tensors = load_file(str(weights))
     tensors["base_model.model.0.lora_A.weight"][0, 3, 1, 1] = 1e-3
@@ -102,6 +104,7 @@ def test_grouped_import_with_block_diagonal_lora_a_is_exact(tmp_path: Path) -> N
 @pytest.mark.parametrize("layer, match", [
     (nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'.*zeros"),
     (nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular"), "padding_mode='circular'"),
+    (nn.Conv2d(8, 8, 3, padding=1, padding_mode="replicate"), "padding_mode='replicate'"),
     (nn.Conv2d(8, 8, 3, padding=2, dilation=2), r"dilation \(2, 2\)"),
 ])
 def test_layers_peft_mishandles_are_refused_both_ways(layer: nn.Module, match: str,
