@@ -65,9 +65,11 @@ def build(cfg: dict) -> tuple[nn.Module, torch.Tensor]:
     return model, x
 
 
-def pick_factorization_and_rank(layer_weight: torch.Tensor, cfg: dict) -> tuple[str, int]:
+def pick_factorization_and_rank(layer_weight: torch.Tensor, cfg: dict, method: str = "lora") -> tuple[str, int]:
+    """The drawn factorization where the layer and ``method`` allow it, else ``"kernel"`` (LoHa
+    and LoKr have their own layout, ``"kernel"``); the rank the drawn fraction of its limit."""
     shape = tuple(layer_weight.shape)
-    fac = cfg["factorization"]
+    fac = "kernel" if method in ("loha", "lokr") else cfg["factorization"]
     if fac == "loralib" and (len(shape) != 4 or shape[2] != shape[3] or cfg["groups"] != 1):
         fac = "kernel"
     limit = convlora.functional.max_rank(fac, shape, cfg["groups"])

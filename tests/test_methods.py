@@ -87,11 +87,7 @@ def test_conv_grid_every_method_is_exact(cfg: dict, method: str, rslora: bool,
         y0 = model(x)
     except RuntimeError:  # configuration invalid for this input (e.g. reflect pad too large)
         return
-    fac, rank = pick_factorization_and_rank(model[0].weight, cfg)
-    if method in ("loha", "lokr"):
-        fac = "kernel"
-        rank = max(1, round(cfg["rank_frac"] * convlora.functional.max_rank(
-            "kernel", tuple(model[0].weight.shape), cfg["groups"])))
+    fac, rank = pick_factorization_and_rank(model[0].weight, cfg, method)
     alpha = 2.0 * rank
     assert convlora.inject(model, rank=rank, alpha=alpha, factorization=fac, method=method,
                            rslora=rslora) == ["0"]

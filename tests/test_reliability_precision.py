@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import convlora
-from convlora.functional import delta_weight, max_rank, merged_weight
+from convlora.functional import delta_weight, merged_weight
 from convlora.methods import channel_norm
 from tests._core_helpers import randomize_adapters
 from tests._method_refs import reference_weight
@@ -27,13 +27,6 @@ SETTINGS = settings(max_examples=15, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 METHODS = ["lora", "dora", "loha", "lokr"]
-
-
-def _factorization_and_rank(weight: torch.Tensor, cfg: dict, method: str) -> tuple[str, int]:
-    """test_layer's choice; LoHa and LoKr have their own layout (``"kernel"``)."""
-    if method in ("loha", "lokr"):
-        return "kernel", max(1, round(cfg["rank_frac"] * max_rank("kernel", tuple(weight.shape), cfg["groups"])))
-    return pick_factorization_and_rank(weight, cfg)
 
 
 def _build(cfg: dict, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -58,7 +51,7 @@ def test_a_fresh_adapter_changes_nothing_in_any_dtype(cfg: dict, dtype: torch.dt
             y0 = model(x)
     except RuntimeError:  # configuration invalid for this input (e.g. kernel larger than it)
         return
-    fac, rank = _factorization_and_rank(model[0].weight, cfg, method)
+    fac, rank = pick_factorization_and_rank(model[0].weight, cfg, method)
     convlora.inject(model, rank=rank, factorization=fac, method=method)
     if method == "dora" and dtype in (torch.float16, torch.bfloat16):
         # m = ||W|| is stored in the weight's dtype: m / ||W|| is 1 within its rounding (one ulp)
@@ -82,7 +75,7 @@ def test_a_fresh_adapter_changes_nothing_in_any_dtype(cfg: dict, dtype: torch.dt
 def test_merged_weight_is_as_precise_as_the_weight(cfg: dict, dtype: torch.dtype, method: str) -> None:
     model, _ = _build(cfg, dtype)
     weight = model[0].weight.detach().clone()
-    fac, rank = _factorization_and_rank(weight, cfg, method)
+    fac, rank = pick_factorization_and_rank(weight, cfg, method)
     convlora.inject(model, rank=rank, factorization=fac, alpha=1.5 * rank, method=method)
     randomize_adapters(model, cfg["seed"])
     layer = convlora.lora_layers(model)["0"]
