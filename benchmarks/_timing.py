@@ -1,4 +1,4 @@
-"""Shared benchmark helpers: interleaved timing, paired ratios, a markdown table, the SR model.
+"""Shared benchmark helpers: interleaved timing, paired ratios, a markdown table, the run facts, the SR model.
 
 Every benchmark in this folder measures several *cases* (callables) in one process. Timings on a
 shared machine drift as other processes come and go, so the cases are interleaved: each round
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -23,12 +24,14 @@ from torch import nn
 __all__ = [
     "Stats",
     "add_common_args",
+    "conv_names",
     "fmt_ms",
     "fmt_ratio",
     "load_note",
     "markdown_table",
     "print_profile",
     "ratio_stats",
+    "run_facts",
     "set_threads",
     "sr_model",
     "time_interleaved",
@@ -89,6 +92,14 @@ def load_note() -> str:
         return "load average: unavailable on this platform"
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f} / {five:.2f} / {fifteen:.2f} (1/5/15 min), {os.cpu_count()} CPUs"
+
+
+def run_facts(device: torch.device | str, load_start: str) -> str:
+    """The last lines of a benchmark's output: device, threads, torch and Python versions, then
+    the machine and its load averages at the start (``load_start``, from ``load_note``) and now."""
+    return (f"device={device}, threads={torch.get_num_threads()}, torch {torch.__version__}, "
+            f"Python {platform.python_version()}.\n"
+            f"Machine {platform.machine()}; at start: {load_start}; at end: {load_note()}.")
 
 
 def _sync(device: torch.device) -> None:
@@ -182,6 +193,11 @@ def print_profile(label: str, fn: Callable[[], object], *, calls: int = 3, rows:
             fn()
     print(f"\n### torch.profiler: {label} ({calls} calls, sorted by self CPU time)\n")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def conv_names(model: nn.Module) -> list[str]:
+    """Qualified names of the model's Conv2d layers."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
 class _SRNet(nn.Module):

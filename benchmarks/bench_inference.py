@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 from collections.abc import Callable
 
 import torch
@@ -30,6 +29,7 @@ from _timing import (
     markdown_table,
     print_profile,
     ratio_stats,
+    run_facts,
     set_threads,
     sr_model,
     time_interleaved,
@@ -121,9 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(["model", "input", "variant", "forward ms: median [IQR]",
                           "ratio vs original: median [IQR]"], rows))
     print(f"\n{args.repeats} interleaved rounds after {args.warmup} warm-up calls per case; "
-          f"device={device}, threads={torch.get_num_threads()}, torch {torch.__version__}, "
-          f"Python {platform.python_version()}.")
-    print(f"Machine {platform.machine()}; at start: {load_start}; at end: {load_note()}.")
+          f"{run_facts(device, load_start)}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 
 import timm
 import torch
@@ -26,6 +25,7 @@ from _timing import (
     load_note,
     markdown_table,
     ratio_stats,
+    run_facts,
     set_threads,
     time_interleaved,
 )
@@ -88,9 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(["operation", "ms: median [IQR]", "ratio vs one forward: median [IQR]"],
                          rows))
     print(f"\nReference: one forward pass at 1x3x{args.size}x{args.size}. {args.repeats} rounds "
-          f"after {args.warmup} warm-up rounds; device={device}, threads={torch.get_num_threads()},"
-          f" torch {torch.__version__}, Python {platform.python_version()}.")
-    print(f"Machine {platform.machine()}; at start: {load_start}; at end: {load_note()}.")
+          f"after {args.warmup} warm-up rounds; {run_facts(device, load_start)}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import warnings
 from collections.abc import Callable
 
@@ -35,11 +34,13 @@ import torch.nn.functional as F
 from _timing import (
     Stats,
     add_common_args,
+    conv_names,
     fmt_ms,
     fmt_ratio,
     load_note,
     markdown_table,
     ratio_stats,
+    run_facts,
     set_threads,
     sr_model,
     time_interleaved,
@@ -49,11 +50,6 @@ from torch import nn
 import convlora
 
 METHODS = ("lora", "dora", "loha", "lokr")
-
-
-def conv_names(model: nn.Module) -> list[str]:
-    """Qualified names of the model's Conv2d layers."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
 def _nonzero(params: list[nn.Parameter], seed: int) -> None:
@@ -207,9 +203,7 @@ def main(argv: list[str] | None = None) -> None:
                               "ratio vs original: median [IQR]"], infer_rows))
         print()
     print(f"{args.repeats} interleaved rounds after {args.warmup} warm-up calls per case; "
-          f"device={device}, threads={torch.get_num_threads()}, torch {torch.__version__}, "
-          f"Python {platform.python_version()}.")
-    print(f"Machine {platform.machine()}; at start: {load_start}; at end: {load_note()}.")
+          f"{run_facts(device, load_start)}")
     for note in sorted(set(notes)):
         print(f"Note: {note}")
 

@@ -22,31 +22,27 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import warnings
 
 import torch
 from _timing import (
     Stats,
     add_common_args,
+    conv_names,
     fmt_ms,
     fmt_ratio,
     load_note,
     markdown_table,
     ratio_stats,
+    run_facts,
     set_threads,
     sr_model,
     time_interleaved,
 )
-from torch import nn
 
 import convlora
 
 ADAPTERS = ["a", "b", "c", "d"]
-
-
-def conv_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,10 +130,7 @@ def main(argv: list[str] | None = None) -> None:
                           "max abs diff vs separate"], rows))
     for note in notes:
         print(f"\n{note}")
-    print(f"\n{args.repeats} rounds after {args.warmup} warm-up rounds; device={device}, "
-          f"threads={torch.get_num_threads()}, torch {torch.__version__}, "
-          f"Python {platform.python_version()}.")
-    print(f"Machine {platform.machine()}; at start: {load_start}; at end: {load_note()}.")
+    print(f"\n{args.repeats} rounds after {args.warmup} warm-up rounds; {run_facts(device, load_start)}")
 
 
 if __name__ == "__main__":

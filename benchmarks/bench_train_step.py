@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import platform
 import sys
 from collections.abc import Callable
 
@@ -27,12 +26,14 @@ import torch.nn.functional as F
 from _timing import (
     Stats,
     add_common_args,
+    conv_names,
     fmt_ms,
     fmt_ratio,
     load_note,
     markdown_table,
     print_profile,
     ratio_stats,
+    run_facts,
     set_threads,
     sr_model,
     time_interleaved,
@@ -40,11 +41,6 @@ from _timing import (
 from torch import nn
 
 import convlora
-
-
-def conv_names(model: nn.Module) -> list[str]:
-    """Qualified names of the model's Conv2d layers."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
 
 
 def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
@@ -118,9 +114,7 @@ def main(argv: list[str] | None = None) -> None:
     print(markdown_table(["case", "trainable params", "step ms: median [IQR]",
                           "ratio vs full FT: median [IQR]"], rows))
     print(f"\n{args.repeats} interleaved rounds after {args.warmup} warm-up steps per case; "
-          f"device={device}, threads={torch.get_num_threads()}, torch {torch.__version__}, "
-          f"Python {platform.python_version()}.")
-    print(f"Machine {platform.machine()}; at start: {load_start}; at end: {load_note()}.")
+          f"{run_facts(device, load_start)}")
     for note in notes:
         print(f"Note: {note}")
     if args.profile:
