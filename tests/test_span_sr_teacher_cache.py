@@ -28,6 +28,7 @@ from examples.span_sr.data import (
     upcycled_rows,
 )
 from examples.span_sr.teacher_cache import CacheSpec, TeacherCache, input_digest, weights_digest
+from tests._span_helpers import tiny_run_inputs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 REPO = Path(__file__).resolve().parents[1]
@@ -48,20 +49,9 @@ def _spec(**kw: object) -> CacheSpec:
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Five 64x64 training crops (LR 16x16: one patch is the whole image) and one validation crop."""
-    from PIL import Image
-    from skimage import data as skdata
-
-    root = tmp_path_factory.mktemp("photos")
-    (root / "train").mkdir()
-    (root / "val").mkdir()
-    astronaut = skdata.astronaut()
-    for i in range(5):
-        Image.fromarray(astronaut[70 * i:70 * i + 64, 120:184]).save(root / "train" / f"im{i}.png")
-    Image.fromarray(skdata.coffee()[100:164, 200:264]).save(root / "val" / "v0.png")
-    torch.save(_span(8, 0).state_dict(), root / "base.pth")
-    torch.save(_span(12, 1).state_dict(), root / "teacher.pth")
-    return {"root": root, "train": root / "train", "val": root / "val", "base": root / "base.pth",
-            "teacher": root / "teacher.pth"}
+    crops = [(slice(70 * i, 70 * i + 64), slice(120, 184)) for i in range(5)]
+    return tiny_run_inputs(tmp_path_factory.mktemp("photos"), crops, (slice(100, 164), slice(200, 264)),
+                           _span(8, 0), _span(12, 1))
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,7 @@ from examples.span_sr import dsclora, train
 from examples.span_sr.arch import SPAN, load_span
 from examples.span_sr.checkpoint import load_checkpoint
 from examples.span_sr.config import load_config
+from tests._span_helpers import tiny_run_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 6
@@ -32,21 +33,10 @@ STEPS = 6
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Six 72x80 training crops and one validation crop of real photos, random tiny SPANs."""
-    from PIL import Image
-    from skimage import data as skdata
-
-    root = tmp_path_factory.mktemp("tiny")
-    (root / "train").mkdir()
-    (root / "val").mkdir()
-    astronaut = skdata.astronaut()
-    for i in range(6):
-        Image.fromarray(astronaut[64 * i:64 * i + 72, 100:180]).save(root / "train" / f"im{i}.png")
-    Image.fromarray(skdata.coffee()[100:180, 200:280]).save(root / "val" / "v0.png")
+    crops = [(slice(64 * i, 64 * i + 72), slice(100, 180)) for i in range(6)]
     torch.manual_seed(0)
-    torch.save(SPAN(feature_channels=8).state_dict(), root / "base.pth")
-    torch.save(SPAN(feature_channels=12).state_dict(), root / "teacher.pth")
-    return {"root": root, "train": root / "train", "val": root / "val",
-            "base": root / "base.pth", "teacher": root / "teacher.pth"}
+    base, teacher = SPAN(feature_channels=8), SPAN(feature_channels=12)
+    return tiny_run_inputs(tmp_path_factory.mktemp("tiny"), crops, (slice(100, 180), slice(200, 280)), base, teacher)
 
 
 def _args(tiny: dict[str, Path], out: Path, *extra: str) -> list[str]:
