@@ -19,8 +19,17 @@ from torch.nn.utils import parametrize
 from .combination import grouped_forward, weighted_weight
 from .errors import AdapterMismatchError, MergeStateError, UnsupportedLayerError
 from .functional import factorization_problem, max_rank
+from .lowrank_conv import activation_backward_conv, activation_backward_pays, conv_spec
+from .methods import (
+    LOHA_KHATRI_RAO_MAX_RANK,
+    factor_shapes,
+    init_factors_,
+    loha_khatri_rao,
+    method_delta,
+    method_problem,
+    scale_for,
+)
 from .methods import effective_weight as _effective_weight
-from .methods import factor_shapes, init_factors_, method_delta, method_problem, scale_for
 
 __all__ = ["LoRALayer", "unsupported_reason"]
 
@@ -350,8 +359,56 @@ class LoRALayer(nn.Module):
                 delta = (self.delta(n) * w).to(self.weight.dtype)
                 out = out + self._base_forward(F.dropout(x, self.dropout[n], True), delta, None, op)
             return out
+        if weights is None:
+            fast = self._activation_backward_forward(x, name)
+            if fast is not None:
+                return fast
         weight = self.effective_weight(name) if weights is None else self.composed_weight(weights)
         return self._base_forward(x, weight, self.bias, op)
+
+    def _activation_backward_forward(self, x: Tensor, name: str) -> Tensor | None:
+        """The forward of [convlora.lowrank_conv][] where it applies and pays, else ``None``.
+
+        It applies to ``Conv1d/2d/3d`` with ``"kernel"`` factors of LoRA, DoRA or LoHa (rank at
+        most 8) while a gradient is wanted: a batched input, the base weight frozen, the input,
+        weight and factors all float32 or all float64, autocast off, padding symmetric, and where
+        [`activation_backward_pays`][convlora.lowrank_conv.activation_backward_pays] (with rank
+        ``r**2`` for LoHa's Khatri-Rao factors).
+        """
+        method = self.method[name]
+        if method == "dora" and torch.compiler.is_compiling():  # its zero-magnitude check is data-dependent
+            return None
+        if (self.transposed or not self.ndim or method == "lokr" or not torch.is_grad_enabled()
+                or self.factorization[name] != "kernel" or self.weight.requires_grad
+                or x.dim() != self.ndim + 2 or self.weight.dtype not in (torch.float32, torch.float64)
+                or torch.is_autocast_enabled(x.device.type)):
+            return None
+        factors = self.factors(name)
+        tensors = [x, self.weight, *factors.values(), *([] if self.bias is None else [self.bias])]
+        if any(t.dtype != self.weight.dtype for t in tensors):
+            return None
+        if not (x.requires_grad or any(p.requires_grad for p in factors.values())):
+            return None
+        rank = self.rank[name]
+        if method == "loha":
+            if rank > LOHA_KHATRI_RAO_MAX_RANK:
+                return None
+            rank = rank * rank
+        if not activation_backward_pays(tuple(self.weight.shape), self.groups, rank):
+            return None
+        spec = conv_spec(self.ndim, self.kernel_size, self.stride, self.padding, self.dilation,
+                         self.groups)
+        if spec is None:
+            return None
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            spec = (spec[0], spec[1], (0,) * self.ndim, spec[3], spec[4])
+        if method == "loha":
+            b, a = loha_khatri_rao(factors)
+        else:
+            a, b = factors["lora_A"], factors["lora_B"]
+        return activation_backward_conv(x, self.weight, self.bias, a, b, self.scale(name), spec,
+                                        factors.get("lora_magnitude"))
 
 
 def _remerge_after_load(layer: nn.Module, incompatible_keys: Any) -> None:

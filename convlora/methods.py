@@ -70,6 +70,10 @@ possible, since that traffic is what a weight-space method adds to a training st
   ``(<G, W> + s * <G @ A^T, B>) / ||V||``): three reads of the weight gradient ``G``, nothing
   weight-sized allocated. (A fresh weight-sized allocation costs as much as several passes over
   warm memory on CPU, so the count of those is what this minimises.)
+
+While training, large ``Conv1d/2d/3d`` layers with LoRA, DoRA or LoHa (rank <= 8) skip all of
+these backward passes: [convlora.lowrank_conv][] runs the same ``W'`` forward with a backward
+in activation space that never forms the weight gradient ``G``.
 """
 
 from __future__ import annotations
@@ -88,10 +92,13 @@ __all__ = [
     "FACTOR_NAMES",
     "METHODS",
     "channel_norm",
+    "dora_weight",
     "effective_weight",
     "factor_shapes",
     "init_factors_",
     "kron_split",
+    "loha_khatri_rao",
+    "LOHA_KHATRI_RAO_MAX_RANK",
     "method_delta",
     "method_problem",
     "output_channels",
@@ -227,6 +234,22 @@ def _no_autocast(t: Tensor) -> Any:
     return contextlib.nullcontext()
 
 
+def dora_weight(w: Tensor, a: Tensor, b: Tensor, m: Tensor, scale: float, shape: tuple[int, ...],
+                groups: int = 1, transposed: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """DoRA's ``(W', ||V||, m / ||V||)`` for ``V = W + s * B @ A``, without autograd.
+
+    ``w`` is the base weight as the ``rows x cols`` matrix of ``B @ A`` and ``shape`` the
+    weight's shape; the norm is per output channel, with 1 in place of a zero norm. One
+    weight-sized tensor is allocated (``V``, rescaled in place into ``W'``). Every DoRA forward
+    computes ``W'`` with this function, so they agree bit for bit.
+    """
+    v = torch.addmm(w, b, a, alpha=scale).view(shape)
+    norm = channel_norm(v, groups, transposed)
+    norm = torch.where(norm == 0, 1.0, norm)
+    ratio = m / norm
+    return _channel_scale_(v, ratio, groups, transposed), norm, ratio
+
+
 class _DoRAWeight(torch.autograd.Function):
     """``W' = (m / ||V||) * V`` with ``V = W + s * B @ A``, the norm per output channel, detached.
 
@@ -249,11 +272,7 @@ class _DoRAWeight(torch.autograd.Function):
     def forward(ctx: Any, w: Tensor, a: Tensor, b: Tensor, m: Tensor, scale: float,
                 shape: tuple[int, ...], groups: int, transposed: bool, keep_out: bool) -> Tensor:
         with _no_autocast(w):  # in the compute dtype, as every method (the layer's conv may autocast)
-            v = torch.addmm(w, b, a, alpha=scale).view(shape)
-            norm = channel_norm(v, groups, transposed)
-            norm = torch.where(norm == 0, 1.0, norm)
-            ratio = m / norm
-            out = _channel_scale_(v, ratio, groups, transposed)
+            out, norm, ratio = dora_weight(w, a, b, m, scale, shape, groups, transposed)
             ctx.keep_out = keep_out and not transposed and w.shape[0] == shape[0]
             ctx.save_for_backward(w, a, b, norm, ratio, *([out] if ctx.keep_out else []))
             ctx.scale, ctx.shape, ctx.groups, ctx.transposed = scale, shape, groups, transposed
@@ -390,6 +409,23 @@ def _method_delta(method: str, factors: Mapping[str, Tensor], weight_shape: tupl
     raise ValueError(f"method {method!r} has no additive delta; choose one of ('lora', 'loha', 'lokr')")
 
 
+LOHA_KHATRI_RAO_MAX_RANK = 8
+"""LoHa ranks up to this one build ``W'`` as one product of inner size ``rank**2``."""
+
+
+def loha_khatri_rao(factors: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """``(KRa, KRb)`` with ``(W1a @ W1b) * (W2a @ W2b) = KRa @ KRb`` (inner size ``rank**2``).
+
+    ``KRa[i, (p, q)] = W1a[i, p] * W2a[i, q]`` and ``KRb[(p, q), j] = W1b[p, j] * W2b[q, j]``;
+    built from the small factors with autograd, so gradients reach them through the product.
+    """
+    w1a, w1b = factors["hada_w1_a"], factors["hada_w1_b"]
+    w2a, w2b = factors["hada_w2_a"], factors["hada_w2_b"]
+    kra = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], -1)
+    krb = (w1b[:, None, :] * w2b[None, :, :]).reshape(-1, w1b.shape[1])
+    return kra, krb
+
+
 def effective_weight(method: str, weight: Tensor, factors: Mapping[str, Tensor], scale: float,
                      groups: int = 1, transposed: bool = False) -> Tensor:
     """The weight the layer runs with (and merge writes): computed in the compute dtype, cast to ``weight``'s.
@@ -411,10 +447,8 @@ def _effective_weight(method: str, weight: Tensor, factors: Mapping[str, Tensor]
     dtype = compute_dtype(weight, *factors.values())
     f = {k: v.to(dtype) for k, v in factors.items()}
     w = weight.to(dtype)
-    if method == "loha" and f["hada_w1_a"].shape[1] <= 8:
-        w1a, w1b, w2a, w2b = f["hada_w1_a"], f["hada_w1_b"], f["hada_w2_a"], f["hada_w2_b"]
-        kra = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], -1)
-        krb = (w1b[:, None, :] * w2b[None, :, :]).reshape(-1, w1b.shape[1])
+    if method == "loha" and f["hada_w1_a"].shape[1] <= LOHA_KHATRI_RAO_MAX_RANK:
+        kra, krb = loha_khatri_rao(f)
         out = torch.addmm(w.reshape(kra.shape[0], krb.shape[1]), kra, krb, alpha=scale)
         return out.view(weight.shape).to(weight.dtype)
     if method == "lokr":
@@ -428,8 +462,10 @@ def _effective_weight(method: str, weight: Tensor, factors: Mapping[str, Tensor]
         a, b = f["lora_A"], f["lora_B"]
         flat = w.reshape(b.shape[0], a.shape[1])
         # W' saved for backward only where the conv keeps the very same tensor (no cast after) and
-        # on CPU (its zero-ratio check reads a flag back, a synchronisation on an accelerator)
-        keep = weight.dtype == dtype and weight.device.type == "cpu"
+        # on CPU (its zero-ratio check reads a flag back, a synchronisation on an accelerator),
+        # and not under torch.compile
+        keep = (weight.dtype == dtype and weight.device.type == "cpu"
+                and not torch.compiler.is_compiling())  # the check is data-dependent: no graph
         out = _DoRAWeight.apply(flat, a, b, f["lora_magnitude"], scale, tuple(weight.shape), groups,
                                 transposed, keep)
         return out.to(weight.dtype)

@@ -1,0 +1,210 @@
+r"""The training convolution of a low-rank adapter: one conv with ``W'`` forward, activation-space backward.
+
+The unmerged forward of a [`LoRALayer`][convlora.LoRALayer] is one convolution with the
+effective weight ``W'``. Letting autograd differentiate it forms the gradient of ``W'`` -- a
+weight-sized correlation of the input with the output gradient, the most expensive part of full
+fine-tuning's backward -- only to project it onto the small factors. This module's autograd
+function computes the same forward (the same ``W'``, bit for bit, so merged = unmerged still
+holds) but a backward that never forms a weight-sized gradient.
+
+For a ``Conv1d/2d/3d`` with ``g`` groups and ``"kernel"`` factors ``A: r x (in/g * k)`` and
+``B: out x r`` (scale ``s``), ``conv(x, s * reshape(B @ A)) = conv1x1_g(conv_g(x, A^g), B)``,
+where ``A^g`` repeats ``A`` once per group (``g * r`` channels) and ``conv1x1_g`` is the grouped
+1x1 conv with weight ``B``. With ``e = dL/dy`` and ``c`` the per-channel factor of DoRA
+(``c = m / ||V||``; 1 for LoRA):
+
+* ``u = conv_g(x, A^g)`` (``g * r`` channels, recomputed in backward, not kept);
+* ``dB = s * wgrad_1x1(c * e, u)``; ``du = s * conv1x1_g^T(c * e, B)``;
+* ``dA = sum over groups of wgrad(x, du)``; ``dx = conv^T(c * e, W) + conv_g^T(du, A^g)``;
+* DoRA's magnitude: ``dm = <e, conv(x, V)> / ||V|| = <e, y - bias> / m`` per output channel
+  (``y`` is the layer's output, kept as ``y - bias`` in a tensor of its own, so in-place ops on
+  the output stay allowed). A channel with ``m = 0`` has ``y - bias = 0`` there and takes
+  ``(<G, W> + s * <G @ A^T, B>) / ||V||`` with ``G`` the weight gradient, formed only when such
+  a channel exists.
+
+The extra convolutions have ``r`` (LoRA, DoRA) or ``r**2`` (LoHa, through its Khatri-Rao
+factors) channels where the weight gradient has ``out``, and nothing weight-sized is kept for
+backward: autograd keeps ``x`` (as it does for full fine-tuning), the factors and, for DoRA,
+``y - bias``.
+
+[`activation_backward_conv`][convlora.lowrank_conv.activation_backward_conv] is the entry point;
+the layer calls it for ``Conv1d/2d/3d`` with ``"kernel"`` factors, a float32/float64 batch, a
+frozen base weight and autocast off, and otherwise differentiates ``W'`` as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .methods import dora_weight
+
+__all__ = ["ACTIVATION_BACKWARD_MIN_WEIGHT", "ConvSpec", "activation_backward_conv",
+           "activation_backward_pays", "conv_spec"]
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
+
+ConvSpec = tuple[int, tuple[int, ...], tuple[int, ...], tuple[int, ...], int]
+"""``(ndim, stride, padding, dilation, groups)`` of a convolution with numeric, symmetric padding."""
+
+
+ACTIVATION_BACKWARD_MIN_WEIGHT = 1 << 17
+"""Weights with fewer entries (e.g. 3x3 convs under 128 channels) keep the weight-space backward."""
+
+
+def activation_backward_pays(weight_shape: tuple[int, ...], groups: int, rank: int) -> bool:
+    """Whether this module's backward is the faster one for a conv with this weight and rank.
+
+    It skips the weight gradient (a correlation as costly as the forward) and every weight-sized
+    pass of the weight-space backward, and pays for three convolutions with ``groups * rank``
+    output channels. Measured on CPU (``benchmarks/bench_methods.py``, docs/benchmarks.md), it
+    wins where the weight is large -- from about ``128 x 128 x 3 x 3`` -- and loses a little on
+    small convs, whose weight-space passes are cheap and whose few-channel convolutions run far
+    below the machine's peak; so it applies from
+    [`ACTIVATION_BACKWARD_MIN_WEIGHT`][convlora.lowrank_conv.ACTIVATION_BACKWARD_MIN_WEIGHT]
+    entries, and only while ``3 * groups * rank < out`` (depthwise and near-full-rank adapters
+    keep the weight-space backward).
+    """
+    numel = 1
+    for n in weight_shape:
+        numel *= n
+    return numel >= ACTIVATION_BACKWARD_MIN_WEIGHT and 3 * groups * rank < weight_shape[0]
+
+
+def conv_spec(ndim: int, kernel_size: tuple[int, ...], stride: tuple[int, ...], padding: Any,
+              dilation: tuple[int, ...], groups: int) -> ConvSpec | None:
+    """The layer's settings with ``padding`` as numbers, or ``None`` where they are not symmetric.
+
+    ``'valid'`` is zero padding; ``'same'`` is symmetric when ``dilation * (kernel - 1)`` is even
+    on every axis (otherwise torch pads one side more, which this function's convolutions do not
+    express, and the layer keeps its plain path).
+    """
+    if padding == "valid":
+        pad: tuple[int, ...] = (0,) * ndim
+    elif padding == "same":
+        total = [d * (k - 1) for d, k in zip(dilation, kernel_size)]
+        if any(t % 2 for t in total):
+            return None
+        pad = tuple(t // 2 for t in total)
+    else:
+        pad = tuple(int(p) for p in padding)
+    return ndim, tuple(stride), pad, tuple(dilation), int(groups)
+
+
+def activation_backward_conv(x: Tensor, weight: Tensor, bias: Tensor | None, lora_a: Tensor,
+                             lora_b: Tensor, scale: float, spec: ConvSpec,
+                             magnitude: Tensor | None = None) -> Tensor:
+    """``conv(x, W', bias)`` with ``W' = W + s * reshape(B @ A)`` (or DoRA's ``W'`` given ``magnitude``).
+
+    The forward is the one convolution the merged layer runs, with ``W'`` computed by the same
+    operations as [`effective_weight`][convlora.methods.effective_weight] (so the output is the
+    same bit for bit); the backward is the activation-space one of this module. ``x`` is already
+    padded for padding modes other than zeros.
+
+    Args:
+        x: Batched input ``(N, in, *spatial)``.
+        weight: The frozen base weight ``(out, in/groups, *kernel)``.
+        bias: The bias or ``None``.
+        lora_a: ``A``, ``r x (in/groups * prod(kernel))``.
+        lora_b: ``B``, ``out x r``.
+        scale: ``s``.
+        spec: The convolution's settings, from [`conv_spec`][convlora.lowrank_conv.conv_spec].
+        magnitude: DoRA's magnitude ``m`` (one per output channel), or ``None`` for LoRA.
+
+    Returns:
+        The layer's output.
+    """
+    out: Tensor = _ActivationBackwardConv.apply(x, weight, bias, lora_a, lora_b, magnitude, scale,
+                                                spec)
+    return out
+
+
+def _channel_view(ndim: int) -> tuple[int, ...]:
+    return (1, -1) + (1,) * ndim
+
+
+class _ActivationBackwardConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
+                magnitude: Tensor | None, scale: float, spec: ConvSpec) -> Tensor:
+        ndim, stride, padding, dilation, groups = spec
+        flat = weight.reshape(b.shape[0], a.shape[1])
+        if magnitude is None:
+            w_eff = torch.addmm(flat, b, a, alpha=scale).view(weight.shape)
+            norm = ratio = None
+        else:
+            w_eff, norm, ratio = dora_weight(flat, a, b, magnitude, scale, tuple(weight.shape))
+        y = _CONV_FN[ndim](x, w_eff, bias, stride, padding, dilation, groups)
+        ctx.spec, ctx.scale, ctx.has_bias = spec, scale, bias is not None
+        keep_y = magnitude is not None and ctx.needs_input_grad[5]
+        shifted = None
+        if keep_y:  # y - bias in its own tensor: in-place ops on the output stay allowed
+            shifted = y - bias.view(_channel_view(ndim)) if bias is not None else y.clone()
+        ctx.save_for_backward(x, weight, a, b, magnitude, norm, ratio, shifted)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, a, b, magnitude, norm, ratio, shifted = ctx.saved_tensors
+        ndim, stride, padding, dilation, groups = ctx.spec
+        s = ctx.scale
+        need_x, need_w, need_bias, need_a, need_b, need_m = ctx.needs_input_grad[:6]
+        if need_w:  # the layer never routes a trainable base weight here
+            raise RuntimeError("activation_backward_conv: the base weight must be frozen")
+        view = _channel_view(ndim)
+        dims = (0, *range(2, grad.dim()))
+        e = grad if ratio is None else grad * ratio.view(view).to(grad.dtype)
+        r = a.shape[0]
+        a_conv = a.view(r, *weight.shape[1:])
+        if groups > 1:
+            a_conv = a_conv.repeat(groups, *([1] * (weight.dim() - 1)))
+        b_conv = b.view(*b.shape, *([1] * ndim))
+        ones, zeros = [1] * ndim, [0] * ndim
+        dx = da = db = dbias = dm = None
+        du = None
+        if need_b:
+            u = _CONV_FN[ndim](x, a_conv, None, stride, padding, dilation, groups)
+            du, gb, _ = torch.ops.aten.convolution_backward(
+                e, u, b_conv, None, ones, zeros, ones, False, zeros, groups,
+                [need_a or need_x, True, False])
+            db = gb.view(b.shape).mul_(s)
+        elif need_a or need_x:
+            du = _CONV_T_FN[ndim](e, b_conv, None, 1, 0, 0, groups)
+        if du is not None:
+            dx_lora, ga, _ = torch.ops.aten.convolution_backward(
+                du.mul_(s), x, a_conv, None, list(stride), list(padding), list(dilation), False,
+                zeros, groups, [need_x, need_a, False])
+            if need_a:
+                da = ga.reshape(groups, r, -1).sum(0) if groups > 1 else ga.reshape(r, -1)
+            if need_x:
+                dx = torch.ops.aten.convolution_backward(
+                    e, x, weight, None, list(stride), list(padding), list(dilation), False, zeros,
+                    groups, [True, False, False])[0].add_(dx_lora)
+        if need_bias:
+            dbias = grad.sum(dims)
+        if need_m:
+            dm = _magnitude_grad(grad, x, weight, a, b, magnitude, norm, shifted, s, ctx.spec)
+        return dx, None, dbias, da, db, dm, None, None
+
+
+def _magnitude_grad(grad: Tensor, x: Tensor, weight: Tensor, a: Tensor, b: Tensor, magnitude: Tensor,
+                    norm: Tensor, shifted: Tensor, scale: float, spec: ConvSpec) -> Tensor:
+    """``<e, y - bias> / m`` per output channel; ``(<G, W> + s <G A^T, B>) / ||V||`` where ``m = 0``."""
+    ndim, stride, padding, dilation, groups = spec
+    dims = (0, *range(2, grad.dim()))
+    zero = magnitude == 0
+    dm = (grad * shifted).sum(dims) / torch.where(zero, 1.0, magnitude)
+    if bool(zero.any()):  # y - bias is zero on these channels: the dot product from the weight gradient
+        g = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, list(stride), list(padding), list(dilation), False, [0] * ndim,
+            groups, [False, True, False])[1].reshape(b.shape[0], -1)
+        rows = zero.nonzero().flatten()
+        g_rows = g[rows]
+        dot = (torch.linalg.vecdot(g_rows, weight.reshape(b.shape[0], -1)[rows], dim=1)
+               + scale * torch.linalg.vecdot(g_rows @ a.T, b[rows], dim=1))
+        dm[rows] = dot / norm[rows]
+    return dm
