@@ -19,6 +19,13 @@ timm = pytest.importorskip("timm")
 
 X = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
 
+# Layers (for position 2 of small_net()) where PEFT's side path is not a weight delta of the conv,
+# with what convlora's refusal says about each: PEFT's lora_A conv pads with zeros and ignores dilation.
+PEFT_MISHANDLES = [
+    (nn.Conv2d(8, 8, 3, padding=1, padding_mode=mode), f"padding_mode='{mode}', while PEFT's lora_A conv pads with zeros")
+    for mode in ("reflect", "circular", "replicate")
+] + [(nn.Conv2d(8, 8, 3, padding=2, dilation=2), r"dilation \(2, 2\), which PEFT's lora_A conv ignores")]
+
 
 def timm_model(arch: str) -> nn.Module:
     torch.manual_seed(0)

@@ -25,6 +25,7 @@ import convlora
 from convlora import AdapterFormatError, AdapterMismatchError, UnsupportedLayerError
 from tests._core_helpers import module_types
 from tests._peft_helpers import (
+    PEFT_MISHANDLES,
     X,
     close,
     peft_model,
@@ -189,12 +190,7 @@ def test_mixed_lora_and_dora_layers_are_not_exported(tmp_path: Path) -> None:
     assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.parametrize("layer, match", [
-    (nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'"),
-    (nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular"), "padding_mode='circular'"),
-    (nn.Conv2d(8, 8, 3, padding=1, padding_mode="replicate"), "padding_mode='replicate'"),
-    (nn.Conv2d(8, 8, 3, padding=2, dilation=2), r"dilation \(2, 2\)"),
-])
+@pytest.mark.parametrize("layer, match", PEFT_MISHANDLES)
 def test_dora_on_layers_peft_mishandles_is_refused_both_ways(layer: nn.Module, match: str,
                                                              tmp_path: Path) -> None:
     base = small_net()

@@ -16,6 +16,7 @@ import convlora
 from convlora import UnsupportedLayerError
 from tests._core_helpers import randomize_adapters
 from tests._peft_helpers import (
+    PEFT_MISHANDLES,
     close,
     peft_model,
     refused_load,
@@ -101,12 +102,7 @@ def test_grouped_import_with_block_diagonal_lora_a_is_exact(tmp_path: Path) -> N
         convlora.load_peft_adapter(copy.deepcopy(base), tmp_path / "p")
 
 
-@pytest.mark.parametrize("layer, match", [
-    (nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), "padding_mode='reflect'.*zeros"),
-    (nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular"), "padding_mode='circular'"),
-    (nn.Conv2d(8, 8, 3, padding=1, padding_mode="replicate"), "padding_mode='replicate'"),
-    (nn.Conv2d(8, 8, 3, padding=2, dilation=2), r"dilation \(2, 2\)"),
-])
+@pytest.mark.parametrize("layer, match", PEFT_MISHANDLES)
 def test_layers_peft_mishandles_are_refused_both_ways(layer: nn.Module, match: str,
                                                       tmp_path: Path) -> None:
     base = small_net()
