@@ -135,11 +135,8 @@ def test_transposed_conv_grid_every_method_is_exact(cfg: dict, tmp_path_factory:
         return m[0](x, output_size=size) if cfg["use_output_size"] else m(x)
 
     y0 = call(model)
-    shape, g = tuple(model[0].weight.shape), cfg["groups"]
-    method, fac = cfg["method"], cfg["factorization"]
-    if fac == "loralib" and (len(shape) != 4 or shape[2] != shape[3] or g != 1 or method in ("loha", "lokr")):
-        fac = "kernel"
-    rank = max(1, round(cfg["rank_frac"] * convlora.functional.max_rank(fac, shape, g)))
+    method = cfg["method"]
+    fac, rank = pick_factorization_and_rank(model[0].weight, cfg, method)
     alpha = 1.5 * rank
     assert convlora.inject(model, rank=rank, alpha=alpha, factorization=fac, method=method,
                            rslora=cfg["rslora"]) == ["0"]
