@@ -19,12 +19,18 @@ from torch.nn.utils import parametrize
 from .combination import grouped_forward, weighted_weight
 from .errors import AdapterMismatchError, MergeStateError, UnsupportedLayerError
 from .functional import factorization_problem, max_rank
-from .lowrank_conv import activation_backward_conv, activation_backward_pays, conv_spec
+from .lowrank_conv import (
+    activation_backward_conv,
+    activation_backward_kron_conv,
+    activation_backward_pays,
+    conv_spec,
+)
 from .methods import (
     LOHA_KHATRI_RAO_MAX_RANK,
     factor_shapes,
     init_factors_,
     loha_khatri_rao,
+    lokr_w2,
     method_delta,
     method_problem,
     scale_for,
@@ -369,16 +375,20 @@ class LoRALayer(nn.Module):
     def _activation_backward_forward(self, x: Tensor, name: str) -> Tensor | None:
         """The forward of [convlora.lowrank_conv][] where it applies and pays, else ``None``.
 
-        It applies to ``Conv1d/2d/3d`` with ``"kernel"`` factors of LoRA, DoRA or LoHa (rank at
-        most 8) while a gradient is wanted: a batched input, the base weight frozen, the input,
-        weight and factors all float32 or all float64, autocast off, padding symmetric, and where
-        [`activation_backward_pays`][convlora.lowrank_conv.activation_backward_pays] (with rank
-        ``r**2`` for LoHa's Khatri-Rao factors).
+        It applies to ``Conv1d/2d/3d`` with ``"kernel"`` factors of LoRA, DoRA, LoHa (rank at
+        most 8) or LoKr (``groups=1``) while a gradient is wanted: a batched input, the base
+        weight frozen, the input, weight and factors all float32 or all float64, autocast off,
+        padding symmetric, and where
+        [`activation_backward_pays`][convlora.lowrank_conv.activation_backward_pays] with the
+        extra convolutions' channels (``r``; ``r**2`` for LoHa's Khatri-Rao factors; ``b`` of
+        ``out = a * b`` for LoKr).
         """
         method = self.method[name]
         if method == "dora" and torch.compiler.is_compiling():  # its zero-magnitude check is data-dependent
             return None
-        if (self.transposed or not self.ndim or method == "lokr" or not torch.is_grad_enabled()
+        if method == "lokr" and self.groups != 1:
+            return None
+        if (self.transposed or not self.ndim or not torch.is_grad_enabled()
                 or self.factorization[name] != "kernel" or self.weight.requires_grad
                 or x.dim() != self.ndim + 2 or self.weight.dtype not in (torch.float32, torch.float64)
                 or torch.is_autocast_enabled(x.device.type)):
@@ -389,11 +399,13 @@ class LoRALayer(nn.Module):
             return None
         if not (x.requires_grad or any(p.requires_grad for p in factors.values())):
             return None
-        rank = self.rank[name]
+        rank = self.rank[name]  # the channels of the extra convolutions
         if method == "loha":
             if rank > LOHA_KHATRI_RAO_MAX_RANK:
                 return None
             rank = rank * rank
+        elif method == "lokr":  # W2's b output channels (out = a * b)
+            rank = self.weight.shape[0] // factors["lokr_w1"].shape[0]
         if not activation_backward_pays(tuple(self.weight.shape), self.groups, rank):
             return None
         spec = conv_spec(self.ndim, self.kernel_size, self.stride, self.padding, self.dilation,
@@ -403,6 +415,9 @@ class LoRALayer(nn.Module):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             spec = (spec[0], spec[1], (0,) * self.ndim, spec[3], spec[4])
+        if method == "lokr":
+            return activation_backward_kron_conv(x, self.weight, self.bias, factors["lokr_w1"],
+                                                 lokr_w2(factors), self.scale(name), spec)
         if method == "loha":
             b, a = loha_khatri_rao(factors)
         else:

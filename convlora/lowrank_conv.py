@@ -28,7 +28,8 @@ backward: autograd keeps ``x`` (as it does for full fine-tuning), the factors an
 ``y - bias``.
 
 [`activation_backward_conv`][convlora.lowrank_conv.activation_backward_conv] is the entry point;
-the layer calls it for ``Conv1d/2d/3d`` with ``"kernel"`` factors, a float32/float64 batch, a
+[`activation_backward_kron_conv`][convlora.lowrank_conv.activation_backward_kron_conv] is LoKr's.
+The layer calls them for ``Conv1d/2d/3d`` with ``"kernel"`` factors, a float32/float64 batch, a
 frozen base weight and autocast off, and otherwise differentiates ``W'`` as before.
 """
 
@@ -40,10 +41,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .methods import dora_weight
+from .methods import dora_weight, lokr_weight
 
 __all__ = ["ACTIVATION_BACKWARD_MIN_WEIGHT", "ConvSpec", "activation_backward_conv",
-           "activation_backward_pays", "conv_spec"]
+           "activation_backward_kron_conv", "activation_backward_pays", "conv_spec"]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -208,3 +209,77 @@ def _magnitude_grad(grad: Tensor, x: Tensor, weight: Tensor, a: Tensor, b: Tenso
                + scale * torch.linalg.vecdot(g_rows @ a.T, b[rows], dim=1))
         dm[rows] = dot / norm[rows]
     return dm
+
+
+def activation_backward_kron_conv(x: Tensor, weight: Tensor, bias: Tensor | None, w1: Tensor,
+                                  w2: Tensor, scale: float, spec: ConvSpec) -> Tensor:
+    """``conv(x, W + s * reshape(kron(W1, W2)), bias)`` (LoKr, ``groups == 1``), activation-space backward.
+
+    With ``out = a * b`` and ``in = c * d`` (``W1: a x c``, ``W2: b x (d * prod(kernel))``),
+    ``conv(x, s * kron(W1, W2))`` mixes, with ``W1``, the ``c`` blocks of
+    ``z = conv(x_l, W2)``: each block ``x_l`` of ``d`` input channels through ``W2`` as a conv
+    with ``b`` output channels (the ``c`` blocks run as one batch of ``N * c``). So
+    ``dW1[i, l] = s * <e_i, z_l>``, ``dz_l = s * sum_i W1[i, l] e_i``, and ``dW2`` and the input's
+    share come from one convolution backward of ``z`` -- with ``1/a`` of the layer's
+    multiply-adds, and no weight gradient. The forward is the merged layer's convolution with
+    ``W'`` from [`lokr_weight`][convlora.methods.lokr_weight], bit for bit.
+
+    Args:
+        x: Batched input ``(N, in, *spatial)``, already padded for padding modes other than zeros.
+        weight: The frozen base weight ``(out, in, *kernel)``.
+        bias: The bias or ``None``.
+        w1: ``W1``, ``a x c``.
+        w2: ``W2`` as a ``b x (d * prod(kernel))`` matrix.
+        scale: ``s``.
+        spec: The convolution's settings (``groups`` must be 1).
+
+    Returns:
+        The layer's output.
+    """
+    if spec[4] != 1:
+        raise ValueError(f"activation_backward_kron_conv needs groups=1, got groups={spec[4]}")
+    out: Tensor = _ActivationBackwardKronConv.apply(x, weight, bias, w1, w2, scale, spec)
+    return out
+
+
+class _ActivationBackwardKronConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, w1: Tensor, w2: Tensor,
+                scale: float, spec: ConvSpec) -> Tensor:
+        ndim, stride, padding, dilation, _ = spec
+        (a, c), (b, cols) = w1.shape, w2.shape
+        w_eff = lokr_weight(weight.reshape(a, b, c, cols), w1, w2, scale).view(weight.shape)
+        ctx.spec, ctx.scale = spec, scale
+        ctx.save_for_backward(x, weight, w1, w2)
+        return _CONV_FN[ndim](x, w_eff, bias, stride, padding, dilation, 1)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        x, weight, w1, w2 = ctx.saved_tensors
+        ndim, stride, padding, dilation, _ = ctx.spec
+        s = ctx.scale
+        need_x, need_w, need_bias, need_1, need_2 = ctx.needs_input_grad[:5]
+        if need_w:  # the layer never routes a trainable base weight here
+            raise RuntimeError("activation_backward_kron_conv: the base weight must be frozen")
+        (a, c), b = w1.shape, w2.shape[0]
+        n, d = x.shape[0], x.shape[1] // c
+        blocks = x.reshape(n * c, d, *x.shape[2:])  # input channel l * d + m is block l, channel m
+        w2_conv = w2.view(b, d, *weight.shape[2:])
+        e = grad.reshape(n, a, -1)  # output channel i * b + j: row i, then (j, position)
+        conv_args = (list(stride), list(padding), list(dilation), False, [0] * ndim, 1)
+        dx = dbias = d1 = d2 = None
+        if need_1:
+            z = _CONV_FN[ndim](blocks, w2_conv, None, stride, padding, dilation, 1)
+            d1 = torch.einsum("nix,nlx->il", e, z.reshape(n, c, -1)).mul_(s)
+        if need_x or need_2:
+            dz = torch.matmul(w1.T * s, e).reshape(n * c, b, *grad.shape[2:])
+            dblocks, g2, _ = torch.ops.aten.convolution_backward(
+                dz, blocks, w2_conv, None, *conv_args, [need_x, need_2, False])
+            d2 = g2.reshape(w2.shape) if need_2 else None
+            if need_x:
+                dx = torch.ops.aten.convolution_backward(
+                    grad, x, weight, None, *conv_args, [True, False, False])[0]
+                dx.add_(dblocks.reshape(x.shape))
+        if need_bias:
+            dbias = grad.sum((0, *range(2, grad.dim())))
+        return dx, None, dbias, d1, d2, None, None

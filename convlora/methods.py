@@ -71,8 +71,8 @@ possible, since that traffic is what a weight-space method adds to a training st
   weight-sized allocated. (A fresh weight-sized allocation costs as much as several passes over
   warm memory on CPU, so the count of those is what this minimises.)
 
-While training, large ``Conv1d/2d/3d`` layers with LoRA, DoRA or LoHa (rank <= 8) skip all of
-these backward passes: [convlora.lowrank_conv][] runs the same ``W'`` forward with a backward
+While training, large ``Conv1d/2d/3d`` layers with LoRA, DoRA, LoHa (rank <= 8) or LoKr
+(``groups=1``) skip all of these backward passes: [convlora.lowrank_conv][] runs the same ``W'`` forward with a backward
 in activation space that never forms the weight gradient ``G``.
 """
 
@@ -98,6 +98,8 @@ __all__ = [
     "init_factors_",
     "kron_split",
     "loha_khatri_rao",
+    "lokr_w2",
+    "lokr_weight",
     "LOHA_KHATRI_RAO_MAX_RANK",
     "method_delta",
     "method_problem",
@@ -331,6 +333,20 @@ class _DoRAWeight(torch.autograd.Function):
         return gm
 
 
+def lokr_w2(factors: Mapping[str, Tensor]) -> Tensor:
+    """LoKr's ``W2`` as a ``b x (d * prod(kernel))`` matrix (``W2a @ W2b`` when low-rank), with autograd."""
+    w2 = factors["lokr_w2"] if "lokr_w2" in factors else factors["lokr_w2_a"] @ factors["lokr_w2_b"]
+    return w2.reshape(w2.shape[0], -1)
+
+
+def lokr_weight(w: Tensor, w1: Tensor, w2: Tensor, scale: float) -> Tensor:
+    """``W + s * kron(W1, W2)`` for ``W`` viewed as ``(a, b, c, D)``: one broadcasting ``addcmul``.
+
+    Every LoKr forward computes ``W'`` with this function, so they agree bit for bit.
+    """
+    return torch.addcmul(w, w1[:, None, :, None], w2[None, :, None, :], value=scale)
+
+
 _LOKR_BLOCK_BYTES = 1 << 21
 
 
@@ -348,7 +364,7 @@ class _LoKrWeight(torch.autograd.Function):
     def forward(ctx: Any, w: Tensor, w1: Tensor, w2: Tensor, scale: float) -> Tensor:
         ctx.save_for_backward(w1, w2)
         ctx.scale = scale
-        return torch.addcmul(w, w1[:, None, :, None], w2[None, :, None, :], value=scale)
+        return lokr_weight(w, w1, w2, scale)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
@@ -403,9 +419,7 @@ def _method_delta(method: str, factors: Mapping[str, Tensor], weight_shape: tupl
         h = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
         return (h * scale).reshape(shape)
     if method == "lokr":
-        w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
-        w2 = w2.reshape(w2.shape[0], -1)
-        return (torch.kron(f["lokr_w1"], w2) * scale).reshape(shape)
+        return (torch.kron(f["lokr_w1"], lokr_w2(f)) * scale).reshape(shape)
     raise ValueError(f"method {method!r} has no additive delta; choose one of ('lora', 'loha', 'lokr')")
 
 
@@ -452,9 +466,7 @@ def _effective_weight(method: str, weight: Tensor, factors: Mapping[str, Tensor]
         out = torch.addmm(w.reshape(kra.shape[0], krb.shape[1]), kra, krb, alpha=scale)
         return out.view(weight.shape).to(weight.dtype)
     if method == "lokr":
-        w1 = f["lokr_w1"]
-        w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
-        w2 = w2.reshape(w2.shape[0], -1)
+        w1, w2 = f["lokr_w1"], lokr_w2(f)
         (a1, c1), (b2, d2) = w1.shape, w2.shape
         out = _LoKrWeight.apply(w.reshape(a1, b2, c1, d2), w1, w2, scale)
         return out.view(weight.shape).to(weight.dtype)

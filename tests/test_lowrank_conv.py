@@ -1,7 +1,7 @@
 """The activation-space backward of convlora.lowrank_conv: same forward bits, the formula's gradients.
 
 The property test runs the random conv grid of tests/test_layer.py (Conv1d/2d/3d, every padding
-mode and kind, stride, dilation, groups, bias) for LoRA, DoRA and LoHa with the size threshold
+mode and kind, stride, dilation, groups, bias) for LoRA, DoRA, LoHa and LoKr with the size threshold
 lowered to 0 so every eligible layer takes the path: its training forward equals the merged
 layer's output bit for bit, and the gradients of the input, the bias and every factor equal
 autograd through an independent float64 reference of the method's formula (DoRA's norm
@@ -22,33 +22,42 @@ from torch import nn
 import convlora
 import convlora.layer
 import convlora.lowrank_conv
-from convlora.lowrank_conv import activation_backward_conv, activation_backward_pays, conv_spec
+from convlora.lowrank_conv import (
+    activation_backward_conv,
+    activation_backward_kron_conv,
+    activation_backward_pays,
+    conv_spec,
+)
 from tests._core_helpers import randomize_adapters
 from tests._method_refs import reference_weight
 from tests.test_layer import build, conv_configs
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-METHODS = ["lora", "dora", "loha"]
+METHODS = ["lora", "dora", "loha", "lokr"]
 
 
 @pytest.fixture
 def calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
-    """Count the layer's calls of the activation-space function (every size allowed)."""
+    """Count the layer's calls of the activation-space functions."""
     seen: list[int] = []
-    real = convlora.layer.activation_backward_conv
+    for name in ("activation_backward_conv", "activation_backward_kron_conv"):
+        real = getattr(convlora.layer, name)
 
-    def spy(*args, **kwargs):
-        seen.append(1)
-        return real(*args, **kwargs)
+        def spy(*args, real=real, **kwargs):
+            seen.append(1)
+            return real(*args, **kwargs)
 
-    monkeypatch.setattr(convlora.layer, "activation_backward_conv", spy)
+        monkeypatch.setattr(convlora.layer, name, spy)
     yield seen
 
 
 def _eligible_rank(method: str, cfg: dict, weight: torch.Tensor, frac: float) -> int | None:
     """A rank the path takes on this layer (``3 * groups * r < out``, ``r**2`` for LoHa), or None."""
     limit = convlora.functional.max_rank("kernel", tuple(weight.shape), cfg["groups"])
+    if method == "lokr":  # the rank picks a full or a low-rank W2; the path needs a >= 4 of out = a * b
+        a = convlora.methods.kron_split(weight.shape[0])[0]
+        return max(1, round(frac * 8)) if a >= 4 else None
     for rank in range(max(1, round(frac * limit)), 0, -1):
         if activation_backward_pays((weight.shape[0], 1 << 20), cfg["groups"],
                                     rank * rank if method == "loha" else rank):
@@ -80,8 +89,11 @@ def _reference_grads(original: nn.Module, layer: nn.Module, method: str, x: torc
 def test_conv_grid_same_forward_bits_and_the_formulas_gradients(cfg: dict, method: str, zero_channel: bool,
                                                                 per_group: int, calls: list[int]) -> None:
     calls.clear()  # the fixture lives across hypothesis examples
-    # float64, and enough output channels per group for the path (3 * groups * r < out)
+    # float64, and enough output channels per group for the path (3 * groups * r < out); LoKr's
+    # path is for groups=1 and out = a * b with a >= 4
     cfg = {**cfg, "dtype": torch.float64, "cout": cfg["groups"] * per_group}
+    if method == "lokr":
+        cfg = {**cfg, "groups": 1, "cout": 4 * per_group}
     model, x = build(cfg)
     try:
         model(x)
@@ -143,6 +155,14 @@ def test_gradcheck_of_the_function_itself() -> None:
             lambda x, bias, a, b, weight=weight, spec=spec: activation_backward_conv(
                 x, weight, bias, a, b, 0.7, spec),
             (x, bias, a, b))
+    # LoKr, out = 4 * 2 and in = 2 * 2 (W1: 4 x 2, W2: 2 x (2 * 9)), strided and padded
+    x = rnd(1, 4, 5, 5)
+    weight = torch.randn(8, 4, 3, 3, generator=gen, dtype=torch.float64)
+    spec = conv_spec(2, (3, 3), (2, 2), (1, 1), (1, 1), 1)
+    assert spec is not None
+    assert torch.autograd.gradcheck(
+        lambda x, bias, w1, w2: activation_backward_kron_conv(x, weight, bias, w1, w2, 0.7, spec),
+        (x, rnd(8), rnd(4, 2), rnd(2, 18)))
 
 
 def test_in_place_ops_on_the_output_stay_allowed_and_gradients_stay_right() -> None:
@@ -196,8 +216,8 @@ def _routes(calls: list[int], model: nn.Module, x: torch.Tensor, **ctx: bool) ->
 
 
 def test_what_takes_the_path_at_the_default_threshold(calls: list[int]) -> None:
-    """Large convs take it; small ones, LoKr, bf16, autocast, a trainable base weight, unbatched
-    input, asymmetric 'same' padding and a near-full rank keep the weight-space backward."""
+    """Large convs take it; small ones, grouped LoKr, bf16, autocast, a trainable base weight,
+    unbatched input, asymmetric 'same' padding and a near-full rank keep the weight-space backward."""
     torch.manual_seed(0)
 
     def one(conv: nn.Module, rank: int = 4, method: str = "lora") -> nn.Module:
@@ -210,7 +230,8 @@ def test_what_takes_the_path_at_the_default_threshold(calls: list[int]) -> None:
     assert _routes(calls, one(nn.Conv2d(128, 128, 3, padding=1), method="loha", rank=2), big)
     assert not _routes(calls, one(nn.Conv2d(128, 128, 3, padding=1), method="loha", rank=8), big)
     assert not _routes(calls, one(nn.Conv2d(48, 48, 3, padding=1)), torch.randn(2, 48, 6, 6))
-    assert not _routes(calls, one(nn.Conv2d(128, 128, 3, padding=1), method="lokr"), big)
+    assert _routes(calls, one(nn.Conv2d(128, 128, 3, padding=1), method="lokr"), big)
+    assert not _routes(calls, one(nn.Conv2d(128, 128, 3, padding=1, groups=2), method="lokr"), big)
     assert not _routes(calls, one(nn.Conv2d(128, 128, 3, padding=1), rank=43), big)
     assert not _routes(calls, one(nn.Conv2d(128, 128, 3, padding=1)).bfloat16(), big.bfloat16())
     assert not _routes(calls, one(nn.Conv2d(128, 128, 3, padding=1)), big, autocast=True)
@@ -224,9 +245,9 @@ def test_what_takes_the_path_at_the_default_threshold(calls: list[int]) -> None:
     assert not calls
 
 
-@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("method", ["lora", "dora", "lokr"])
 def test_compile_fullgraph_matches_eager(method: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """LoRA's path compiles in one graph; DoRA (whose zero-magnitude check is data-dependent)
+    """LoRA's and LoKr's paths compile in one graph; DoRA (whose zero-magnitude check is data-dependent)
     keeps its branch-free weight-space backward under torch.compile."""
     monkeypatch.setattr(convlora.lowrank_conv, "ACTIVATION_BACKWARD_MIN_WEIGHT", 0)
     torch._dynamo.reset()
