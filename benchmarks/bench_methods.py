@@ -6,7 +6,9 @@ interleaved in one process, with adapters of rank ``--rank`` on every conv:
 
 * train step (zero_grad, forward, L1 loss, backward, Adam step): full fine-tuning (the
   reference), a second full fine-tuning copy (A/A control: its spread is the noise), convlora's
-  LoRA / DoRA / LoHa / LoKr (unmerged) and PEFT's LoRA / DoRA / LoHa / LoKr;
+  LoRA / DoRA / LoHa / LoKr / LoHa in the Tucker form (``loha+tucker``; unmerged) and PEFT's
+  LoRA / DoRA / LoHa / LoKr / LoHa with ``use_effective_conv2d``. (Tucker LoKr is left out: at
+  rank 4 on 48- or 64-channel convs its ``W2`` is full, where the option changes nothing);
 * inference (``torch.inference_mode``, eval mode): the original model (reference), an A/A
   copy, and the same adapted models unmerged.
 
@@ -49,7 +51,11 @@ from torch import nn
 
 import convlora
 
-METHODS = ("lora", "dora", "loha", "lokr")
+METHODS: dict[str, dict[str, object]] = {
+    **{m: {"method": m} for m in ("lora", "dora", "loha", "lokr")},
+    "loha+tucker": {"method": "loha", "tucker": True},
+}
+"""The convlora cases: ``{label: inject keywords}``."""
 
 
 def _nonzero(params: list[nn.Parameter], seed: int) -> None:
@@ -64,11 +70,11 @@ def adapted(base: nn.Module, rank: int) -> tuple[dict[str, nn.Module], list[str]
     """convlora and PEFT copies of ``base`` with each method on every conv."""
     models: dict[str, nn.Module] = {}
     notes: list[str] = []
-    for method in METHODS:
+    for label, kwargs in METHODS.items():
         m = copy.deepcopy(base)
-        convlora.inject(m, rank=rank, method=method)
+        convlora.inject(m, rank=rank, **kwargs)  # type: ignore[arg-type]
         _nonzero(list(convlora.lora_parameters(m)), 1)
-        models[f"convlora {method}"] = m
+        models[f"convlora {label}"] = m
     try:
         import peft
     except ImportError:
@@ -80,6 +86,8 @@ def adapted(base: nn.Module, rank: int) -> tuple[dict[str, nn.Module], list[str]
         "dora": peft.LoraConfig(r=rank, lora_alpha=rank, target_modules=targets, use_dora=True),
         "loha": peft.LoHaConfig(r=rank, alpha=rank, target_modules=targets),
         "lokr": peft.LoKrConfig(r=rank, alpha=rank, target_modules=targets),
+        "loha+tucker": peft.LoHaConfig(r=rank, alpha=rank, target_modules=targets,
+                                       use_effective_conv2d=True),
     }
     for method, cfg in configs.items():
         with warnings.catch_warnings():

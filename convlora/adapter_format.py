@@ -8,8 +8,12 @@ type, weight shape, conv settings, rank, alpha, factorisation), ``bias`` (the bi
 version 2), ``bias_keys``, ``base_fingerprint`` (SHA-256 over the targeted base weights),
 ``base_sketch`` and ``user`` (your metadata). From version 3 each layer entry also holds
 ``method`` and ``rslora``; a file is written as version 3 only when it needs them (a method other
-than ``"lora"`` or rsLoRA scaling), so plain LoRA files stay readable by older convlora. Files of
-versions 1 and 2 load as method ``"lora"``; version-1 files (no ``bias``) are still read.
+than ``"lora"`` or rsLoRA scaling), so plain LoRA files stay readable by older convlora. From
+version 4 a layer entry may hold ``"tucker": true`` (LoHa/LoKr in the Tucker form, see
+[convlora.methods][]); a file is written as version 4 only when a layer has it, so older convlora
+refuses such a file by its version instead of misreading its factors. A layer without the field
+reads with it off. Files of versions 1 and 2 load as method ``"lora"``; version-1 files (no
+``bias``) are still read.
 
 [read_adapter][convlora.read_adapter] checks a file against all of this, without a model;
 writing one from a model, and loading one into a model, is ``convlora.adapters``.
@@ -38,8 +42,8 @@ from .trainable import BIAS_MODES
 __all__ = ["FORMAT", "FORMAT_VERSION", "READABLE_VERSIONS", "read_adapter"]
 
 FORMAT = "convlora.adapter"
-FORMAT_VERSION = "3"  # written only when a layer needs "method"/"rslora"; else "2"
-READABLE_VERSIONS = ("1", "2", "3")  # "1": no bias mode recorded (biases saved = the trainable ones)
+FORMAT_VERSION = "4"  # written only when a layer has "tucker"; "3" when one needs "method"/"rslora"; else "2"
+READABLE_VERSIONS = ("1", "2", "3", "4")  # "1": no bias mode recorded (biases saved = the trainable ones)
 
 
 def _is_int(x: object, low: int = 0) -> bool:
@@ -112,6 +116,7 @@ def _layer_problem(lm: object) -> str | None:
         "dropout": is_number(lm.get("dropout", 0.0)) and 0 <= lm.get("dropout", 0.0) < 1,
         "base_dtype": lm.get("base_dtype", "float32") in _DTYPES,
         "rslora": isinstance(lm.get("rslora", False), bool),
+        "tucker": isinstance(lm.get("tucker", False), bool),
     }
     if ndim:  # conv settings: optional, but well-formed when present
         pad = lm.get("padding", [0] * ndim)
@@ -165,6 +170,10 @@ def _decode(path: Path, raw: dict[str, str]) -> dict[str, Any]:
             raise AdapterFormatError(f"{path}: metadata of layer {lname!r}: {problem}.")
         lm.setdefault("method", "lora")  # versions 1 and 2 hold LoRA adapters only
         lm.setdefault("rslora", False)
+        lm.setdefault("tucker", False)  # versions 1 to 3: the flattened LoHa/LoKr factors
+        if lm["tucker"] and meta["format_version"] != "4":
+            raise AdapterFormatError(f"{path}: metadata of layer {lname!r}: tucker=true, which format "
+                                     f"version {meta['format_version']} does not hold (version 4 does).")
     if not isinstance(keys, list) or not all(
             isinstance(k, str) and k.rpartition(".")[2] == "bias" and _layer_name_ok(k) for k in keys) \
             or len(set(keys)) != len(keys):
@@ -201,14 +210,15 @@ def _check_tensors(path: Path, tensors: dict[str, Tensor], meta: dict[str, Any])
     for lname, lm in layers.items():
         shape = tuple(lm["weight_shape"])
         problem = factorization_problem(lm["factorization"], shape, lm["groups"])
-        problem = problem or method_problem(lm["method"], lm["factorization"], shape, lm["groups"], lm["rank"])
+        problem = problem or method_problem(lm["method"], lm["factorization"], shape, lm["groups"],
+                                            lm["rank"], lm["tucker"])
         limit = max_rank(lm["factorization"], shape, lm["groups"])
         if problem is None and lm["method"] in ("lora", "dora") and lm["rank"] > limit:
             problem = f"rank={lm['rank']} exceeds {limit} for weight {list(shape)}"
         if problem:
             raise AdapterFormatError(f"{path}: metadata of layer {lname!r}: {problem}.")
         specs[lname] = factor_shapes(lm["method"], lm["factorization"], shape, lm["rank"], lm["groups"],
-                                     lm["type"].startswith("ConvTranspose"))
+                                     lm["type"].startswith("ConvTranspose"), lm["tucker"])
     expected = {f"{n}.{f}" for n, fs in specs.items() for f in fs} | set(meta["bias_keys"])
     missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
     if missing or unexpected:

@@ -38,6 +38,8 @@ def _layer_meta(layer: LoRALayer, name: str) -> dict[str, Any]:
                             "dropout": layer.dropout[name],
                             "base_dtype": dtype_name(layer.base_weight().dtype),
                             "method": layer.method[name], "rslora": layer.rslora[name]}
+    if layer.tucker[name]:  # only then: the entry stays what format version 3 holds
+        meta["tucker"] = True
     if layer.ndim:
         meta.update(stride=list(layer.stride), dilation=list(layer.dilation),
                     padding=layer.padding if isinstance(layer.padding, str) else list(layer.padding),
@@ -87,7 +89,9 @@ def save_adapter(model: nn.Module, path: str | os.PathLike[str], *, name: str = 
     if plain:  # version 2 holds them exactly: keep the file readable by older convlora
         for e in entries.values():
             del e["method"], e["rslora"]
-    meta = {"format": FORMAT, "format_version": "2" if plain else FORMAT_VERSION,
+    # the oldest version that holds the file: older convlora reads it, or refuses it by version
+    version = FORMAT_VERSION if any("tucker" in e for e in entries.values()) else "2" if plain else "3"
+    meta = {"format": FORMAT, "format_version": version,
             "convlora_version": __version__, "adapter_name": name, "layers": json.dumps(entries),
             "bias": bias, "bias_keys": json.dumps(bias_keys), "base_fingerprint": fingerprint(bases),
             "base_sketch": json.dumps(sketch(bases)), "user": user}
@@ -235,7 +239,7 @@ def _apply(model: nn.Module, tensors: dict[str, Tensor], meta: dict[str, Any], n
                 replace_module(model, lname, layer)
                 replaced.append((lname, modules[lname]))
             layer.add_adapter(name, lm["rank"], lm["alpha"], lm["factorization"],
-                              lm.get("dropout", 0.0), lname, lm["method"], lm["rslora"])
+                              lm.get("dropout", 0.0), lname, lm["method"], lm["rslora"], lm["tucker"])
             added.append(layer)
             with torch.no_grad():
                 for factor, param in layer.factors(name).items():

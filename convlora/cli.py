@@ -48,7 +48,8 @@ def _inspect(args: argparse.Namespace) -> int:
         p = sum(t.numel() for k, t in tensors.items() if k.rpartition(".")[0] == lname
                 and k.rpartition(".")[2] != "bias")
         rows.append((lname, lm["type"], "x".join(map(str, lm["weight_shape"])),
-                     lm["method"] + ("+rs" if lm["rslora"] else ""), str(lm["rank"]),
+                     lm["method"] + ("+tucker" if lm["tucker"] else "") + ("+rs" if lm["rslora"] else ""),
+                     str(lm["rank"]),
                      f"{lm['alpha']:g}", lm["factorization"], f"{p:,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:

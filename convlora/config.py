@@ -77,6 +77,15 @@ class LoRAConfig:
             [convlora.methods][].
         method_pattern: ``{pattern: method}`` overrides.
         rslora: Scale by ``alpha / sqrt(rank)`` (rsLoRA) instead of ``alpha / rank``.
+        tucker: Build LoHa/LoKr factors in the Tucker form (PEFT's ``use_effective_conv2d``):
+            a ``rank x rank x kernel`` core and two ``rank``-row factors instead of one
+            ``rank x (ch * prod(kernel))`` factor; see [convlora.methods][]. It applies where
+            [tucker_applies][convlora.methods.tucker_applies] says so (``"loha"``/``"lokr"`` on
+            a ``Conv``/``ConvTranspose`` with a kernel of more than one tap) and is ignored
+            elsewhere (``Linear``, ``1x1`` kernels, ``"lora"``/``"dora"``, a full LoKr ``W2``),
+            as PEFT ignores it; each layer records whether it applied. Refused when neither
+            ``method`` nor ``method_pattern`` names ``"loha"``/``"lokr"``.
+        tucker_pattern: ``{pattern: bool}`` overrides of ``tucker``.
     """
 
     rank: int = 4
@@ -92,6 +101,8 @@ class LoRAConfig:
     method: str = "lora"
     method_pattern: Mapping[str, str] | None = field(default=None)
     rslora: bool = False
+    tucker: bool = False
+    tucker_pattern: Mapping[str, bool] | None = field(default=None)
 
     def __post_init__(self) -> None:
         _check_rank(self.rank, "rank")
@@ -115,6 +126,17 @@ class LoRAConfig:
                 raise ConvLoRAError(f"{where}={m!r} is not a known method; choose one of {METHODS}.")
         if not isinstance(self.rslora, bool):
             raise ConvLoRAError(f"rslora={self.rslora!r} must be True or False.")
+        tuckers = [("tucker", self.tucker)] + [
+            (f"tucker_pattern[{p!r}]", v) for p, v in (self.tucker_pattern or {}).items()]
+        for where, t in tuckers:
+            if not isinstance(t, bool):
+                raise ConvLoRAError(f"{where}={t!r} must be True or False.")
+        methods = {self.method, *(self.method_pattern or {}).values()}
+        if any(t for _, t in tuckers) and not methods & {"loha", "lokr"}:
+            raise ConvLoRAError(f"tucker=True applies to methods 'loha'/'lokr' only, and no layer "
+                                f"uses them (method={self.method!r}, method_pattern="
+                                f"{self.method_pattern!r}); set method='loha' or 'lokr', or "
+                                "leave tucker off.")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ConvLoRAError(f"dropout={self.dropout!r} must be a number in [0, 1).")
 
@@ -134,6 +156,10 @@ class LoRAConfig:
     def method_for(self, name: str) -> str:
         """Method of the layer ``name``."""
         return str(pattern_lookup(self.method_pattern, name, self.method))
+
+    def tucker_for(self, name: str) -> bool:
+        """Whether the Tucker form is asked for on the layer ``name`` (used where it applies)."""
+        return bool(pattern_lookup(self.tucker_pattern, name, self.tucker))
 
     def replace(self, **changes: Any) -> LoRAConfig:
         """A copy with ``changes`` applied (validated again)."""

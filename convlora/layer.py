@@ -142,6 +142,7 @@ class LoRALayer(nn.Module):
         self.dropout: dict[str, float] = {}
         self.method: dict[str, str] = {}
         self.rslora: dict[str, bool] = {}
+        self.tucker: dict[str, bool] = {}
         self.active_adapter: str | None = None
         # Several active adapters with weights (first key == active_adapter), set by set_adapter.
         self.adapter_weights: dict[str, float] | None = None
@@ -170,7 +171,8 @@ class LoRALayer(nn.Module):
     def extra_repr(self) -> str:
         shape = "x".join(str(s) for s in self.weight.shape)
         adapters = ", ".join(f"{n}({self.method[n]}, r={self.rank[n]}, a={self.alpha[n]:g}, "
-                             f"{self.factorization[n]}{', rslora' if self.rslora[n] else ''})"
+                             f"{self.factorization[n]}{', rslora' if self.rslora[n] else ''}"
+                             f"{', tucker' if self.tucker[n] else ''})"
                              for n in self.rank)
         return (f"{self.base_type} {shape}, adapters=[{adapters}], active={self.active_adapter!r}, "
                 f"merged={self.merged_adapter!r}")
@@ -187,9 +189,14 @@ class LoRALayer(nn.Module):
 
     def add_adapter(self, name: str, rank: int, alpha: float, factorization: str = "kernel",
                     dropout: float = 0.0, layer_name: str = "?", method: str = "lora",
-                    rslora: bool = False) -> None:
-        """Add a freshly initialised adapter (it starts as the identity: the output does not change)."""
-        problem = self.adapter_problem(rank, factorization, method)
+                    rslora: bool = False, tucker: bool = False) -> None:
+        """Add a freshly initialised adapter (it starts as the identity: the output does not change).
+
+        ``tucker=True`` builds a LoHa/LoKr adapter in the Tucker form (see [convlora.methods][]);
+        it is refused where it does not apply. ([inject][convlora.inject] asks for it only where
+        [tucker_applies][convlora.methods.tucker_applies].)
+        """
+        problem = self.adapter_problem(rank, factorization, method, tucker)
         if problem is None and method == "dora" and dropout > 0:
             problem = ("method 'dora' rescales W + delta and has no additive branch for dropout; "
                        "use dropout=0")
@@ -199,7 +206,7 @@ class LoRALayer(nn.Module):
             raise MergeStateError(f"layer {layer_name!r} already has an adapter named {name!r}; "
                                   "pick another adapter_name or delete_adapter() it first.")
         shapes = factor_shapes(method, factorization, tuple(self.weight.shape), rank, self.groups,
-                               self.transposed)
+                               self.transposed, tucker)
         kw: dict[str, Any] = {"device": self.weight.device, "dtype": self.weight.dtype}
         made = {f: nn.Parameter(torch.empty(shape, **kw)) for f, shape in shapes.items()}
         init_factors_(method, made, self.weight, self.groups, self.transposed)
@@ -208,6 +215,7 @@ class LoRALayer(nn.Module):
         self.rank[name], self.alpha[name] = int(rank), float(alpha)
         self.factorization[name], self.dropout[name] = factorization, float(dropout)
         self.method[name], self.rslora[name] = method, bool(rslora)
+        self.tucker[name] = bool(tucker)
 
     def factor_store(self, factor: str) -> nn.ParameterDict:
         """The ``ParameterDict`` holding factor ``factor`` of every adapter (made on first use)."""
@@ -222,13 +230,15 @@ class LoRALayer(nn.Module):
         return {f: store[name] for f, store in self._modules.items()
                 if isinstance(store, nn.ParameterDict) and name in store}
 
-    def adapter_problem(self, rank: int, factorization: str, method: str = "lora") -> str | None:
-        """Why an adapter of this rank/factorisation/method cannot go on this layer, or ``None``."""
+    def adapter_problem(self, rank: int, factorization: str, method: str = "lora",
+                        tucker: bool = False) -> str | None:
+        """Why an adapter of this rank/factorisation/method (Tucker form or not) cannot go on this
+        layer, or ``None``."""
         shape = tuple(self.weight.shape)
         problem = factorization_problem(factorization, shape, self.groups)
         if problem:
             return f"{problem} (weight {shape}, groups={self.groups})"
-        problem = method_problem(method, factorization, shape, self.groups, rank)
+        problem = method_problem(method, factorization, shape, self.groups, rank, tucker)
         if problem:
             return f"{problem} (weight {shape}, groups={self.groups})"
         limit = max_rank(factorization, shape, self.groups)
@@ -246,7 +256,7 @@ class LoRALayer(nn.Module):
         for factor in self.factors(name):
             del self.factor_store(factor)[name]
         for meta in (self.rank, self.alpha, self.factorization, self.dropout, self.method,
-                     self.rslora):
+                     self.rslora, self.tucker):
             meta.pop(name)
         if self.active_adapter == name:
             self.active_adapter = None

@@ -153,7 +153,8 @@ def summary(model: nn.Module) -> str:
             rows.append((lname, layer.base_type, "x".join(map(str, layer.weight.shape)),
                          name + ("*" if name == layer.active_adapter else ""), str(layer.rank[name]),
                          f"{layer.alpha[name]:g}",
-                         layer.method[name] + ("+rs" if layer.rslora[name] else ""),
+                         layer.method[name] + ("+tucker" if layer.tucker[name] else "")
+                         + ("+rs" if layer.rslora[name] else ""),
                          layer.factorization[name], f"{n:,}",
                          "yes" if layer.merged_adapter == name else "no"))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

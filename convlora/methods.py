@@ -34,6 +34,27 @@ is ``(in, out/groups, *kernel)``, the input channels by ``out/groups * kernel``;
   ``lokr_w2_b: rank x (d * prod(kernel))``), PEFT's rule. Init as PEFT: ``W1 = 0``, ``W2``
   (or its factors) Kaiming-uniform.
 
+**Tucker form** (``tucker=True``; PEFT's ``use_effective_conv2d``, LyCORIS's CP/Tucker
+decomposition) of LoHa and LoKr, on a convolution weight ``(rows, ch, *kernel)`` whose kernel
+has more than one tap (see [tucker_applies][convlora.methods.tucker_applies]): a low-rank
+product is built as ``tucker(T, U, V)[p, q, k] = sum_{i, j} T[i, j, k] * U[i, p] * V[j, q]``
+with a core ``T: rank x rank x kernel`` and two factors ``U: rank x rows``, ``V: rank x ch``
+(``k`` runs over the kernel taps). So the kernel gets its own small factor, where the flattened
+form spends ``rank * ch * prod(kernel)`` parameters on the ``cols`` axis.
+
+* ``"loha"``: ``delta = s * tucker(T1, W1a, W1b) * tucker(T2, W2a, W2b)``, factors
+  ``hada_t1``, ``hada_t2`` (``rank x rank x kernel``), ``hada_w1_a``, ``hada_w2_a``
+  (``rank x rows``), ``hada_w1_b``, ``hada_w2_b`` (``rank x ch``). Init as PEFT: ``W2b = 0``,
+  the others Kaiming-uniform.
+* ``"lokr"``, where ``W2`` is low-rank: ``W2 = tucker(T2, W2a, W2b)`` of shape
+  ``(b, d, *kernel)`` with ``lokr_t2: rank x rank x kernel``, ``lokr_w2_a: rank x b``,
+  ``lokr_w2_b: rank x d``; where ``W2`` is full the option changes nothing, as in PEFT.
+
+The layouts are PEFT's, except that PEFT stores a ``Conv1d`` core as ``rank x rank x k x 1``
+(convlora: ``rank x rank x k``) and has no ``Conv3d``/``ConvTranspose`` LoHa/LoKr. On a
+``ConvTranspose`` weight ``(in, out/groups, *kernel)`` the same formula runs over its axes 0
+and 1.
+
 A fresh adapter leaves the output unchanged: ``B = 0``, ``W2b = 0`` and ``W1 = 0`` make the
 delta exactly zero. For DoRA, ``m = ||W||`` and ``||V|| = ||W||`` are computed by the same
 function on the same tensor, so ``m / ||V|| = 1`` exactly and ``W' = W`` bit for bit when the
@@ -55,6 +76,10 @@ possible, since that traffic is what a weight-space method adds to a training st
   ``KRb[(p, q), j] = W1b[p, j] * W2b[q, j]``: one ``addmm`` of inner size ``rank**2`` builds ``W'``
   (a LoRA of rank ``rank**2`` whose factors are built from the small LoHa factors), and its
   backward reads the weight gradient twice instead of materialising the two products.
+* Tucker LoHa contracts each core with its ``W*b`` first (``C: rank x cols``, small), so each
+  product is ``W*a^T @ C``; for ``rank <= 8`` it then runs the Khatri-Rao ``addmm`` above on
+  ``(W1a^T, C1, W2a^T, C2)``. Tucker LoKr rebuilds ``W2`` (``W2a^T @ C``) and then runs LoKr's
+  path below.
 * LoKr adds ``s * W1[i, l] * W2[j, m]`` to ``W`` viewed as ``(a, b, c, d * prod(kernel))`` in one
   broadcasting ``addcmul``, without materialising the Kronecker product; its backward reads the
   weight gradient twice (``dW1`` in cache-sized blocks, ``dW2`` as one batched product) instead of
@@ -105,12 +130,13 @@ __all__ = [
     "method_problem",
     "output_channels",
     "scale_for",
+    "tucker_applies",
 ]
 
 METHODS: tuple[str, ...] = ("lora", "dora", "loha", "lokr")
 FACTOR_NAMES: tuple[str, ...] = ("lora_A", "lora_B", "lora_magnitude", "hada_w1_a", "hada_w1_b",
-                                 "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w2", "lokr_w2_a",
-                                 "lokr_w2_b")
+                                 "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2", "lokr_w1",
+                                 "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 """Every factor name any method uses: the ``<layer>.<factor>.<adapter>`` state-dict keys."""
 
 
@@ -130,11 +156,28 @@ def output_channels(weight_shape: tuple[int, ...], groups: int, transposed: bool
     return weight_shape[1] * groups if transposed else weight_shape[0]
 
 
+def tucker_applies(method: str, weight_shape: tuple[int, ...], rank: int) -> bool:
+    """Whether the Tucker form changes the factors of this adapter (else ``tucker`` is ignored).
+
+    True for ``"loha"`` and ``"lokr"`` on a convolution weight (``Conv`` or ``ConvTranspose``,
+    1-3 spatial dims) whose kernel has more than one tap, except a ``"lokr"`` whose ``W2`` is
+    full (``rank >= max(b, d) / 2``). Where it is false -- ``"lora"``/``"dora"``, ``Linear``,
+    ``1x1`` kernels, a full LoKr ``W2`` -- PEFT's ``use_effective_conv2d`` is ignored too.
+    """
+    shape = tuple(int(s) for s in weight_shape)
+    if method not in ("loha", "lokr") or len(shape) < 3 or math.prod(shape[2:]) <= 1:
+        return False
+    return method == "loha" or not _lokr_dims(shape, rank)[4]
+
+
 def method_problem(method: str, factorization: str, weight_shape: tuple[int, ...], groups: int,
-                   rank: int) -> str | None:
+                   rank: int, tucker: bool = False) -> str | None:
     """Why ``method`` cannot go on a layer with this weight, or ``None`` when it can."""
     if method not in METHODS:
         return f"unknown method {method!r}; choose one of {METHODS}"
+    if tucker and not tucker_applies(method, weight_shape, rank):
+        return (f"tucker=True does not apply to method {method!r} with rank {rank} on this weight (only 'loha'/'lokr' on a conv kernel with more than one tap, "
+                "and a low-rank LoKr W2); use tucker=False")
     if method in ("loha", "lokr") and factorization != "kernel":
         return (f"method {method!r} has its own factor layout; use factorization='kernel' "
                 f"(got {factorization!r})")
@@ -153,9 +196,25 @@ def _lokr_dims(weight_shape: tuple[int, ...], rank: int) -> tuple[int, int, int,
 
 
 def factor_shapes(method: str, factorization: str, weight_shape: tuple[int, ...], rank: int,
-                  groups: int = 1, transposed: bool = False) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the factors of one adapter, in creation order."""
+                  groups: int = 1, transposed: bool = False,
+                  tucker: bool = False) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the factors of one adapter, in creation order.
+
+    ``tucker=True`` gives the Tucker form's factors; it must apply
+    ([tucker_applies][convlora.methods.tucker_applies]).
+    """
     shape = tuple(int(s) for s in weight_shape)
+    if tucker:
+        if not tucker_applies(method, shape, rank):
+            raise ValueError(f"the Tucker form does not apply to {method!r} on weight {shape}, rank {rank}")
+        kernel = shape[2:]
+        if method == "loha":
+            return {"hada_t1": (rank, rank, *kernel), "hada_w1_a": (rank, shape[0]),
+                    "hada_w1_b": (rank, shape[1]), "hada_t2": (rank, rank, *kernel),
+                    "hada_w2_a": (rank, shape[0]), "hada_w2_b": (rank, shape[1])}
+        a, b, c, d, _ = _lokr_dims(shape, rank)
+        return {"lokr_w1": (a, c), "lokr_t2": (rank, rank, *kernel), "lokr_w2_a": (rank, b),
+                "lokr_w2_b": (rank, d)}
     if method in ("lora", "dora"):
         sa, sb = lora_shapes(factorization, shape, rank, groups)
         out: dict[str, tuple[int, ...]] = {"lora_A": sa, "lora_B": sb}
@@ -334,8 +393,14 @@ class _DoRAWeight(torch.autograd.Function):
 
 
 def lokr_w2(factors: Mapping[str, Tensor]) -> Tensor:
-    """LoKr's ``W2`` as a ``b x (d * prod(kernel))`` matrix (``W2a @ W2b`` when low-rank), with autograd."""
-    w2 = factors["lokr_w2"] if "lokr_w2" in factors else factors["lokr_w2_a"] @ factors["lokr_w2_b"]
+    """LoKr's ``W2`` as a ``b x (d * prod(kernel))`` matrix (``W2a @ W2b`` when low-rank, the
+    Tucker product of ``lokr_t2``, ``W2a``, ``W2b`` in the Tucker form), with autograd."""
+    if "lokr_w2" in factors:
+        w2 = factors["lokr_w2"]
+    elif "lokr_t2" in factors:
+        w2 = _tucker(factors["lokr_t2"], factors["lokr_w2_a"], factors["lokr_w2_b"])
+    else:
+        w2 = factors["lokr_w2_a"] @ factors["lokr_w2_b"]
     return w2.reshape(w2.shape[0], -1)
 
 
@@ -382,6 +447,23 @@ class _LoKrWeight(torch.autograd.Function):
         return (g if need_w else None), g1, g2, None
 
 
+def _tucker_cols(t: Tensor, v: Tensor) -> Tensor:
+    """``c[i, (q, k)] = sum_j t[i, j, k] * v[j, q]``: the core with ``v`` contracted in, ``(i, q * K)``.
+
+    Small (``rank x ch * prod(kernel)``); ``u^T @ c`` is the Tucker product as a
+    ``rows x cols`` matrix. Plain 2-D products (the same kernels whether or not the factors
+    require grad, so a merge from a file computes what the layer computes).
+    """
+    r1, r2, taps = t.shape[0], t.shape[1], math.prod(t.shape[2:])
+    c = t.reshape(r1, r2, taps).transpose(1, 2).reshape(r1 * taps, r2) @ v  # (i*K, q)
+    return c.reshape(r1, taps, v.shape[1]).transpose(1, 2).reshape(r1, -1)
+
+
+def _tucker(t: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """``out[p, q, k] = sum_{i, j} t[i, j, k] * u[i, p] * v[j, q]``, shape ``(p, q, *kernel)``."""
+    return (u.T @ _tucker_cols(t, v)).reshape(u.shape[1], v.shape[1], *t.shape[2:])
+
+
 def init_factors_(method: str, factors: Mapping[str, Tensor], weight: Tensor, groups: int = 1,
                   transposed: bool = False) -> None:
     """Initialise fresh factors in place so that the adapter starts as the identity."""
@@ -415,6 +497,10 @@ def _method_delta(method: str, factors: Mapping[str, Tensor], weight_shape: tupl
     f = {k: v.to(dtype) for k, v in factors.items()}
     if method == "lora":
         return (f["lora_B"] @ f["lora_A"] * scale).reshape(shape)
+    if method == "loha" and "hada_t1" in f:
+        h = (_tucker(f["hada_t1"], f["hada_w1_a"], f["hada_w1_b"])
+             * _tucker(f["hada_t2"], f["hada_w2_a"], f["hada_w2_b"]))
+        return (h * scale).reshape(shape)
     if method == "loha":
         h = (f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])
         return (h * scale).reshape(shape)
@@ -427,14 +513,26 @@ LOHA_KHATRI_RAO_MAX_RANK = 8
 """LoHa ranks up to this one build ``W'`` as one product of inner size ``rank**2``."""
 
 
+def _loha_rank(factors: Mapping[str, Tensor]) -> int:
+    return int(factors["hada_t1"].shape[0] if "hada_t1" in factors else factors["hada_w1_a"].shape[1])
+
+
 def loha_khatri_rao(factors: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
     """``(KRa, KRb)`` with ``(W1a @ W1b) * (W2a @ W2b) = KRa @ KRb`` (inner size ``rank**2``).
 
     ``KRa[i, (p, q)] = W1a[i, p] * W2a[i, q]`` and ``KRb[(p, q), j] = W1b[p, j] * W2b[q, j]``;
     built from the small factors with autograd, so gradients reach them through the product.
+    In the Tucker form each product is ``W*a^T @ C*`` with ``C*`` the core with ``W*b``
+    contracted in (``rank x cols``, small), and those four matrices take the places of
+    ``W1a, W1b, W2a, W2b``.
     """
-    w1a, w1b = factors["hada_w1_a"], factors["hada_w1_b"]
-    w2a, w2b = factors["hada_w2_a"], factors["hada_w2_b"]
+    if "hada_t1" in factors:
+        w1a, w2a = factors["hada_w1_a"].T, factors["hada_w2_a"].T
+        w1b = _tucker_cols(factors["hada_t1"], factors["hada_w1_b"])
+        w2b = _tucker_cols(factors["hada_t2"], factors["hada_w2_b"])
+    else:
+        w1a, w1b = factors["hada_w1_a"], factors["hada_w1_b"]
+        w2a, w2b = factors["hada_w2_a"], factors["hada_w2_b"]
     kra = (w1a[:, :, None] * w2a[:, None, :]).reshape(w1a.shape[0], -1)
     krb = (w1b[:, None, :] * w2b[None, :, :]).reshape(-1, w1b.shape[1])
     return kra, krb
@@ -461,7 +559,7 @@ def _effective_weight(method: str, weight: Tensor, factors: Mapping[str, Tensor]
     dtype = compute_dtype(weight, *factors.values())
     f = {k: v.to(dtype) for k, v in factors.items()}
     w = weight.to(dtype)
-    if method == "loha" and f["hada_w1_a"].shape[1] <= LOHA_KHATRI_RAO_MAX_RANK:
+    if method == "loha" and _loha_rank(f) <= LOHA_KHATRI_RAO_MAX_RANK:
         kra, krb = loha_khatri_rao(f)
         out = torch.addmm(w.reshape(kra.shape[0], krb.shape[1]), kra, krb, alpha=scale)
         return out.view(weight.shape).to(weight.dtype)

@@ -14,6 +14,7 @@ from torch import nn
 from .config import PIXEL_SHUFFLE, LoRAConfig, Target, match_pattern
 from .errors import ConvLoRAError, MergeStateError, TargetError, UnsupportedLayerError
 from .layer import LoRALayer, unsupported_reason
+from .methods import tucker_applies
 from .trainable import mark_only_lora_trainable
 from .wrappers import refuse_distributed, unwrap
 
@@ -261,7 +262,8 @@ def inject(model: nn.Module, rank: int | LoRAConfig = 4, alpha: float | None = N
            factorization: str = "kernel", factorization_pattern: dict[str, str] | None = None,
            dropout: float = 0.0, freeze: bool = True, adapter_name: str = "default",
            method: str = "lora", method_pattern: dict[str, str] | None = None,
-           rslora: bool = False) -> list[str]:
+           rslora: bool = False, tucker: bool = False,
+           tucker_pattern: dict[str, bool] | None = None) -> list[str]:
     """Replace matching layers of ``model`` in place with LoRA layers.
 
     Either pass the settings as keywords or a [LoRAConfig][convlora.LoRAConfig] as the second
@@ -277,6 +279,9 @@ def inject(model: nn.Module, rank: int | LoRAConfig = 4, alpha: float | None = N
     ``"dora"``, ``"loha"`` or ``"lokr"`` (see [convlora.methods][]), per layer with
     ``method_pattern``; ``rslora=True`` scales by ``alpha / sqrt(rank)``. Every method runs in
     weight space on every supported layer type (Conv1d/2d/3d, ConvTranspose1d/2d/3d, Linear).
+    ``tucker=True`` (per layer ``tucker_pattern``) builds LoHa/LoKr in the Tucker form on the
+    convs where it applies and is ignored on the other layers, as PEFT's
+    ``use_effective_conv2d``; ``layer.tucker[adapter_name]`` records where it applied.
 
     ``inject`` sees the module tree, not the code that runs it: code that reads a layer's
     ``weight`` instead of calling the layer would ignore the adapter until it is merged. The
@@ -299,12 +304,13 @@ def inject(model: nn.Module, rank: int | LoRAConfig = 4, alpha: float | None = N
                             rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
                             factorization=factorization, factorization_pattern=factorization_pattern,
                             dropout=dropout, freeze=freeze, method=method,
-                            method_pattern=method_pattern, rslora=rslora)
+                            method_pattern=method_pattern, rslora=rslora, tucker=tucker,
+                            tucker_pattern=tucker_pattern)
     if not isinstance(adapter_name, str) or not adapter_name.isidentifier():
         raise ConvLoRAError(f"adapter_name={adapter_name!r} must be a Python identifier.")
     names = find_targets(model, config.targets, config.exclude)
     modules = dict(model.named_modules())
-    plans: list[tuple[str, LoRALayer, int, float, str, str]] = []
+    plans: list[tuple[str, LoRALayer, int, float, str, str, bool]] = []
     for name in names:
         existing = modules[name]
         layer = existing if isinstance(existing, LoRALayer) else LoRALayer(existing)
@@ -314,14 +320,15 @@ def inject(model: nn.Module, rank: int | LoRAConfig = 4, alpha: float | None = N
             raise MergeStateError(f"layer {name!r} already has an adapter named {adapter_name!r}; "
                                   "pick another adapter_name or delete_adapter() first.")
         r, fac, meth = config.rank_for(name), config.factorization_for(name), config.method_for(name)
-        problem = layer.adapter_problem(r, fac, meth)
+        tuck = config.tucker_for(name) and tucker_applies(meth, tuple(layer.weight.shape), r)
+        problem = layer.adapter_problem(r, fac, meth, tuck)
         if problem is None and meth == "dora" and config.dropout > 0:
             problem = "method 'dora' has no additive branch for dropout; use dropout=0"
         if problem:
             raise UnsupportedLayerError(f"layer {name!r}: {problem}.")
-        plans.append((name, layer, r, config.alpha_for(name), fac, meth))
-    for name, layer, r, a, fac, meth in plans:
-        layer.add_adapter(adapter_name, r, a, fac, config.dropout, name, meth, config.rslora)
+        plans.append((name, layer, r, config.alpha_for(name), fac, meth, tuck))
+    for name, layer, r, a, fac, meth, tuck in plans:
+        layer.add_adapter(adapter_name, r, a, fac, config.dropout, name, meth, config.rslora, tuck)
         layer.active_adapter = adapter_name
         if layer is not modules[name]:
             replace_module(model, name, layer)

@@ -29,6 +29,12 @@ def from_out_major(m: Tensor, shape: tuple[int, ...], groups: int, transposed: b
     return g.reshape(shape)
 
 
+def tucker_product(t: Tensor, u: Tensor, v: Tensor) -> Tensor:
+    """``sum_{i, j} t[i, j, *k] u[i, p] v[j, q]`` -> ``(p, q, *k)``, by one einsum over flattened taps."""
+    flat = torch.einsum("ijk,ip,jq->pqk", t.reshape(t.shape[0], t.shape[1], -1), u, v)
+    return flat.reshape(u.shape[1], v.shape[1], *t.shape[2:])
+
+
 def reference_weight(method: str, w: Tensor, f: dict[str, Tensor], scale: float, groups: int = 1,
                      transposed: bool = False, detach_norm: bool = False) -> Tensor:
     """``W'`` in float64 from the method's definition (DoRA's norm detached from autograd if asked)."""
@@ -43,13 +49,23 @@ def reference_weight(method: str, w: Tensor, f: dict[str, Tensor], scale: float,
         norm = rows.pow(2).sum(dim=1).sqrt()
         norm = norm.detach() if detach_norm else norm
         return from_out_major(rows * (f["lora_magnitude"] / norm)[:, None], shape, groups, transposed)
+    if method == "loha" and "hada_t1" in f:  # Tucker form: core r x r x kernel, factors r x rows / r x ch
+        h = tucker_product(f["hada_t1"], f["hada_w1_a"], f["hada_w1_b"]) * tucker_product(
+            f["hada_t2"], f["hada_w2_a"], f["hada_w2_b"])
+        return w + scale * h.reshape(shape)
     if method == "loha":
         h = torch.einsum("or,rc->oc", f["hada_w1_a"], f["hada_w1_b"]) * torch.einsum(
             "or,rc->oc", f["hada_w2_a"], f["hada_w2_b"])
         return w + scale * h.reshape(shape)
     if method == "lokr":
         w1 = f["lokr_w1"]
-        w2 = f["lokr_w2"].reshape(f["lokr_w2"].shape[0], -1) if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+        if "lokr_t2" in f:
+            w2 = tucker_product(f["lokr_t2"], f["lokr_w2_a"], f["lokr_w2_b"])
+            w2 = w2.reshape(w2.shape[0], -1)
+        elif "lokr_w2" in f:
+            w2 = f["lokr_w2"].reshape(f["lokr_w2"].shape[0], -1)
+        else:
+            w2 = f["lokr_w2_a"] @ f["lokr_w2_b"]
         a, c = w1.shape
         b, d = w2.shape
         kron = torch.einsum("il,jm->ijlm", w1, w2).reshape(a * b, c * d)

@@ -22,7 +22,7 @@ from tests._core_helpers import randomize_adapters
 SETTINGS = settings(max_examples=6, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow,
                                            HealthCheck.function_scoped_fixture])
-METHODS = ["lora", "dora", "loha", "lokr"]
+METHODS = ["lora", "dora", "loha", "lokr", "loha+tucker", "lokr+tucker"]  # Tucker: on the 3x3 convs
 NAMES = ["a", "b", "c"]
 
 
@@ -37,9 +37,10 @@ def _model(seed: int, methods: list[str], ranks: list[int], rslora: bool = False
            factorization: str = "kernel") -> tuple[nn.Module, nn.Module, torch.Tensor]:
     base = _base(seed)
     model = copy.deepcopy(base)
-    for i, (name, method, rank) in enumerate(zip(NAMES, methods, ranks)):
+    for i, (name, variant, rank) in enumerate(zip(NAMES, methods, ranks)):
+        method, tucker = variant.removesuffix("+tucker"), variant.endswith("+tucker")
         convlora.inject(model, rank, 2.0 * rank, adapter_name=name, method=method, rslora=rslora,
-                        factorization=factorization if method == "lora" else "kernel",
+                        factorization=factorization if method == "lora" else "kernel", tucker=tucker,
                         factorization_pattern={"2": "kernel", "4": "kernel"})
         gen = torch.Generator().manual_seed(seed * 10 + i)
         with torch.no_grad():

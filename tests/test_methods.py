@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import struct
 from pathlib import Path
 
@@ -22,12 +23,26 @@ from torch import nn
 
 import convlora
 from convlora.errors import AdapterFormatError, UnsupportedLayerError
+from convlora.methods import tucker_applies
 from convlora.state_dict import merge_state_dict
 from tests._core_helpers import ATOL, keys_and_shapes, module_types, randomize_adapters
 from tests._method_refs import reference_weight, scale_of
 from tests.test_layer import build, conv_configs, pick_factorization_and_rank
 
 METHODS = ["lora", "dora", "loha", "lokr"]
+# the methods and the Tucker forms, as inject keywords (rank 1: where Tucker LoKr applies on small convs)
+VARIANTS = {**{m: {"method": m} for m in METHODS},
+            "loha+tucker": {"method": "loha", "tucker": True},
+            "lokr+tucker": {"method": "lokr", "tucker": True, "rank": 1}}
+
+
+def _inject(model: nn.Module, variant: str, rank: int = 2, **kw) -> None:
+    """``inject`` one of VARIANTS; a Tucker variant must apply on every conv of these models."""
+    convlora.inject(model, **{"rank": rank, **VARIANTS[variant], **kw})
+    tucker = VARIANTS[variant].get("tucker", False)
+    assert all(lyr.tucker["default"] == tucker for lyr in convlora.lora_layers(model).values())
+
+
 SETTINGS = settings(max_examples=40, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -67,6 +82,7 @@ def _check_exact_everywhere(model: nn.Module, original: nn.Module, call, method:
     convlora.load_adapter(fresh, path)
     assert torch.equal(call(fresh), y_unmerged)
     assert fresh[0].method["default"] == method and fresh[0].rslora["default"] == rslora
+    assert fresh[0].tucker["default"] == layer.tucker["default"]
 
     merged_sd = merge_state_dict(original.state_dict(), path)
     deployed = convlora.unload(model)
@@ -95,6 +111,31 @@ def test_conv_grid_every_method_is_exact(cfg: dict, method: str, rslora: bool,
                             cfg["dtype"], y0, Path(tmp_path_factory.mktemp("ad")), cfg["seed"])
 
 
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+@settings(SETTINGS, max_examples=20)
+@given(cfg=conv_configs(), rslora=st.booleans(), low=st.booleans())
+def test_conv_grid_tucker_is_exact(cfg: dict, method: str, rslora: bool, low: bool,
+                                   tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The Tucker forms on the conv grid (kernels of one tap widened to 3, where Tucker applies);
+    ``low``: rank 1, where Tucker LoKr applies on small convs."""
+    if math.prod(cfg["kernel"]) == 1:
+        cfg = {**cfg, "kernel": (3,) * cfg["ndim"]}
+    model, x = build(cfg)
+    original = copy.deepcopy(model)
+    try:
+        y0 = model(x)
+    except RuntimeError:
+        return
+    shape = tuple(model[0].weight.shape)
+    rank = 1 if low else max(1, round(cfg["rank_frac"] * convlora.functional.max_rank("kernel", shape,
+                                                                                       cfg["groups"])))
+    alpha = 2.0 * rank
+    assert convlora.inject(model, rank=rank, alpha=alpha, method=method, rslora=rslora, tucker=True) == ["0"]
+    assert model[0].tucker["default"] == tucker_applies(method, shape, rank)
+    _check_exact_everywhere(model, original, lambda m: m(x), method, rslora, rank, alpha,
+                            cfg["dtype"], y0, Path(tmp_path_factory.mktemp("ad")), cfg["seed"])
+
+
 @st.composite
 def transposed_configs(draw: st.DrawFn) -> dict:
     ndim = draw(st.sampled_from([1, 2, 2, 3]))
@@ -116,6 +157,22 @@ def transposed_configs(draw: st.DrawFn) -> dict:
 @SETTINGS
 @given(cfg=transposed_configs())
 def test_transposed_conv_grid_every_method_is_exact(cfg: dict, tmp_path_factory: pytest.TempPathFactory) -> None:
+    _transposed_case(cfg, Path(tmp_path_factory.mktemp("ad")))
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+@settings(SETTINGS, max_examples=15)
+@given(cfg=transposed_configs())
+def test_transposed_conv_grid_tucker_is_exact(cfg: dict, method: str,
+                                              tmp_path_factory: pytest.TempPathFactory) -> None:
+    kernel = cfg["kernel"] if math.prod(cfg["kernel"]) > 1 else (3,) * cfg["ndim"]  # where Tucker applies
+    rank_frac = 0.0 if method == "lokr" else cfg["rank_frac"]  # rank 1: Tucker LoKr applies more often
+    _transposed_case({**cfg, "method": method, "factorization": "kernel", "kernel": kernel,
+                      "rank_frac": rank_frac},
+                     Path(tmp_path_factory.mktemp("ad")), tucker=True)
+
+
+def _transposed_case(cfg: dict, tmp: Path, tucker: bool = False) -> None:
     torch.manual_seed(cfg["seed"])
     cls = {1: nn.ConvTranspose1d, 2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}[cfg["ndim"]]
     conv = cls(cfg["cin"], cfg["cout"], cfg["kernel"], stride=cfg["stride"], padding=cfg["padding"],
@@ -139,10 +196,11 @@ def test_transposed_conv_grid_every_method_is_exact(cfg: dict, tmp_path_factory:
     fac, rank = pick_factorization_and_rank(model[0].weight, cfg, method)
     alpha = 1.5 * rank
     assert convlora.inject(model, rank=rank, alpha=alpha, factorization=fac, method=method,
-                           rslora=cfg["rslora"]) == ["0"]
+                           rslora=cfg["rslora"], tucker=tucker) == ["0"]
     assert model[0].transposed
+    assert model[0].tucker["default"] == (tucker and tucker_applies(method, shape, rank))
     _check_exact_everywhere(model, original, call, method, cfg["rslora"], rank, alpha, cfg["dtype"],
-                            y0, Path(tmp_path_factory.mktemp("ad")), cfg["seed"])
+                            y0, tmp, cfg["seed"])
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -289,14 +347,14 @@ def test_lokr_gradients_match_autograd_through_the_formula(layout: str, rank: in
         torch.testing.assert_close(p.grad, factors[name].grad, rtol=1e-10, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("method,layout", [(m, lay) for m in METHODS for lay in ("conv2d kernel", "convT2d groups")]
+@pytest.mark.parametrize("method,layout", [(m, lay) for m in VARIANTS for lay in ("conv2d kernel", "convT2d groups")]
                          + [("lora", "conv2d loralib"), ("dora", "conv2d loralib")])
 def test_under_autocast_the_weight_is_computed_in_float32_merged_equals_unmerged_and_it_trains(
         method: str, layout: str) -> None:
     make, fac, shape = DORA_LAYOUTS[layout]
     torch.manual_seed(5)
     model = nn.Sequential(make())
-    convlora.inject(model, rank=2, factorization=fac, method=method, targets="0")
+    _inject(model, method, factorization=fac, targets="0")
     randomize_adapters(model, 6, std=0.3)
     layer = model[0]
     x = torch.randn(*shape)
@@ -389,7 +447,105 @@ def test_file_format_records_the_method_and_older_files_load_as_lora(tmp_path: P
     assert module_types(target) == module_types(base)
 
 
-@pytest.mark.parametrize("method", METHODS)
+def test_tucker_file_format_version_4_and_its_refusals(tmp_path: Path) -> None:
+    """Tucker layers are recorded as ``"tucker": true`` in a version-4 file; files without the
+    field (every older file) read with it off; a bad value, the field in an older version, or a
+    Tucker entry where it cannot apply are refused, naming the layer and the field."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1))
+    x = torch.randn(1, 3, 6, 6)
+    tuck, flat = copy.deepcopy(base), copy.deepcopy(base)
+    convlora.inject(tuck, rank=2, method="loha", tucker=True)
+    convlora.inject(flat, rank=2, method="loha")
+    randomize_adapters(tuck)
+    randomize_adapters(flat)
+    p_tuck = convlora.save_adapter(tuck, tmp_path / "tucker.safetensors")
+    p_flat = convlora.save_adapter(flat, tmp_path / "flat.safetensors")
+
+    def raw_layers(path: Path) -> dict:
+        with safe_open(str(path), "pt") as fh:
+            return json.loads(fh.metadata()["layers"])
+
+    assert raw_layers(p_tuck)["0"]["tucker"] is True and "tucker" not in raw_layers(p_tuck)["1"]
+    assert all("tucker" not in lm for lm in raw_layers(p_flat).values())
+    (_, meta_t), (_, meta_f) = convlora.read_adapter(p_tuck), convlora.read_adapter(p_flat)
+    assert meta_t["format_version"] == "4" and meta_f["format_version"] == "3"
+    assert [lm["tucker"] for lm in meta_t["layers"].values()] == [True, False]
+    assert [lm["tucker"] for lm in meta_f["layers"].values()] == [False, False]
+    loaded = copy.deepcopy(base)
+    convlora.load_adapter(loaded, p_tuck)
+    assert [loaded[i].tucker["default"] for i in (0, 1)] == [True, False]
+    assert torch.equal(loaded(x), tuck(x))
+
+    def edit(layer: str, value: object, version: str = "4"):
+        def change(meta: dict) -> None:
+            layers = json.loads(meta["layers"])
+            layers[layer]["tucker"] = value
+            meta["layers"], meta["format_version"] = json.dumps(layers), version
+        return change
+
+    cases = {"bad value": (edit("0", "yes"), r"layer '0': bad or missing \['tucker'\] \(tucker='yes'\)"),
+             "older version": (edit("0", True, "3"), r"layer '0': tucker=true, which format version 3 "
+                                                     "does not hold"),
+             "1x1 kernel": (edit("1", True), r"layer '1': tucker=True does not apply to method 'loha'")}
+    for label, (change, match) in cases.items():
+        bad = tmp_path / f"{label}.safetensors"
+        _edit_meta(p_tuck, bad, change)
+        target = copy.deepcopy(base)
+        with pytest.raises(AdapterFormatError, match=match):
+            convlora.load_adapter(target, bad)
+        assert module_types(target) == module_types(base), label
+
+
+def test_tucker_applies_on_kernels_of_several_taps_and_is_ignored_elsewhere_as_in_peft() -> None:
+    model = nn.Sequential(nn.Conv2d(4, 16, 3), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, (1, 3)),
+                          nn.Conv2d(16, 16, 3), nn.Linear(16, 16))
+    flat = copy.deepcopy(model)
+    targets = ["0", "1", "2", "3", "4"]
+    convlora.inject(model, rank=2, method="loha", method_pattern={"3": "lora"}, tucker=True,
+                    targets=targets)
+    convlora.inject(flat, rank=2, method="loha", method_pattern={"3": "lora"}, targets=targets)
+    assert [model[i].tucker["default"] for i in range(5)] == [True, False, True, False, False]
+    for i in (1, 3, 4):  # ignored: the flattened factors, as without the option
+        assert ({k: v.shape for k, v in model[i].factors("default").items()}
+                == {k: v.shape for k, v in flat[i].factors("default").items()})
+    assert "tucker" in repr(model[0]) and "tucker" not in repr(model[1])
+    assert "loha+tucker" in convlora.summary(model)
+
+    lokr = nn.Sequential(nn.Conv2d(4, 16, 3), nn.Conv2d(16, 16, 3), nn.Conv2d(16, 16, 3))
+    convlora.inject(lokr, rank=1, method="lokr", tucker=True, tucker_pattern={"2": False},
+                    rank_pattern={"1": 8})
+    # rank 8 >= max(b, d) / 2: LoKr's W2 is full there, which the option leaves alone (as PEFT)
+    assert [lokr[i].tucker["default"] for i in range(3)] == [True, False, False]
+    assert "lokr_w2" in lokr[1].factors("default") and "lokr_t2" in lokr[0].factors("default")
+
+    layer = model[1]  # asked for directly, it is refused where it does not apply
+    with pytest.raises(UnsupportedLayerError, match="layer '1': tucker=True does not apply to method "
+                                                    "'loha' with rank 2 on this weight"):
+        layer.add_adapter("other", 2, 2.0, layer_name="1", method="loha", tucker=True)
+    assert "other" not in layer.rank and "other" not in layer.factors("default")
+
+
+def test_tucker_config_refusals() -> None:
+    with pytest.raises(convlora.ConvLoRAError, match="tucker=True applies to methods 'loha'/'lokr' only"):
+        convlora.LoRAConfig(tucker=True)
+    with pytest.raises(convlora.ConvLoRAError, match="tucker_pattern\\['a'\\]=1 must be True or False"):
+        convlora.LoRAConfig(method="loha", tucker_pattern={"a": 1})
+    with pytest.raises(convlora.ConvLoRAError, match="tucker='yes' must be True or False"):
+        convlora.LoRAConfig(method="loha", tucker="yes")  # type: ignore[arg-type]
+    cfg = convlora.LoRAConfig(method="lora", method_pattern={"up*": "lokr"}, tucker_pattern={"up.1": True})
+    assert cfg.tucker_for("up.1.conv") and not cfg.tucker_for("up.2")
+    model = nn.Sequential(nn.Conv2d(3, 4, 3))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(convlora.ConvLoRAError, match="no layer uses them"):
+        convlora.inject(model, rank=2, tucker=True)
+    assert module_types(model)[1][1] is nn.Conv2d
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("method", VARIANTS)
 @pytest.mark.parametrize("saved_merged,target_merged", [(False, True), (True, False), (True, True)])
 def test_state_dict_loads_right_across_merge_states_every_method(method: str, saved_merged: bool,
                                                                  target_merged: bool) -> None:
@@ -399,7 +555,7 @@ def test_state_dict_loads_right_across_merge_states_every_method(method: str, sa
     x = torch.randn(2, 3, 5, 5)
     source, target = copy.deepcopy(base), copy.deepcopy(base)
     for m, seed in ((source, 1), (target, 2)):
-        convlora.inject(m, rank=2, method=method)
+        _inject(m, method)
         randomize_adapters(m, seed)
     expected = source(x)
     if saved_merged:
@@ -411,17 +567,17 @@ def test_state_dict_loads_right_across_merge_states_every_method(method: str, sa
     assert torch.equal(target(x), expected)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", VARIANTS)
 def test_float64_stays_float64_every_method(method: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3)).double()
-    convlora.inject(model, rank=2, method=method)
+    _inject(model, method)
     randomize_adapters(model)
     layer = model[0]
     f = {k: v.detach() for k, v in layer.factors("default").items()}
     w = layer.effective_weight("default")
     assert w.dtype == torch.float64
-    ref = reference_weight(method, layer.weight.detach(), f, layer.scale("default"))
+    ref = reference_weight(layer.method["default"], layer.weight.detach(), f, layer.scale("default"))
     torch.testing.assert_close(w.detach(), ref, atol=1e-13, rtol=1e-12)
 
 
@@ -436,7 +592,7 @@ def test_new_layers_keep_mode_and_only_factors_train(method: str) -> None:
     assert method in summary
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 def test_a_fresh_adapter_changes_nothing_every_method_every_dtype(method: str, dtype: torch.dtype) -> None:
     torch.manual_seed(5)
@@ -445,7 +601,7 @@ def test_a_fresh_adapter_changes_nothing_every_method_every_dtype(method: str, d
     x = torch.randn(1, 4, 5, 5).to(dtype)
     y0 = model(x)
     weights = [p.detach().clone() for p in model.parameters()]
-    convlora.inject(model, rank=2, method=method)
+    _inject(model, method)
     convlora.verify(model, x)
     if method == "dora" and dtype in (torch.float16, torch.bfloat16):
         # m = ||W|| is stored in the weight's dtype: m / ||W|| is 1 within its rounding
@@ -467,7 +623,7 @@ def test_peft_export_refuses_what_it_cannot_write(method: str, rslora: bool, tmp
     assert not (tmp_path / "peft").exists()
 
 
-@pytest.mark.parametrize("method", ["dora", "loha", "lokr"])
+@pytest.mark.parametrize("method", ["dora", "loha", "lokr", "loha+tucker", "lokr+tucker"])
 def test_cli_inspect_and_merge_every_method(method: str, tmp_path: Path, capsys) -> None:
     from safetensors.torch import load_file, save_file
 
@@ -477,7 +633,7 @@ def test_cli_inspect_and_merge_every_method(method: str, tmp_path: Path, capsys)
     base = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.ReLU(),
                          nn.ConvTranspose2d(8, 4, 3, stride=2, output_padding=1))
     model = copy.deepcopy(base)
-    convlora.inject(model, rank=2, method=method, rslora=True)
+    _inject(model, method, rslora=True)
     randomize_adapters(model, std=0.3)
     path = convlora.save_adapter(model, tmp_path / "a.safetensors")
     assert main(["inspect", str(path)]) == 0

@@ -39,9 +39,11 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SETTINGS = settings(max_examples=100, deadline=None, derandomize=True,  # ~20 per adapter kind
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 X = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
-VARIANTS = {"lora": ("lora", False), "lora_rs": ("lora", True), "dora": ("dora", False),
-            "loha": ("loha", False), "lokr": ("lokr", False)}
-"""Adapter kinds the files are saved with: ``{id: (method, rslora)}``."""
+VARIANTS = {"lora": ("lora", False, False), "lora_rs": ("lora", True, False), "dora": ("dora", False, False),
+            "loha": ("loha", False, False), "lokr": ("lokr", False, False),
+            "loha_tucker": ("loha", False, True)}
+"""Adapter kinds the files are saved with: ``{id: (method, rslora, tucker)}`` (Tucker LoHa: on
+the two 3x3 convs, not the 1x1)."""
 
 
 def _base() -> nn.Module:
@@ -65,8 +67,8 @@ def _assert_unchanged(model: nn.Module, before: tuple[list, list, dict[str, torc
 
 def _trained(model: nn.Module, variant: str, **kwargs: Any) -> nn.Module:
     """``model`` with a rank-2 adapter of ``variant`` on every conv, random non-zero factors."""
-    method, rslora = VARIANTS[variant]
-    convlora.inject(model, rank=2, method=method, rslora=rslora, **kwargs)
+    method, rslora, tucker = VARIANTS[variant]
+    convlora.inject(model, rank=2, method=method, rslora=rslora, tucker=tucker, **kwargs)
     randomize_adapters(model, 1, std=0.1)
     if method == "dora":  # the magnitude near ||W||, as after training, not 0.1 * noise
         with torch.no_grad():
@@ -133,7 +135,7 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: Any,
 FIELDS = ["format", "format_version", "convlora_version", "adapter_name", "layers", "bias",
           "bias_keys", "base_fingerprint", "base_sketch", "user"]
 LAYER_FIELDS = ["type", "weight_shape", "groups", "rank", "alpha", "factorization", "dropout",
-                "base_dtype", "method", "rslora", "stride", "padding", "dilation", "padding_mode"]
+                "base_dtype", "method", "rslora", "tucker", "stride", "padding", "dilation", "padding_mode"]
 BAD_VALUES = st.sampled_from([0, -4, 1, 2, 3, 1e30, -1e-3, math.nan, math.inf, "svd", "", "7", True, None,
                               [8, "3"], [8, 3, 3, 3], [12, 8, 3, 3], [], {}, [1, 2], "same", "float8",
                               "Conv3d", "Linear", 0.5, 5, "lora", "dora", "loha", "lokr", "boft",

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SETTINGS = settings(max_examples=15, deadline=None, derandomize=True,
                     suppress_health_check=[HealthCheck.too_slow])
 DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
-METHODS = ["lora", "dora", "loha", "lokr"]
+METHODS = ["lora", "dora", "loha", "lokr", "loha+tucker", "lokr+tucker"]  # Tucker where it applies
 
 
 def _build(cfg: dict, dtype: torch.dtype) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -51,8 +51,9 @@ def test_a_fresh_adapter_changes_nothing_in_any_dtype(cfg: dict, dtype: torch.dt
             y0 = model(x)
     except RuntimeError:  # configuration invalid for this input (e.g. kernel larger than it)
         return
+    method, tucker = method.removesuffix("+tucker"), method.endswith("+tucker")
     fac, rank = pick_factorization_and_rank(model[0].weight, cfg, method)
-    convlora.inject(model, rank=rank, factorization=fac, method=method)
+    convlora.inject(model, rank=rank, factorization=fac, method=method, tucker=tucker)
     if method == "dora" and dtype in (torch.float16, torch.bfloat16):
         # m = ||W|| is stored in the weight's dtype: m / ||W|| is 1 within its rounding (one ulp)
         tol = torch.finfo(dtype).eps
@@ -75,8 +76,9 @@ def test_a_fresh_adapter_changes_nothing_in_any_dtype(cfg: dict, dtype: torch.dt
 def test_merged_weight_is_as_precise_as_the_weight(cfg: dict, dtype: torch.dtype, method: str) -> None:
     model, _ = _build(cfg, dtype)
     weight = model[0].weight.detach().clone()
+    method, tucker = method.removesuffix("+tucker"), method.endswith("+tucker")
     fac, rank = pick_factorization_and_rank(weight, cfg, method)
-    convlora.inject(model, rank=rank, factorization=fac, alpha=1.5 * rank, method=method)
+    convlora.inject(model, rank=rank, factorization=fac, alpha=1.5 * rank, method=method, tucker=tucker)
     randomize_adapters(model, cfg["seed"])
     layer = convlora.lora_layers(model)["0"]
     if method == "dora":  # the magnitude near ||W|| (randomize_adapters drew it around 0)
