@@ -97,7 +97,7 @@ possible, since that traffic is what a weight-space method adds to a training st
   warm memory on CPU, so the count of those is what this minimises.)
 
 While training, large ``Conv1d/2d/3d`` layers with LoRA, DoRA, LoHa (rank <= 8) or LoKr
-(``groups=1``) skip all of these backward passes: [convlora.lowrank_conv][] runs the same ``W'`` forward with a backward
+(``groups=1``), flattened or Tucker, skip all of these backward passes: [convlora.lowrank_conv][] runs the same ``W'`` forward with a backward
 in activation space that never forms the weight gradient ``G``.
 """
 

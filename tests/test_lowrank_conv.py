@@ -88,6 +88,20 @@ def _reference_grads(original: nn.Module, layer: nn.Module, method: str, x: torc
        per_group=st.integers(4, 10))
 def test_conv_grid_same_forward_bits_and_the_formulas_gradients(cfg: dict, method: str, zero_channel: bool,
                                                                 per_group: int, calls: list[int]) -> None:
+    _grid_case(cfg, method, False, zero_channel, per_group, calls)
+
+
+@pytest.mark.parametrize("method", ["loha", "lokr"])
+@settings(SETTINGS, max_examples=15)
+@given(cfg=conv_configs(), per_group=st.integers(4, 10))
+def test_conv_grid_tucker_same_forward_bits_and_the_formulas_gradients(cfg: dict, method: str, per_group: int,
+                                                                       calls: list[int]) -> None:
+    """The Tucker forms (where they apply; elsewhere the flattened factors) on the same grid."""
+    _grid_case(cfg, method, True, False, per_group, calls)
+
+
+def _grid_case(cfg: dict, method: str, tucker: bool, zero_channel: bool, per_group: int,
+               calls: list[int]) -> None:
     calls.clear()  # the fixture lives across hypothesis examples
     # float64, and enough output channels per group for the path (3 * groups * r < out); LoKr's
     # path is for groups=1 and out = a * b with a >= 4
@@ -103,7 +117,7 @@ def test_conv_grid_same_forward_bits_and_the_formulas_gradients(cfg: dict, metho
     rank = _eligible_rank(method, cfg, model[0].weight, cfg["rank_frac"])
     if rank is None:
         return
-    convlora.inject(model, rank=rank, alpha=1.5 * rank, method=method)
+    convlora.inject(model, rank=rank, alpha=1.5 * rank, method=method, tucker=tucker)
     layer = model[0]
     randomize_adapters(model, cfg["seed"], std=0.5)
     if method == "dora":
@@ -182,12 +196,13 @@ def test_in_place_ops_on_the_output_stay_allowed_and_gradients_stay_right() -> N
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=name)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", [*METHODS, "loha+tucker", "lokr+tucker"])
 def test_nothing_weight_sized_is_kept_for_backward(method: str, calls: list[int]) -> None:
     """Only activations and small factors are saved (the weight-space backward keeps ``W'``)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(256, 256, 3, padding=1))
-    convlora.inject(model, rank=4, method=method)
+    convlora.inject(model, rank=4, method=method.removesuffix("+tucker"), tucker=method.endswith("+tucker"))
+    assert model[0].tucker["default"] == method.endswith("+tucker")
     randomize_adapters(model, 3)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: list[int] = []

@@ -198,7 +198,7 @@ def _transposed_case(cfg: dict, tmp: Path, tucker: bool = False) -> None:
     assert convlora.inject(model, rank=rank, alpha=alpha, factorization=fac, method=method,
                            rslora=cfg["rslora"], tucker=tucker) == ["0"]
     assert model[0].transposed
-    assert model[0].tucker["default"] == (tucker and tucker_applies(method, shape, rank))
+    assert model[0].tucker["default"] == (tucker and tucker_applies(method, tuple(model[0].weight.shape), rank))
     _check_exact_everywhere(model, original, call, method, cfg["rslora"], rank, alpha, cfg["dtype"],
                             y0, tmp, cfg["seed"])
 
