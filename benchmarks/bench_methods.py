@@ -1,8 +1,9 @@
 """DoRA, LoHa, LoKr: training step and unmerged inference, convlora vs full fine-tuning vs PEFT.
 
-For each model (the SR-shaped benchmark model of bench_train_step.py / bench_inference.py and
-timm ``resnet18``, random weights) every case starts from a copy of the same model and runs
-interleaved in one process, with adapters of rank ``--rank`` on every conv:
+For each model (the SR-shaped benchmark model of bench_train_step.py / bench_inference.py,
+timm ``resnet18`` and, on request, ``resnet50``, the model of bench_merge_switch.py; random
+weights) every case starts from a copy of the same model and runs interleaved in one process,
+with adapters of rank ``--rank`` on every conv:
 
 * train step (zero_grad, forward, L1 loss, backward, Adam step): full fine-tuning (the
   reference), a second full fine-tuning copy (A/A control: its spread is the noise), convlora's
@@ -17,6 +18,7 @@ also gives, per case, the memory one forward keeps for backward (the tensors aut
 parameters not counted: activations, and for a weight-space method the effective weights).
 
     python benchmarks/bench_methods.py                         # SR 48ch batch 4 of 64x64, resnet18 batch 2 of 128
+    python benchmarks/bench_methods.py --models sr resnet18 resnet50   # + resnet50 (the merge benchmark's model)
     python benchmarks/bench_methods.py --models sr --what train
     python benchmarks/bench_methods.py --device cuda
     python benchmarks/bench_methods.py --quick                 # smoke run (tiny shapes)
@@ -165,7 +167,8 @@ def run(label: str, base: nn.Module, x: torch.Tensor, target: torch.Tensor,
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_common_args(parser, repeats=10, warmup=2)
-    parser.add_argument("--models", nargs="+", default=["sr", "resnet18"], choices=["sr", "resnet18"])
+    parser.add_argument("--models", nargs="+", default=["sr", "resnet18"],
+                        choices=["sr", "resnet18", "resnet50"])
     parser.add_argument("--what", nargs="+", default=["train", "inference"],
                         choices=["train", "inference"])
     parser.add_argument("--rank", type=int, default=4)
@@ -190,15 +193,17 @@ def main(argv: list[str] | None = None) -> None:
         y = torch.rand(args.sr_batch, 3, 2 * args.sr_size, 2 * args.sr_size, device=device)
         t, i, n = run(f"SR 8x conv3x3 {channels}ch", sr_model(channels).to(device), x, y, args)
         train_rows, infer_rows, notes = train_rows + t, infer_rows + i, notes + n
-    if "resnet18" in args.models:
+    for name in ("resnet18", "resnet50"):
+        if name not in args.models:
+            continue
         import timm
 
         # zero_init_last=False: timm zeroes each block's last BN scale by default, which would
         # cut the gradient to the convs inside the residual branches.
-        net = timm.create_model("resnet18", pretrained=False, zero_init_last=False).to(device)
+        net = timm.create_model(name, pretrained=False, zero_init_last=False).to(device)
         x = torch.rand(args.resnet_batch, 3, args.resnet_size, args.resnet_size, device=device)
         y = torch.rand(args.resnet_batch, 1000, device=device)
-        t, i, n = run("timm resnet18", net, x, y, args)
+        t, i, n = run(f"timm {name}", net, x, y, args)
         train_rows, infer_rows, notes = train_rows + t, infer_rows + i, notes + n
     if train_rows:
         print(f"## Training step per method, rank {args.rank} on every conv, Adam, L1 loss\n")
