@@ -103,6 +103,8 @@ SCRIPTS = {
                          "ratio vs original", "timm resnet18"],
     "bench_mixed_batch.py": ["convlora per_sample", "convlora 4 separate forwards",
                              "ratio vs 4 separate"],
+    "bench_backward_paths.py": ["activation / weight space", "lora", "dora", "loha", "lokr",
+                                "the layer picks"],
 }
 if all(importlib.util.find_spec(m) is not None for m in ("spandrel", "onnxruntime")) and \
         (REPO.parent / "shared" / "data" / "sr_bench" / "Set14").is_dir():  # its crops of Set14
