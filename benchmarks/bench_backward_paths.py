@@ -36,6 +36,7 @@ from torch import nn
 
 import convlora
 import convlora.lowrank_conv as lowrank_conv
+from convlora.lokr import kron_split
 
 # (channels, batch, size): the SR model's 48-channel convs at two batch sizes, then resnet-like
 # stages (64 ch at 32x32 down to 512 ch at 4x4, batch 2 of a 128x128 image), and two larger batches.
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                 model = _layer(channels, method, args.rank, 0).to(device)
                 layer = model[0]
                 eff = {"loha": args.rank ** 2,
-                       "lokr": channels // convlora.methods.kron_split(channels)[0]}.get(method, args.rank)
+                       "lokr": channels // kron_split(channels)[0]}.get(method, args.rank)
                 weight = tuple(layer.weight.shape)
                 if 3 * eff >= channels:
                     continue  # the path does not apply at all (3 * rank >= channels)

@@ -19,23 +19,16 @@ from torch.nn.utils import parametrize
 from .combination import grouped_forward, weighted_weight
 from .errors import AdapterMismatchError, MergeStateError, UnsupportedLayerError
 from .functional import factorization_problem, max_rank
+from .loha import LOHA_KHATRI_RAO_MAX_RANK, loha_khatri_rao
+from .lokr import lokr_w2
 from .lowrank_conv import (
     activation_backward_conv,
     activation_backward_kron_conv,
     activation_backward_pays,
     conv_spec,
 )
-from .methods import (
-    LOHA_KHATRI_RAO_MAX_RANK,
-    factor_shapes,
-    init_factors_,
-    loha_khatri_rao,
-    lokr_w2,
-    method_delta,
-    method_problem,
-    scale_for,
-)
 from .methods import effective_weight as _effective_weight
+from .methods import factor_shapes, init_factors_, method_delta, method_problem, scale_for
 
 __all__ = ["LoRALayer", "unsupported_reason"]
 

@@ -41,7 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .methods import dora_weight, lokr_weight
+from .dora import dora_weight
+from .lokr import lokr_weight
 
 __all__ = ["ACTIVATION_BACKWARD_MIN_WEIGHT", "ConvSpec", "activation_backward_conv",
            "activation_backward_kron_conv", "activation_backward_pays", "conv_spec"]
@@ -222,7 +223,7 @@ def activation_backward_kron_conv(x: Tensor, weight: Tensor, bias: Tensor | None
     ``dW1[i, l] = s * <e_i, z_l>``, ``dz_l = s * sum_i W1[i, l] e_i``, and ``dW2`` and the input's
     share come from one convolution backward of ``z`` -- with ``1/a`` of the layer's
     multiply-adds, and no weight gradient. The forward is the merged layer's convolution with
-    ``W'`` from [`lokr_weight`][convlora.methods.lokr_weight], bit for bit.
+    ``W'`` from [`lokr_weight`][convlora.lokr.lokr_weight], bit for bit.
 
     Args:
         x: Batched input ``(N, in, *spatial)``, already padded for padding modes other than zeros.

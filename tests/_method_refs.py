@@ -1,7 +1,7 @@
 """Independent reference formulas of the adapter methods for the tests (not a test module).
 
 Written from the papers' / PEFT's definitions with other tensor operations than
-convlora/methods.py uses (einsum, permutes), so a test comparing the two checks the math.
+convlora's method modules use (einsum, permutes), so a test comparing the two checks the math.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ from torch import nn
 import convlora
 import convlora.layer
 import convlora.lowrank_conv
+from convlora.lokr import kron_split
 from convlora.lowrank_conv import (
     activation_backward_conv,
     activation_backward_kron_conv,
@@ -56,7 +57,7 @@ def _eligible_rank(method: str, cfg: dict, weight: torch.Tensor, frac: float) ->
     """A rank the path takes on this layer (``3 * groups * r < out``, ``r**2`` for LoHa), or None."""
     limit = convlora.functional.max_rank("kernel", tuple(weight.shape), cfg["groups"])
     if method == "lokr":  # the rank picks a full or a low-rank W2; the path needs a >= 4 of out = a * b
-        a = convlora.methods.kron_split(weight.shape[0])[0]
+        a = kron_split(weight.shape[0])[0]
         return max(1, round(frac * 8)) if a >= 4 else None
     for rank in range(max(1, round(frac * limit)), 0, -1):
         if activation_backward_pays((weight.shape[0], 1 << 20), cfg["groups"],

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 import convlora
-from convlora.methods import kron_split, tucker_applies
+from convlora.lokr import kron_split
+from convlora.methods import tucker_applies
 from tests._method_refs import reference_weight
 
 peft = pytest.importorskip("peft")

@@ -30,7 +30,7 @@ from torch import nn
 import convlora
 from convlora import AdapterFormatError, ConvLoRAError, FingerprintMismatchError
 from convlora.cli import main
-from convlora.methods import channel_norm
+from convlora.dora import channel_norm
 from tests._core_helpers import module_types, randomize_adapters
 from tests.conftest import requires_shared
 

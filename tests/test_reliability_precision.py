@@ -15,8 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import convlora
+from convlora.dora import channel_norm
 from convlora.functional import delta_weight, merged_weight
-from convlora.methods import channel_norm
 from tests._core_helpers import randomize_adapters
 from tests._method_refs import reference_weight
 from tests.test_layer import build, conv_configs, pick_factorization_and_rank
