@@ -56,7 +56,9 @@ def save_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], *, name:
     """Write adapter ``name`` of ``model`` as a PEFT LoRA folder that PEFT loads with the same outputs.
 
     A ``method="lora"`` adapter becomes a plain LoRA folder, a ``method="dora"`` one a DoRA folder
-    (``use_dora: true``, with each layer's magnitude); the other methods are refused. The folder
+    (``use_dora: true``, with each layer's magnitude); the other methods are refused. An rsLoRA
+    adapter (``rslora=True``) is written with ``use_rslora: true`` and its alphas as
+    ``lora_alpha`` (PEFT's scale ``lora_alpha / sqrt(r)`` is convlora's). The folder
     is new (or empty) and is written through a temporary folder and one rename, so no partial
     output is ever left. Load it with ``PeftModel.from_pretrained(base, folder)``.
 
@@ -77,8 +79,10 @@ def save_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], *, name:
     Raises:
         UnsupportedLayerError: a layer uses the ``"loralib"`` factorization, non-zero
             ``padding_mode`` with padding, or dilation (PEFT computes those differently), a
-            method other than ``"lora"``/``"dora"`` or rsLoRA, or the adapter mixes LoRA and
-            DoRA layers (PEFT's ``use_dora`` is one value for the folder).
+            method other than ``"lora"``/``"dora"``, rsLoRA on a grouped conv whose groups are
+            not a power of 4 (PEFT's rank ``r*g`` has no float ``lora_alpha`` with the same
+            scale), or the adapter mixes LoRA and DoRA layers or rsLoRA and alpha/rank layers
+            (PEFT's ``use_dora`` and ``use_rslora`` are one value for the folder).
     """
     check_bias_mode(bias, "save_peft_adapter()")
     all_lora = lora_layers(model)
@@ -118,16 +122,16 @@ def save_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], *, name:
 
 
 def _plan(model: nn.Module, tensors: dict[str, Tensor], cfg: dict[str, Any], name: str,
-          where: Path) -> tuple[dict[str, tuple[dict[str, Tensor], int, float]], dict[str, Tensor],
+          where: Path) -> tuple[dict[str, tuple[dict[str, Tensor], int, float, bool]], dict[str, Tensor],
                                 dict[str, dict[str, Tensor]]]:
-    """Validate everything against ``model``; returns factors (by convlora name, with rank and
-    alpha), biases and module copies to apply."""
+    """Validate everything against ``model``; returns factors (by convlora name, with rank, alpha
+    and rsLoRA flag), biases and module copies to apply."""
     lora_owned = {n for n, m in model.named_modules() if isinstance(m, LoRALayer)}
     modules = {n: m for n, m in model.named_modules()
                if not any(n.startswith(f"{o}.") for o in lora_owned)}
     lora_keys = {k.rpartition(".lora_")[0] for k in tensors if re.search(r"\.lora_[AB]\.weight$", k)}
     saved = [m for m in modules if m and any(m.endswith(e) for e in cfg["modules_to_save"])]
-    factors: dict[str, tuple[dict[str, Tensor], int, float]] = {}
+    factors: dict[str, tuple[dict[str, Tensor], int, float, bool]] = {}
     method = "dora" if cfg["use_dora"] else "lora"
     biases: dict[str, Tensor] = {}
     copies: dict[str, dict[str, Tensor]] = {m: {} for m in saved}
@@ -160,8 +164,8 @@ def _plan(model: nn.Module, tensors: dict[str, Tensor], cfg: dict[str, Any], nam
         r = pattern_value(cfg["rank_pattern"], lname, cfg["r"])
         alpha = float(pattern_value(cfg["alpha_pattern"], lname, cfg["lora_alpha"]))
         a, b = tensors[keys[0]], tensors[keys[1]]
-        a_c, b_c, rank, alpha_c = from_peft_factors(lname, spec, a, b, r, alpha, cfg["use_rslora"],
-                                                    dora=cfg["use_dora"])
+        a_c, b_c, rank, alpha_c, rslora = from_peft_factors(lname, spec, a, b, r, alpha, cfg["use_rslora"],
+                                                            dora=cfg["use_dora"])
         found = {"lora_A": a_c, "lora_B": b_c}
         if cfg["use_dora"]:
             found["lora_magnitude"] = from_peft_magnitude(lname, spec, tensors[keys[2]])
@@ -169,7 +173,7 @@ def _plan(model: nn.Module, tensors: dict[str, Tensor], cfg: dict[str, Any], nam
         limit = probe.adapter_problem(rank, "kernel", method)
         if limit:
             raise UnsupportedLayerError(f"layer {lname!r}: {limit}.")
-        factors[lname] = (found, rank, alpha_c)
+        factors[lname] = (found, rank, alpha_c, rslora)
         used |= set(keys)
     if not factors:
         raise AdapterFormatError(f"{where}: {PEFT_WEIGHTS} holds no lora_A/lora_B factors.")
@@ -224,7 +228,9 @@ def load_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], *,
 
     Layers that are not LoRA layers yet are injected. The model then computes what PEFT computes
     with the same folder (up to float rounding: PEFT adds a side path, convlora one merged-weight
-    conv). A DoRA folder (``use_dora: true``) loads as ``method="dora"`` adapters; convlora's DoRA
+    conv). A ``use_rslora: true`` folder loads as ``rslora=True`` adapters with ``alpha =
+    lora_alpha`` (except on grouped convs, see ``convlora.peft_mapping``). A DoRA folder
+    (``use_dora: true``) loads as ``method="dora"`` adapters; convlora's DoRA
     has no dropout, so a ``lora_dropout`` above 0 is dropped with a warning (it acts only while
     training: eval outputs are PEFT's). Trained biases are copied into the model, and so are ``modules_to_save`` (whole
     modules, e.g. a new head); both are shared by all adapters of the model. Nothing changes
@@ -257,12 +263,12 @@ def load_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], *,
                       "dropout (it rescales W + delta). Outputs in eval mode are PEFT's; training differs.",
                       stacklevel=2)
     modules = dict(model.named_modules())
-    for lname, (found, rank, alpha) in factors.items():
+    for lname, (found, rank, alpha, rslora) in factors.items():
         layer = modules[lname]
         if not isinstance(layer, LoRALayer):
             layer = LoRALayer(layer).train(layer.training)  # an eval model stays in eval mode
             replace_module(model, lname, layer)
-        layer.add_adapter(name, rank, alpha, "kernel", dropout, lname, method)
+        layer.add_adapter(name, rank, alpha, "kernel", dropout, lname, method, rslora)
         with torch.no_grad():
             for factor, param in layer.factors(name).items():
                 param.copy_(found[factor])

@@ -2,9 +2,10 @@
 
 For a conv with ``groups=1``, PEFT's LoRA is convlora's ``"kernel"`` factorisation: ``lora_A`` is
 a kernel-sized conv ``(r, in, *k)`` and ``lora_B`` a 1x1 conv ``(out, r, 1...)``; for
-``nn.Linear`` the factors are ``(r, in)`` and ``(out, r)``. ``use_rslora`` maps exactly onto
-alpha: PEFT scales by ``lora_alpha / sqrt(r)``, convlora by ``alpha / rank``, so
-``alpha = lora_alpha * sqrt(r)``.
+``nn.Linear`` the factors are ``(r, in)`` and ``(out, r)``. ``use_rslora`` is convlora's
+``rslora=True``: both scale by ``alpha / math.sqrt(r)`` (the same float expression), so
+``lora_alpha`` is convlora's alpha both ways. It is one flag for the whole folder: an adapter
+mixing rsLoRA and plain layers is refused on export.
 
 PEFT is exact only for zero padding and dilation 1: its ``lora_A`` conv takes the base conv's
 kernel size, stride and padding but neither its ``padding_mode`` nor its ``dilation``. Such
@@ -13,7 +14,13 @@ all input channels and ``lora_B`` is grouped (``r % g == 0``), which is a side p
 delta, unless ``lora_A`` is block-diagonal by group. Importing is therefore refused unless it is;
 exporting a convlora grouped adapter of rank ``r`` is exact: rank ``r*g``, a block-diagonal
 ``lora_A`` repeating convlora's ``A`` per group, and convlora's ``B`` as the grouped ``lora_B``
-(importing such a file gives back rank ``r`` and the same tensors, bit for bit). The
+(importing such a file gives back rank ``r`` and the same tensors, bit for bit). With rsLoRA that
+rank change needs ``lora_alpha = alpha * sqrt(g)``, the same float scale only when ``g`` is a
+power of 4 (``sqrt(g)`` is then a power of two, and ``math.sqrt(r * g) == math.sqrt(r) * sqrt(g)``
+exactly); other grouped rsLoRA layers are refused on export. On import a grouped ``use_rslora``
+layer whose blocks are equal loads as rsLoRA of rank ``r / g`` for such ``g``, and otherwise as
+plain LoRA with ``alpha = lora_alpha * sqrt(r) / g`` (the same scale to float rounding); with
+different blocks it keeps PEFT's rank, so it loads as rsLoRA with ``lora_alpha``, exactly. The
 ``"loralib"`` factorisation has no PEFT layout and is refused on export.
 
 PEFT's DoRA (``use_dora``) is convlora's ``method="dora"`` with the same ``lora_A``/``lora_B`` and
@@ -146,6 +153,23 @@ def _times(alpha: float, g: int) -> float:
     return x
 
 
+def _power_of_4_root(g: int) -> int | None:
+    """``sqrt(g)`` when ``g`` is a power of 4 (``sqrt(g)`` a power of two), else ``None``."""
+    return 1 << ((g.bit_length() - 1) // 2) if g > 0 and g & (g - 1) == 0 and g.bit_length() % 2 else None
+
+
+def _rslora_grouped_alpha(alpha: float, r: int, g: int) -> float | None:
+    """PEFT's ``lora_alpha`` for a grouped rsLoRA layer of rank ``r`` exported at rank ``r*g``: a
+    float with the same scale (``x / math.sqrt(r*g) == alpha / math.sqrt(r)``) that gives back
+    ``alpha`` on import (``x / sqrt(g) == alpha``), or ``None`` where there is none for sure."""
+    root = _power_of_4_root(g)
+    if root is None:
+        return None
+    x = alpha * root
+    ok = x / math.sqrt(r * g) == alpha / math.sqrt(r) and x / root == alpha
+    return x if ok else None
+
+
 def _magnitude_shape(spec: Mapping[str, Any]) -> tuple[int, ...]:
     """PEFT's shape of the DoRA magnitude: ``(out,)`` for Linear, ``(1, out, 1...)`` for a conv."""
     shape = spec["weight_shape"]
@@ -173,14 +197,22 @@ def _to_peft_factors(spec: Mapping[str, Any], f: Mapping[str, Tensor]) -> tuple[
     for j in range(g):
         big[j * r:(j + 1) * r, j * cin_g:(j + 1) * cin_g] = a4
     out["lora_A.weight"] = big
+    if spec.get("rslora", False):
+        lora_alpha = _rslora_grouped_alpha(alpha, r, g)
+        assert lora_alpha is not None, "export_problem refuses this layer"
+        return out, r * g, lora_alpha
     return out, r * g, _times(alpha, g)
 
 
-def from_peft_factors(lname: str, spec: Mapping[str, Any], a: Tensor, b: Tensor, r: int,
-                      lora_alpha: float, rslora: bool, dora: bool = False) -> tuple[Tensor, Tensor, int, float]:
-    """PEFT ``(lora_A, lora_B)`` of one layer as convlora ``(A, B, rank, alpha)``, exactly.
+def from_peft_factors(lname: str, spec: Mapping[str, Any], a: Tensor, b: Tensor, r: int, lora_alpha: float,
+                      rslora: bool, dora: bool = False) -> tuple[Tensor, Tensor, int, float, bool]:
+    """PEFT ``(lora_A, lora_B)`` of one layer as convlora ``(A, B, rank, alpha, rslora)``, exactly.
 
-    ``dora``: the folder is PEFT DoRA, whose grouped-conv norm is right only for equal
+    ``rslora`` (PEFT's ``use_rslora``) stays rsLoRA with ``alpha = lora_alpha`` wherever convlora
+    keeps PEFT's rank. A grouped conv with equal ``lora_A`` blocks comes back at rank ``r / g``:
+    rsLoRA with ``alpha = lora_alpha / sqrt(g)`` when ``g`` is a power of 4 (the same float
+    scale), else plain LoRA with ``alpha = lora_alpha * sqrt(r) / g`` (the same scale to float
+    rounding). ``dora``: the folder is PEFT DoRA, whose grouped-conv norm is right only for equal
     ``lora_A`` blocks or one output channel per group (else refused).
     """
     shape, g = spec["weight_shape"], int(spec["groups"])
@@ -196,9 +228,8 @@ def from_peft_factors(lname: str, spec: Mapping[str, Any], a: Tensor, b: Tensor,
         if tuple(t.shape) != tuple(want):
             raise AdapterMismatchError(f"{lname}.{key}.weight has shape {tuple(t.shape)}; this layer "
                                        f"(weight {tuple(shape)}, groups={g}) with r={r} needs {tuple(want)}.")
-    root = math.sqrt(r) if rslora else 1.0
     if g == 1:
-        return a.reshape(r, -1), b.reshape(out, r), r, lora_alpha * root
+        return a.reshape(r, -1), b.reshape(out, r), r, lora_alpha, rslora
     rg, cin_g, og = r // g, shape[1], out // g
     blocks = []
     for j in range(g):
@@ -211,7 +242,12 @@ def from_peft_factors(lname: str, spec: Mapping[str, Any], a: Tensor, b: Tensor,
                 "cannot hold it exactly. Leave the layer out (exclude_modules) when training with PEFT.")
         blocks.append(inside.reshape(rg, -1))
     if all(torch.equal(blk, blocks[0]) for blk in blocks[1:]):
-        return blocks[0], b.reshape(out, rg), rg, lora_alpha * root / g
+        if not rslora:
+            return blocks[0], b.reshape(out, rg), rg, lora_alpha / g, False
+        root = _power_of_4_root(g)
+        if root is not None and lora_alpha / root / math.sqrt(rg) == lora_alpha / math.sqrt(r):
+            return blocks[0], b.reshape(out, rg), rg, lora_alpha / root, True
+        return blocks[0], b.reshape(out, rg), rg, lora_alpha * math.sqrt(r) / g, False
     if dora and og > 1:
         raise UnsupportedLayerError(
             f"layer {lname!r} is a grouped conv (groups={g}, {og} output channels per group) whose PEFT "
@@ -220,7 +256,7 @@ def from_peft_factors(lname: str, spec: Mapping[str, Any], a: Tensor, b: Tensor,
     big_b = b.new_zeros((out, r))
     for j in range(g):
         big_b[j * og:(j + 1) * og, j * rg:(j + 1) * rg] = b[j * og:(j + 1) * og].reshape(og, rg)
-    return torch.cat(blocks), big_b, r, lora_alpha * root
+    return torch.cat(blocks), big_b, r, lora_alpha, rslora
 
 
 def from_peft_magnitude(lname: str, spec: Mapping[str, Any], m: Tensor) -> Tensor:
@@ -242,10 +278,14 @@ def export_problem(lname: str, spec: Mapping[str, Any]) -> UnsupportedLayerError
             f"layer {lname!r} uses method {method!r}; the PEFT export writes 'lora' and 'dora' adapters "
             "only (LoraConfig folders, not PEFT's LoHa/LoKr ones). Merge the adapter instead "
             "(convlora.unload or convlora merge).")
-    if spec.get("rslora", False):
+    g = int(spec.get("groups", 1))
+    if spec.get("rslora", False) and g > 1 and \
+            _rslora_grouped_alpha(float(spec["alpha"]), int(spec["rank"]), g) is None:
         return UnsupportedLayerError(
-            f"layer {lname!r} uses rsLoRA scaling; the PEFT export writes alpha/rank scaling only. "
-            "Merge the adapter instead (convlora.unload or convlora merge).")
+            f"layer {lname!r} is a grouped conv (groups={g}) with rsLoRA: PEFT holds it at rank "
+            f"{int(spec['rank']) * g} (rank x groups), where the same scale needs lora_alpha = alpha*sqrt({g}), "
+            "which is not the same float scale (exact only for groups a power of 4). Train this layer "
+            "without rslora or leave it out, or merge the adapter instead (convlora.unload or convlora merge).")
     if spec["factorization"] != "kernel":
         return UnsupportedLayerError(
             f"layer {lname!r} uses the {spec['factorization']!r} factorization, which PEFT's format cannot "
@@ -256,6 +296,12 @@ def export_problem(lname: str, spec: Mapping[str, Any]) -> UnsupportedLayerError
     if problem:
         return UnsupportedLayerError(f"layer {lname!r} cannot be exported to PEFT: {problem}.")
     return None
+
+
+def _few(names: Sequence[str]) -> str:
+    """Up to 5 layer names, with how many more there are."""
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return f"{list(names[:5])}{more}"
 
 
 def _anchored(name: str) -> str:
@@ -276,6 +322,13 @@ def peft_contents(specs: Mapping[str, Mapping[str, Any]], factors: Mapping[str, 
         dora = sorted(n for n, s in specs.items() if s.get("method", "lora") == "dora")
         raise UnsupportedLayerError(f"the adapter mixes 'lora' and 'dora' layers (DoRA on {dora[:3]}); "
                                     "PEFT's use_dora is one value for all layers.")
+    rs = sorted(n for n, s in specs.items() if s.get("rslora", False))
+    if rs and len(rs) < len(specs):
+        plain = sorted(n for n in specs if n not in rs)
+        raise UnsupportedLayerError(
+            f"the adapter mixes rsLoRA layers {_few(rs)} and alpha/rank layers {_few(plain)}; PEFT's "
+            "use_rslora is one value for the whole folder. Train all layers one way (inject(..., "
+            "rslora=...)), or merge the adapter instead (convlora.unload or convlora merge).")
     dropouts = {float(s.get("dropout", 0.0)) for s in specs.values()}
     if len(dropouts) > 1:
         raise UnsupportedLayerError(f"the adapter's layers use several dropouts {sorted(dropouts)}; "
@@ -299,7 +352,7 @@ def peft_contents(specs: Mapping[str, Mapping[str, Any]], factors: Mapping[str, 
         "target_modules": "(?:" + "|".join(re.escape(n) for n in specs) + ")",
         "rank_pattern": {_anchored(n): r for n, r in ranks.items() if r != r0},
         "alpha_pattern": {_anchored(n): a for n, a in alphas.items() if a != a0},
-        "lora_dropout": dropouts.pop(), "bias": bias, "use_rslora": False, "use_dora": methods == {"dora"},
+        "lora_dropout": dropouts.pop(), "bias": bias, "use_rslora": bool(rs), "use_dora": methods == {"dora"},
         "lora_bias": False, "fan_in_fan_out": False, "init_lora_weights": True,
         "modules_to_save": list(modules_to_save) or None, "exclude_modules": None,
         "layers_to_transform": None, "layers_pattern": None, "inference_mode": True,

@@ -613,9 +613,10 @@ def test_a_fresh_adapter_changes_nothing_every_method_every_dtype(method: str, d
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), weights))
 
 
-@pytest.mark.parametrize("method,rslora", [("loha", False), ("lokr", False), ("lora", True), ("dora", True)])
+@pytest.mark.parametrize("method,rslora", [("loha", False), ("lokr", False), ("loha", True), ("lokr", True)])
 def test_peft_export_refuses_what_it_cannot_write(method: str, rslora: bool, tmp_path: Path) -> None:
-    """LoHa/LoKr and rsLoRA are not exported (DoRA is: tests/test_peft_dora.py)."""
+    """LoHa/LoKr are not exported, with or without rsLoRA (DoRA is: tests/test_peft_dora.py;
+    rsLoRA LoRA/DoRA are: tests/test_peft_rslora.py)."""
     model = nn.Sequential(nn.Conv2d(3, 4, 3))
     convlora.inject(model, rank=2, method=method, rslora=rslora)
     with pytest.raises(UnsupportedLayerError, match="layer '0' uses .*; the PEFT export writes"):

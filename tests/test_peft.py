@@ -77,6 +77,8 @@ def test_peft_adapter_gives_the_same_outputs_in_convlora(case: str, tmp_path: Pa
     peft_layers = {n.removeprefix("base_model.model.") for n, m in pm.named_modules()
                    if isinstance(m, peft.tuners.lora.LoraLayer)}
     assert set(convlora.lora_layers(model)) == peft_layers
+    rslora = bool(config.get("use_rslora", False))  # use_rslora loads as rsLoRA (tests/test_peft_rslora.py)
+    assert all(layer.rslora["default"] is rslora for layer in convlora.lora_layers(model).values())
     close(model(X), ref, base(X))
     convlora.merge(model)  # and merged, as deployed
     close(model(X), ref, base(X))
