@@ -14,15 +14,20 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import convlora
+import convlora.layer
 from tests._core_helpers import randomize_adapters
 
 
-def _model() -> nn.Module:
+def _model(wide: bool = False) -> nn.Module:
+    """Small convs (the weight-space backward); ``wide``: a 128-channel middle conv with DoRA,
+    large enough for the activation-space backward of convlora.lowrank_conv."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, padding_mode="reflect"), nn.SiLU(),
-                          nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=2), nn.SiLU(),
-                          nn.Conv2d(8, 12, 3, padding=1), nn.PixelShuffle(2))
-    convlora.inject(model, rank=2, rank_pattern={"4": 4})
+    mid = 128 if wide else 8
+    model = nn.Sequential(nn.Conv2d(3, mid, 3, padding=1, padding_mode="reflect"), nn.SiLU(),
+                          nn.Conv2d(mid, mid, 3, padding=2, dilation=2, groups=1 if wide else 2),
+                          nn.SiLU(), nn.Conv2d(mid, 12, 3, padding=1), nn.PixelShuffle(2))
+    convlora.inject(model, rank=2, rank_pattern={"4": 4},
+                    method_pattern={"2": "dora"} if wide else None)
     randomize_adapters(model)
     return model
 
@@ -59,11 +64,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out: str, wide: bool) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    model = _model()
+    model = _model(wide)
     ddp = nn.parallel.DistributedDataParallel(model)
     opt = torch.optim.SGD(convlora.lora_parameters(model), lr=0.1)
     gen = torch.Generator().manual_seed(1)
@@ -79,10 +84,16 @@ def _ddp_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.destroy_process_group()
 
 
-def test_ddp_adapters_only_matches_single_process(tmp_path: Path) -> None:
+@pytest.mark.parametrize("wide", [False, True], ids=["weight-space backward", "activation-space backward"])
+def test_ddp_adapters_only_matches_single_process(wide: bool, tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     out = str(tmp_path / "ddp.safetensors")
-    mp.spawn(_ddp_worker, args=(2, _free_port(), out), nprocs=2, join=True)
-    single = _model()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), out, wide), nprocs=2, join=True)
+    single = _model(wide)
+    calls: list[int] = []
+    real = convlora.layer.activation_backward_conv
+    monkeypatch.setattr(convlora.layer, "activation_backward_conv",
+                        lambda *a, **k: calls.append(1) or real(*a, **k))
     opt = torch.optim.SGD(convlora.lora_parameters(single), lr=0.1)
     gen = torch.Generator().manual_seed(1)
     x, y = torch.randn(4, 3, 8, 8, generator=gen), torch.randn(4, 3, 16, 16, generator=gen)
@@ -91,7 +102,8 @@ def test_ddp_adapters_only_matches_single_process(tmp_path: Path) -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
-    from_ddp = copy.deepcopy(_model())
+    assert len(calls) == (2 if wide else 0), "the wide model's DoRA conv takes the activation-space path"
+    from_ddp = copy.deepcopy(_model(wide))
     convlora.delete_adapter(from_ddp, "default")
     convlora.load_adapter(from_ddp, out)
     for (k, a), (_, b) in zip(convlora.lora_state_dict(single).items(),
