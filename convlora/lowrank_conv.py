@@ -23,7 +23,8 @@ where ``A^g`` repeats ``A`` once per group (``g * r`` channels) and ``conv1x1_g`
   a channel exists.
 
 The extra convolutions have ``r`` (LoRA, DoRA) or ``r**2`` (LoHa, through its Khatri-Rao
-factors) channels where the weight gradient has ``out``, and nothing weight-sized is kept for
+factors) channels where the weight gradient has ``out`` (LoKr's are ``W2``'s ``b`` channels over
+the input's ``c`` blocks, see its function), and nothing weight-sized is kept for
 backward: autograd keeps ``x`` (as it does for full fine-tuning), the factors and, for DoRA,
 ``y - bias``.
 
@@ -63,13 +64,15 @@ def activation_backward_pays(weight_shape: tuple[int, ...], groups: int, rank: i
 
     It skips the weight gradient (a correlation as costly as the forward) and every weight-sized
     pass of the weight-space backward, and pays for three convolutions with ``groups * rank``
-    output channels. Measured on CPU (``benchmarks/bench_methods.py``, docs/benchmarks.md), it
-    wins where the weight is large -- from about ``128 x 128 x 3 x 3`` -- and loses a little on
-    small convs, whose weight-space passes are cheap and whose few-channel convolutions run far
-    below the machine's peak; so it applies from
+    output channels. Measured on CPU (``benchmarks/bench_backward_paths.py``, one conv, and
+    ``bench_methods.py``, whole models; docs/benchmarks.md), it wins where the weight is large --
+    from about ``128 x 128 x 3 x 3`` (0.57-0.88 of the weight-space time) -- and loses on small
+    convs (1.02-1.86 at 48-64 channels), whose weight-space passes are cheap and whose
+    few-channel convolutions run far below the machine's peak; so it applies from
     [`ACTIVATION_BACKWARD_MIN_WEIGHT`][convlora.lowrank_conv.ACTIVATION_BACKWARD_MIN_WEIGHT]
     entries, and only while ``3 * groups * rank < out`` (depthwise and near-full-rank adapters
-    keep the weight-space backward).
+    keep the weight-space backward). The threshold has not been measured on a GPU; it is a
+    module attribute, so it can be set (``0``: every eligible conv takes this path).
     """
     numel = 1
     for n in weight_shape:
