@@ -379,7 +379,8 @@ class LoRALayer(nn.Module):
         """The forward of [convlora.lowrank_conv][] where it applies and pays, else ``None``.
 
         It applies to ``Conv1d/2d/3d`` with ``"kernel"`` factors of LoRA, DoRA, LoHa (rank at
-        most 8) or LoKr (``groups=1``) while a gradient is wanted: a batched input, the base
+        most 8) or LoKr (``groups=1``) while a gradient is wanted, outside ``torch.func``
+        transforms and (for DoRA) outside ``torch.compile``: a batched input, the base
         weight frozen, the input, weight and factors all float32 or all float64, autocast off,
         padding symmetric, and where
         [`activation_backward_pays`][convlora.lowrank_conv.activation_backward_pays] with the
@@ -388,6 +389,8 @@ class LoRALayer(nn.Module):
         """
         method = self.method[name]
         if method == "dora" and torch.compiler.is_compiling():  # its zero-magnitude check is data-dependent
+            return None
+        if _functorch_transform_active():  # torch.func.grad / vmap: plain autograd of W' composes with them
             return None
         if method == "lokr" and self.groups != 1:
             return None
@@ -427,6 +430,17 @@ class LoRALayer(nn.Module):
             a, b = factors["lora_A"], factors["lora_B"]
         return activation_backward_conv(x, self.weight, self.bias, a, b, self.scale(name), spec,
                                         factors.get("lora_magnitude"))
+
+
+def _functorch_transform_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev`` ...) is running this call.
+
+    The activation-space backward is an ``autograd.Function`` without functorch rules, so under
+    a transform the layer differentiates ``W'`` with plain autograd, as these transforms expect.
+    (torch has no public query for this; the check is the functorch interpreter stack.)
+    """
+    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
 
 
 def _remerge_after_load(layer: nn.Module, incompatible_keys: Any) -> None:

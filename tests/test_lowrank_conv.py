@@ -283,3 +283,28 @@ def test_compile_fullgraph_matches_eager(method: str, monkeypatch: pytest.Monkey
     out.square().mean().backward()
     for g, p in zip(grads, convlora.lora_parameters(model)):
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["lora", "loha"])
+def test_torch_func_grad_and_per_sample_vmap_still_work(method: str, calls: list[int]) -> None:
+    """Under torch.func transforms the layer keeps plain autograd of ``W'``: ``grad`` equals
+    autograd's gradient and ``vmap(grad)`` gives each sample's gradient (e.g. for DP-SGD)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(128, 128, 3, padding=1)).double()
+    convlora.inject(model, rank=2, method=method)
+    randomize_adapters(model, 8, std=0.05)
+    x = torch.randn(3, 128, 4, 4, dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def loss(p: dict, xs: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, p, (xs,)).square().sum()
+
+    (model(x).square().sum()).backward()  # eager autograd: the activation-space path
+    assert calls == [1]
+    got = torch.func.grad(loss)(params, x)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x[:, None])
+    assert calls == [1], "no transform call may take the activation-space path"
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[k], p.grad, rtol=1e-10, atol=1e-12, msg=k)
+            torch.testing.assert_close(per_sample[k].sum(0), p.grad, rtol=1e-10, atol=1e-12, msg=k)
