@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ._autocast import no_autocast
+from ._functorch import functorch_transform_active
 
 __all__ = ["channel_norm", "dora_weight", "dora_weight_autograd"]
 
@@ -115,7 +116,8 @@ def dora_weight(w: Tensor, a: Tensor, b: Tensor, m: Tensor, scale: float, shape:
     ``w`` is the base weight as the ``rows x cols`` matrix of ``B @ A`` and ``shape`` the
     weight's shape; the norm is per output channel, with 1 in place of a zero norm. One
     weight-sized tensor is allocated (``V``, rescaled in place into ``W'``). Every DoRA forward
-    computes ``W'`` with this function, so they agree bit for bit.
+    computes ``W'`` with this function, so they agree bit for bit. Called with autograd on (under
+    ``torch.func`` transforms), it differentiates through ``V`` and ``m`` with the norm detached.
 
     Args:
         w: The base weight as the ``rows x cols`` matrix of ``B @ A``, in the compute dtype.
@@ -132,7 +134,7 @@ def dora_weight(w: Tensor, a: Tensor, b: Tensor, m: Tensor, scale: float, shape:
         per output channel.
     """
     v = torch.addmm(w, b, a, alpha=scale).view(shape)
-    norm = channel_norm(v, groups, transposed)
+    norm = channel_norm(v.detach(), groups, transposed)  # detached: a constant in backward
     norm = torch.where(norm == 0, 1.0, norm)
     ratio = m / norm
     return _channel_scale_(v, ratio, groups, transposed), norm, ratio
@@ -244,5 +246,7 @@ def dora_weight_autograd(w: Tensor, a: Tensor, b: Tensor, m: Tensor, scale: floa
     Returns:
         ``W'`` of ``shape``, in ``w``'s dtype.
     """
+    if functorch_transform_active():  # plain autograd through the same operations (norm detached)
+        return dora_weight(w, a, b, m, scale, shape, groups, transposed)[0]
     out: Tensor = _DoRAWeight.apply(w, a, b, m, scale, shape, groups, transposed, keep_out)
     return out

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from ._functorch import functorch_transform_active
 from .combination import grouped_forward, weighted_weight
 from .errors import AdapterMismatchError, MergeStateError, UnsupportedLayerError
 from .functional import factorization_problem, max_rank
@@ -390,7 +391,7 @@ class LoRALayer(nn.Module):
         method = self.method[name]
         if method == "dora" and torch.compiler.is_compiling():  # its zero-magnitude check is data-dependent
             return None
-        if _functorch_transform_active():  # torch.func.grad / vmap: plain autograd of W' composes with them
+        if functorch_transform_active():  # torch.func.grad / vmap: plain autograd of W' composes with them
             return None
         if method == "lokr" and self.groups != 1:
             return None
@@ -430,17 +431,6 @@ class LoRALayer(nn.Module):
             a, b = factors["lora_A"], factors["lora_B"]
         return activation_backward_conv(x, self.weight, self.bias, a, b, self.scale(name), spec,
                                         factors.get("lora_magnitude"))
-
-
-def _functorch_transform_active() -> bool:
-    """Whether a ``torch.func`` transform (``grad``, ``vmap``, ``jacrev`` ...) is running this call.
-
-    The activation-space backward is an ``autograd.Function`` without functorch rules, so under
-    a transform the layer differentiates ``W'`` with plain autograd, as these transforms expect.
-    (torch has no public query for this; the check is the functorch interpreter stack.)
-    """
-    peek = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
-    return peek is not None and peek() is not None
 
 
 def _remerge_after_load(layer: nn.Module, incompatible_keys: Any) -> None:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ._autocast import no_autocast
+from ._functorch import functorch_transform_active
 from .tucker import tucker_product
 
 __all__ = ["kron_split", "lokr_dims", "lokr_w2", "lokr_weight", "lokr_weight_autograd"]
@@ -152,5 +153,7 @@ def lokr_weight_autograd(w: Tensor, w1: Tensor, w2: Tensor, scale: float) -> Ten
     Returns:
         ``W'`` viewed as ``(a, b, c, D)``.
     """
+    if functorch_transform_active():  # plain autograd of the same addcmul
+        return lokr_weight(w, w1, w2, scale)
     out: Tensor = _LoKrWeight.apply(w, w1, w2, scale)
     return out

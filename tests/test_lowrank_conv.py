@@ -285,7 +285,7 @@ def test_compile_fullgraph_matches_eager(method: str, monkeypatch: pytest.Monkey
         torch.testing.assert_close(p.grad, g, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["lora", "loha"])
+@pytest.mark.parametrize("method", METHODS)
 def test_torch_func_grad_and_per_sample_vmap_still_work(method: str, calls: list[int]) -> None:
     """Under torch.func transforms the layer keeps plain autograd of ``W'``: ``grad`` equals
     autograd's gradient and ``vmap(grad)`` gives each sample's gradient (e.g. for DP-SGD)."""

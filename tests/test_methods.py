@@ -647,3 +647,28 @@ def test_cli_inspect_and_merge_every_method(method: str, tmp_path: Path, capsys)
     expected = convlora.unload(copy.deepcopy(model)).state_dict()
     assert set(merged) == set(expected)
     assert all(torch.equal(merged[k], v) for k, v in expected.items())
+
+
+@pytest.mark.parametrize("layout", ["conv2d kernel", "conv2d groups", "convT2d groups", "convT1d", "linear"])
+@pytest.mark.parametrize("method", METHODS)
+def test_torch_func_grad_and_per_sample_vmap_every_method(method: str, layout: str) -> None:
+    """``torch.func.grad`` and per-sample ``vmap(grad)`` give autograd's gradients for every
+    method (DoRA's and LoKr's own autograd functions step aside under the transforms)."""
+    make, _, shape = DORA_LAYOUTS[layout]
+    torch.manual_seed(9)
+    model = nn.Sequential(make()).double()
+    convlora.inject(model, rank=2, alpha=3.0, method=method, targets="0")
+    randomize_adapters(model, 10, std=0.3)
+    x = torch.randn(*shape, dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+
+    def loss(p: dict, xs: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(model, p, (xs,)).square().sum()
+
+    got = torch.func.grad(loss)(params, x)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x[:, None])
+    model(x).square().sum().backward()
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(got[k], p.grad, rtol=1e-10, atol=1e-12, msg=k)
+            torch.testing.assert_close(per_sample[k].sum(0), p.grad, rtol=1e-10, atol=1e-12, msg=k)
