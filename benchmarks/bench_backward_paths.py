@@ -7,7 +7,9 @@ input, through the weight-space backward (autograd of ``W'``, what the layer use
 threshold) and through the activation-space one (what it uses above). The ratio is
 activation / weight space per round (below 1: the activation-space path is faster), and the
 last column says which path the layer's rule
-(``convlora.lowrank_conv.activation_backward_pays``) picks for that shape. This is the
+(``convlora.lowrank_conv.activation_backward_pays``) picks for that shape. Rows where the path
+never applies are left out: ``3 * rank >= channels``, and DoRA where its output (the ``y - bias``
+it would keep) has more entries than the weight. This is the
 measurement behind the rule's threshold; the whole-model effect is in bench_methods.py.
 
     python benchmarks/bench_backward_paths.py
@@ -94,10 +96,12 @@ def main(argv: list[str] | None = None) -> None:
                 eff = {"loha": args.rank ** 2,
                        "lokr": channels // kron_split(channels)[0]}.get(method, args.rank)
                 weight = tuple(layer.weight.shape)
-                if 3 * eff >= channels:
-                    continue  # the path does not apply at all (3 * rank >= channels)
+                kept = batch * channels * size * size if method == "dora" else 0  # DoRA's y - bias
+                if 3 * eff >= channels or kept > channels * channels * 9:
+                    continue  # the path does not apply at all (3 * rank >= channels, DoRA's memory rule)
                 lowrank_conv.ACTIVATION_BACKWARD_MIN_WEIGHT = default  # the layer's own rule
-                picks = "activation" if lowrank_conv.activation_backward_pays(weight, 1, eff) else "weight"
+                pays = lowrank_conv.activation_backward_pays(weight, 1, eff, kept)
+                picks = "activation" if pays else "weight"
                 cases = {"weight space": _step(model, x, probe, 1 << 62),
                          "activation space": _step(copy.deepcopy(model), x, probe, 0)}
                 times = time_interleaved(cases, repeats=args.repeats, warmup=args.warmup,

@@ -26,6 +26,7 @@ from .lowrank_conv import (
     activation_backward_conv,
     activation_backward_kron_conv,
     activation_backward_pays,
+    conv_output_numel,
     conv_spec,
 )
 from .methods import effective_weight as _effective_weight
@@ -386,7 +387,7 @@ class LoRALayer(nn.Module):
         padding symmetric, and where
         [`activation_backward_pays`][convlora.lowrank_conv.activation_backward_pays] with the
         extra convolutions' channels (``r``; ``r**2`` for LoHa's Khatri-Rao factors; ``b`` of
-        ``out = a * b`` for LoKr).
+        ``out = a * b`` for LoKr) and, for DoRA, the output's entries (the ``y - bias`` it keeps).
         """
         method = self.method[name]
         if method == "dora" and torch.compiler.is_compiling():  # its zero-magnitude check is data-dependent
@@ -413,15 +414,23 @@ class LoRALayer(nn.Module):
             rank = rank * rank
         elif method == "lokr":  # W2's b output channels (out = a * b)
             rank = self.weight.shape[0] // factors["lokr_w1"].shape[0]
-        if not activation_backward_pays(tuple(self.weight.shape), self.groups, rank):
-            return None
         spec = conv_spec(self.ndim, self.kernel_size, self.stride, self.padding, self.dilation,
                          self.groups)
         if spec is None:
             return None
         if self.padding_mode != "zeros":
-            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             spec = (spec[0], spec[1], (0,) * self.ndim, spec[3], spec[4])
+            padded = [n + self._reversed_padding_repeated_twice[2 * (self.ndim - 1 - i)]
+                      + self._reversed_padding_repeated_twice[2 * (self.ndim - 1 - i) + 1]
+                      for i, n in enumerate(x.shape[2:])]
+        else:
+            padded = list(x.shape[2:])
+        kept = (conv_output_numel((x.shape[0], x.shape[1], *padded), tuple(self.weight.shape), spec)
+                if method == "dora" else 0)  # DoRA keeps y - bias for its magnitude's gradient
+        if not activation_backward_pays(tuple(self.weight.shape), self.groups, rank, kept):
+            return None
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
         if method == "lokr":
             return activation_backward_kron_conv(x, self.weight, self.bias, factors["lokr_w1"],
                                                  lokr_w2(factors), self.scale(name), spec)

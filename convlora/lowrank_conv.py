@@ -46,7 +46,8 @@ from .dora import dora_weight
 from .lokr import lokr_weight
 
 __all__ = ["ACTIVATION_BACKWARD_MIN_WEIGHT", "ConvSpec", "activation_backward_conv",
-           "activation_backward_kron_conv", "activation_backward_pays", "conv_spec"]
+           "activation_backward_kron_conv", "activation_backward_pays", "conv_output_numel",
+           "conv_spec"]
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -59,14 +60,20 @@ ACTIVATION_BACKWARD_MIN_WEIGHT = 1 << 17
 """Weights with fewer entries (e.g. 3x3 convs under 128 channels) keep the weight-space backward."""
 
 
-def activation_backward_pays(weight_shape: tuple[int, ...], groups: int, rank: int) -> bool:
+def activation_backward_pays(weight_shape: tuple[int, ...], groups: int, rank: int,
+                             kept: int = 0) -> bool:
     """Whether this module's backward is the faster one for a conv with this weight and rank.
+
+    ``kept`` is the number of entries of the activation-sized tensor the path keeps for backward
+    besides the input (DoRA's ``y - bias``; 0 for the other methods). The path applies only where
+    that is at most the weight's entries: the weight-space backward keeps ``W'`` instead, so the
+    activation-space one never keeps more memory.
 
     It skips the weight gradient (a correlation as costly as the forward) and every weight-sized
     pass of the weight-space backward, and pays for three convolutions with ``groups * rank``
     output channels. Measured on CPU (``benchmarks/bench_backward_paths.py``, one conv, and
     ``bench_methods.py``, whole models; docs/benchmarks.md), it wins where the weight is large --
-    from about ``128 x 128 x 3 x 3`` (0.57-0.88 of the weight-space time) -- and loses on small
+    from about ``128 x 128 x 3 x 3`` (0.56-0.88 of the weight-space time) -- and loses on small
     convs (1.02-1.86 at 48-64 channels), whose weight-space passes are cheap and whose
     few-channel convolutions run far below the machine's peak; so it applies from
     [`ACTIVATION_BACKWARD_MIN_WEIGHT`][convlora.lowrank_conv.ACTIVATION_BACKWARD_MIN_WEIGHT]
@@ -77,7 +84,17 @@ def activation_backward_pays(weight_shape: tuple[int, ...], groups: int, rank: i
     numel = 1
     for n in weight_shape:
         numel *= n
-    return numel >= ACTIVATION_BACKWARD_MIN_WEIGHT and 3 * groups * rank < weight_shape[0]
+    return (numel >= ACTIVATION_BACKWARD_MIN_WEIGHT and 3 * groups * rank < weight_shape[0]
+            and kept <= numel)
+
+
+def conv_output_numel(x_shape: tuple[int, ...], weight_shape: tuple[int, ...], spec: ConvSpec) -> int:
+    """Entries of ``conv(x, W)``'s output for an input of ``x_shape`` (already padded as ``spec`` expects)."""
+    _, stride, padding, dilation, _ = spec
+    numel = x_shape[0] * weight_shape[0]
+    for n, k, s, p, d in zip(x_shape[2:], weight_shape[2:], stride, padding, dilation):
+        numel *= max(0, (n + 2 * p - d * (k - 1) - 1) // s + 1)
+    return numel
 
 
 def conv_spec(ndim: int, kernel_size: tuple[int, ...], stride: tuple[int, ...], padding: Any,

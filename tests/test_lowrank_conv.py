@@ -130,8 +130,10 @@ def _grid_case(cfg: dict, method: str, tucker: bool, zero_channel: bool, per_gro
     if layer.bias is not None:
         layer.bias.requires_grad_(True)
     x = x.clone().requires_grad_(True)
-    with pytest.MonkeyPatch.context() as mp:
+    with pytest.MonkeyPatch.context() as mp:  # every size, and DoRA's memory rule lifted
         mp.setattr(convlora.lowrank_conv, "ACTIVATION_BACKWARD_MIN_WEIGHT", 0)
+        mp.setattr(convlora.layer, "activation_backward_pays",
+                   lambda shape, groups, rank, kept=0: activation_backward_pays(shape, groups, rank))
         y = model(x)
     uses_path = not (cfg["padding"] == "same" and any(
         d * (k - 1) % 2 for d, k in zip(layer.dilation, layer.kernel_size)))
@@ -233,7 +235,8 @@ def _routes(calls: list[int], model: nn.Module, x: torch.Tensor, **ctx: bool) ->
 
 def test_what_takes_the_path_at_the_default_threshold(calls: list[int]) -> None:
     """Large convs take it; small ones, grouped LoKr, bf16, autocast, a trainable base weight,
-    unbatched input, asymmetric 'same' padding and a near-full rank keep the weight-space backward."""
+    unbatched input, asymmetric 'same' padding, a near-full rank and DoRA on outputs larger than
+    the weight keep the weight-space backward."""
     torch.manual_seed(0)
 
     def one(conv: nn.Module, rank: int = 4, method: str = "lora") -> nn.Module:
@@ -256,6 +259,13 @@ def test_what_takes_the_path_at_the_default_threshold(calls: list[int]) -> None:
     trainable = one(nn.Conv2d(128, 128, 3, padding=1))
     trainable[0].weight.requires_grad_(True)
     assert not _routes(calls, trainable, big)
+    # DoRA keeps y - bias: only where that is no larger than the W' the weight space would keep
+    wide = torch.randn(2, 128, 40, 40)  # output 409,600 entries > 147,456 weight entries
+    assert not _routes(calls, one(nn.Conv2d(128, 128, 3, padding=1), method="dora"), wide)
+    assert _routes(calls, one(nn.Conv2d(128, 128, 3, padding=1), method="lora"), wide)
+    assert _routes(calls, one(nn.Conv2d(128, 128, 3, padding=1, padding_mode="reflect"),
+                              method="dora"), big)
+    calls.clear()
     with torch.no_grad():
         one(nn.Conv2d(128, 128, 3, padding=1))(big)
     assert not calls
