@@ -418,19 +418,13 @@ class LoRALayer(nn.Module):
                          self.groups)
         if spec is None:
             return None
-        if self.padding_mode != "zeros":
-            spec = (spec[0], spec[1], (0,) * self.ndim, spec[3], spec[4])
-            padded = [n + self._reversed_padding_repeated_twice[2 * (self.ndim - 1 - i)]
-                      + self._reversed_padding_repeated_twice[2 * (self.ndim - 1 - i) + 1]
-                      for i, n in enumerate(x.shape[2:])]
-        else:
-            padded = list(x.shape[2:])
-        kept = (conv_output_numel((x.shape[0], x.shape[1], *padded), tuple(self.weight.shape), spec)
+        kept = (conv_output_numel(tuple(x.shape), tuple(self.weight.shape), spec)
                 if method == "dora" else 0)  # DoRA keeps y - bias for its magnitude's gradient
         if not activation_backward_pays(tuple(self.weight.shape), self.groups, rank, kept):
             return None
-        if self.padding_mode != "zeros":
+        if self.padding_mode != "zeros":  # the same (symmetric) padding, applied to x first
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            spec = (spec[0], spec[1], (0,) * self.ndim, spec[3], spec[4])
         if method == "lokr":
             return activation_backward_kron_conv(x, self.weight, self.bias, factors["lokr_w1"],
                                                  lokr_w2(factors), self.scale(name), spec)

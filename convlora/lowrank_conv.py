@@ -149,6 +149,16 @@ def _channel_view(ndim: int) -> tuple[int, ...]:
     return (1, -1) + (1,) * ndim
 
 
+def _conv_backward(grad: Tensor, inp: Tensor, weight: Tensor, spec: ConvSpec,
+                   mask: list[bool]) -> tuple[Tensor | None, Tensor | None]:
+    """``(d input, d weight)`` of ``conv(inp, weight)`` with ``spec``'s settings, as ``mask`` asks."""
+    ndim, stride, padding, dilation, groups = spec
+    dx, dw, _ = torch.ops.aten.convolution_backward(
+        grad, inp, weight, None, list(stride), list(padding), list(dilation), False, [0] * ndim,
+        groups, [*mask, False])
+    return dx, dw
+
+
 class _ActivationBackwardConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, a: Tensor, b: Tensor,
@@ -161,7 +171,7 @@ class _ActivationBackwardConv(torch.autograd.Function):
         else:
             w_eff, norm, ratio = dora_weight(flat, a, b, magnitude, scale, tuple(weight.shape))
         y = _CONV_FN[ndim](x, w_eff, bias, stride, padding, dilation, groups)
-        ctx.spec, ctx.scale, ctx.has_bias = spec, scale, bias is not None
+        ctx.spec, ctx.scale = spec, scale
         keep_y = magnitude is not None and ctx.needs_input_grad[5]
         shifted = None
         if keep_y:  # y - bias in its own tensor: in-place ops on the output stay allowed
@@ -185,27 +195,25 @@ class _ActivationBackwardConv(torch.autograd.Function):
         if groups > 1:
             a_conv = a_conv.repeat(groups, *([1] * (weight.dim() - 1)))
         b_conv = b.view(*b.shape, *([1] * ndim))
-        ones, zeros = [1] * ndim, [0] * ndim
+        one_by_one: ConvSpec = (ndim, (1,) * ndim, (0,) * ndim, (1,) * ndim, groups)
         dx = da = db = dbias = dm = None
         du = None
         if need_b:
             u = _CONV_FN[ndim](x, a_conv, None, stride, padding, dilation, groups)
-            du, gb, _ = torch.ops.aten.convolution_backward(
-                e, u, b_conv, None, ones, zeros, ones, False, zeros, groups,
-                [need_a or need_x, True, False])
+            du, gb = _conv_backward(e, u, b_conv, one_by_one, [need_a or need_x, True])
+            assert gb is not None
             db = gb.view(b.shape).mul_(s)
         elif need_a or need_x:
             du = _CONV_T_FN[ndim](e, b_conv, None, 1, 0, 0, groups)
         if du is not None:
-            dx_lora, ga, _ = torch.ops.aten.convolution_backward(
-                du.mul_(s), x, a_conv, None, list(stride), list(padding), list(dilation), False,
-                zeros, groups, [need_x, need_a, False])
+            dx_lora, ga = _conv_backward(du.mul_(s), x, a_conv, ctx.spec, [need_x, need_a])
             if need_a:
+                assert ga is not None
                 da = ga.reshape(groups, r, -1).sum(0) if groups > 1 else ga.reshape(r, -1)
             if need_x:
-                dx = torch.ops.aten.convolution_backward(
-                    e, x, weight, None, list(stride), list(padding), list(dilation), False, zeros,
-                    groups, [True, False, False])[0].add_(dx_lora)
+                dx_base = _conv_backward(e, x, weight, ctx.spec, [True, False])[0]
+                assert dx_base is not None and dx_lora is not None
+                dx = dx_base.add_(dx_lora)
         if need_bias:
             dbias = grad.sum(dims)
         if need_m:
@@ -216,14 +224,13 @@ class _ActivationBackwardConv(torch.autograd.Function):
 def _magnitude_grad(grad: Tensor, x: Tensor, weight: Tensor, a: Tensor, b: Tensor, magnitude: Tensor,
                     norm: Tensor, shifted: Tensor, scale: float, spec: ConvSpec) -> Tensor:
     """``<e, y - bias> / m`` per output channel; ``(<G, W> + s <G A^T, B>) / ||V||`` where ``m = 0``."""
-    ndim, stride, padding, dilation, groups = spec
     dims = (0, *range(2, grad.dim()))
     zero = magnitude == 0
     dm = (grad * shifted).sum(dims) / torch.where(zero, 1.0, magnitude)
     if bool(zero.any()):  # y - bias is zero on these channels: the dot product from the weight gradient
-        g = torch.ops.aten.convolution_backward(
-            grad, x, weight, None, list(stride), list(padding), list(dilation), False, [0] * ndim,
-            groups, [False, True, False])[1].reshape(b.shape[0], -1)
+        gw = _conv_backward(grad, x, weight, spec, [False, True])[1]
+        assert gw is not None
+        g = gw.reshape(b.shape[0], -1)
         rows = zero.nonzero().flatten()
         g_rows = g[rows]
         dot = (torch.linalg.vecdot(g_rows, weight.reshape(b.shape[0], -1)[rows], dim=1)
@@ -287,19 +294,17 @@ class _ActivationBackwardKronConv(torch.autograd.Function):
         blocks = x.reshape(n * c, d, *x.shape[2:])  # input channel l * d + m is block l, channel m
         w2_conv = w2.view(b, d, *weight.shape[2:])
         e = grad.reshape(n, a, -1)  # output channel i * b + j: row i, then (j, position)
-        conv_args = (list(stride), list(padding), list(dilation), False, [0] * ndim, 1)
         dx = dbias = d1 = d2 = None
         if need_1:
             z = _CONV_FN[ndim](blocks, w2_conv, None, stride, padding, dilation, 1)
             d1 = torch.einsum("nix,nlx->il", e, z.reshape(n, c, -1)).mul_(s)
         if need_x or need_2:
             dz = torch.matmul(w1.T * s, e).reshape(n * c, b, *grad.shape[2:])
-            dblocks, g2, _ = torch.ops.aten.convolution_backward(
-                dz, blocks, w2_conv, None, *conv_args, [need_x, need_2, False])
-            d2 = g2.reshape(w2.shape) if need_2 else None
+            dblocks, g2 = _conv_backward(dz, blocks, w2_conv, ctx.spec, [need_x, need_2])
+            d2 = g2.reshape(w2.shape) if g2 is not None else None
             if need_x:
-                dx = torch.ops.aten.convolution_backward(
-                    grad, x, weight, None, *conv_args, [True, False, False])[0]
+                dx = _conv_backward(grad, x, weight, ctx.spec, [True, False])[0]
+                assert dx is not None and dblocks is not None
                 dx.add_(dblocks.reshape(x.shape))
         if need_bias:
             dbias = grad.sum((0, *range(2, grad.dim())))
